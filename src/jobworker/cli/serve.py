@@ -1,0 +1,20 @@
+"""`jobworker serve`: run the server in the foreground."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="TOML config file; without it, the built-in defaults.",
+)
+def serve(config_path: Path | None) -> None:
+    """Run the server until SIGTERM or SIGINT, then shut down gracefully."""
+    raise click.ClickException("serve: not built yet")

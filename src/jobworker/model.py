@@ -1,0 +1,180 @@
+"""The domain model: batches, jobs, their specs and states; frozen values, no I/O."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+
+class JobState(enum.IntEnum):
+    """A job's state; the numbers are the wire enum's."""
+
+    QUEUED = 1
+    RUNNING = 2
+    SUCCEEDED = 3
+    FAILED = 4
+    TIMED_OUT = 5
+    CANCELED = 6
+    SKIPPED = 7
+    LOST = 8
+
+    @property
+    def ended(self) -> bool:
+        """True for every state a job never leaves."""
+        return self not in (JobState.QUEUED, JobState.RUNNING)
+
+
+class BatchState(enum.IntEnum):
+    """A batch's state; the numbers are the wire enum's."""
+
+    RUNNING = 1
+    SUCCEEDED = 2
+    FAILED = 3
+    CANCELED = 4
+
+
+_FAILED_STATES = frozenset({JobState.FAILED, JobState.TIMED_OUT, JobState.LOST})
+
+
+def batch_state(states: Iterable[JobState]) -> BatchState:
+    """The state of a batch whose jobs are in `states`."""
+    seen = set(states)
+    if JobState.QUEUED in seen or JobState.RUNNING in seen:
+        return BatchState.RUNNING
+    if seen <= {JobState.SUCCEEDED}:
+        return BatchState.SUCCEEDED
+    if seen & _FAILED_STATES:
+        return BatchState.FAILED
+    if JobState.CANCELED in seen:
+        return BatchState.CANCELED
+    return BatchState.FAILED
+
+
+def frozen_map(items: Mapping[str, str] | None = None) -> Mapping[str, str]:
+    """A read-only copy of a str->str mapping."""
+    return MappingProxyType(dict(items or {}))
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Resource limits of one job; 0 means no limit."""
+
+    cpu_millis: int = 0
+    memory_bytes: int = 0
+    pids_max: int = 0
+    io_read_bytes_per_second: int = 0
+    io_write_bytes_per_second: int = 0
+
+    def over(self, defaults: Limits) -> Limits:
+        """These limits with each unset (0) field taken from `defaults`."""
+        return Limits(
+            cpu_millis=self.cpu_millis or defaults.cpu_millis,
+            memory_bytes=self.memory_bytes or defaults.memory_bytes,
+            pids_max=self.pids_max or defaults.pids_max,
+            io_read_bytes_per_second=self.io_read_bytes_per_second
+            or defaults.io_read_bytes_per_second,
+            io_write_bytes_per_second=self.io_write_bytes_per_second
+            or defaults.io_write_bytes_per_second,
+        )
+
+    @property
+    def any(self) -> bool:
+        """True when at least one limit is set."""
+        return any(
+            (
+                self.cpu_millis,
+                self.memory_bytes,
+                self.pids_max,
+                self.io_read_bytes_per_second,
+                self.io_write_bytes_per_second,
+            )
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    """What to run: a validated job as the client sent it (name filled in)."""
+
+    name: str
+    argv: tuple[str, ...]
+    env: Mapping[str, str] = field(default_factory=frozen_map)
+    working_dir: str = ""
+    stdin: bytes = b""
+    timeout: float | None = None  # seconds; None: the server's default
+    limits: Limits = field(default_factory=Limits)  # unset fields: the server's defaults
+    depends_on: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class BatchOptions:
+    """Batch-wide options."""
+
+    labels: Mapping[str, str] = field(default_factory=frozen_map)
+    max_parallel: int = 0
+    fail_fast: bool = False
+    idempotency_key: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """CPU time in seconds and peak memory of a job's processes."""
+
+    user_cpu: float = 0.0
+    system_cpu: float = 0.0
+    max_rss_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class JobEvent:
+    """One state change of one job, as journaled and streamed; seq orders a batch's events."""
+
+    seq: int
+    index: int
+    state: JobState
+    time: float  # seconds since the epoch
+    exit_code: int | None = None
+    signal: int = 0
+    message: str = ""
+    pid: int = 0  # RUNNING: the process, with its start time in clock ticks since boot
+    pid_start: int = 0
+    usage: Usage | None = None  # end states of jobs that ran
+
+
+@dataclass(frozen=True, slots=True)
+class JobStatus:
+    """Where a job stands: the fold of its events."""
+
+    state: JobState = JobState.QUEUED
+    exit_code: int | None = None
+    signal: int = 0
+    message: str = ""
+    start_time: float | None = None
+    end_time: float | None = None
+    usage: Usage | None = None
+    pid: int = 0
+    pid_start: int = 0
+
+    def apply(self, event: JobEvent) -> JobStatus:
+        """The status after `event`."""
+        if event.state is JobState.QUEUED:
+            return JobStatus()
+        if event.state is JobState.RUNNING:
+            return JobStatus(
+                state=JobState.RUNNING,
+                start_time=event.time,
+                pid=event.pid,
+                pid_start=event.pid_start,
+            )
+        return JobStatus(
+            state=event.state,
+            exit_code=event.exit_code,
+            signal=event.signal,
+            message=event.message,
+            start_time=self.start_time,
+            end_time=event.time,
+            usage=event.usage,
+            pid=self.pid,
+            pid_start=self.pid_start,
+        )
