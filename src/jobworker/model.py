@@ -178,3 +178,27 @@ class JobStatus:
             pid=self.pid,
             pid_start=self.pid_start,
         )
+
+
+ROLES = ("admin", "user", "viewer", "none")
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who is calling: the client certificate's common name and the role the config gives it."""
+
+    identity: str
+    role: str  # one of ROLES
+
+    def can_see(self, owner: str) -> bool:
+        """True when this caller may read a batch owned by `owner`."""
+        return self.role in ("admin", "viewer") or (self.role == "user" and owner == self.identity)
+
+    def can_change(self, owner: str) -> bool:
+        """True when this caller may cancel a batch owned by `owner`."""
+        return self.role == "admin" or (self.role == "user" and owner == self.identity)
+
+    @property
+    def can_schedule(self) -> bool:
+        """True when this caller may schedule batches."""
+        return self.role in ("admin", "user")

@@ -2,9 +2,127 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import click
+
+DEFAULT_DIR = "var/certs"
+
+_dir_option = click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_DIR,
+    show_default=True,
+    help="Folder that holds the CA, server and client certificates.",
+)
+_days_option = click.option(
+    "--days",
+    type=click.IntRange(min=1, max=3650),
+    default=825,
+    show_default=True,
+    help="Validity of the issued certificate(s), in days.",
+)
+_host_option = click.option(
+    "--host",
+    "hosts",
+    multiple=True,
+    metavar="NAME",
+    help="Extra DNS name or IP address for the server certificate (repeatable); "
+    "localhost, 127.0.0.1, ::1 and this host's names are always included.",
+)
+
+
+def _wrote(paths: tuple[Path, ...] | list[Path]) -> None:
+    for path in paths:
+        click.echo(f"wrote {path}")
 
 
 @click.group()
 def certs() -> None:
     """Create the CA and the server's certificate; issue client certificates."""
+
+
+@certs.command("init")
+@_dir_option
+@_host_option
+@_days_option
+def init_cmd(directory: Path, hosts: tuple[str, ...], days: int) -> None:
+    """Create the CA, the server's certificate and the admin's client certificate."""
+    # cryptography is imported here, not at the top, so other commands start fast.
+    from jobworker import certs as lib
+
+    try:
+        paths = lib.init_pki(directory, hosts, days)
+    except lib.CertsError as e:
+        raise click.ClickException(str(e)) from None
+    _wrote(paths.files())
+    click.echo(
+        f"the client identity is the certificate's common name: {paths.admin_cert} is "
+        f"{lib.ADMIN_NAME!r}; give it a role in the config"
+    )
+
+
+@certs.command("issue")
+@click.argument("name")
+@_dir_option
+@_days_option
+def issue_cmd(name: str, directory: Path, days: int) -> None:
+    """Issue a client certificate whose common name (the identity) is NAME."""
+    from jobworker import certs as lib
+
+    try:
+        cert_path, key_path = lib.issue_client(directory, name, days)
+    except lib.CertsError as e:
+        raise click.ClickException(str(e)) from None
+    _wrote([cert_path, key_path])
+
+
+@certs.command("renew-server")
+@_dir_option
+@_host_option
+@_days_option
+def renew_server_cmd(directory: Path, hosts: tuple[str, ...], days: int) -> None:
+    """Reissue the server's certificate from the existing CA; a running server reloads it."""
+    from jobworker import certs as lib
+
+    try:
+        cert_path, key_path = lib.issue_server(directory, hosts, days)
+    except lib.CertsError as e:
+        raise click.ClickException(str(e)) from None
+    _wrote([cert_path, key_path])
+
+
+@certs.command("show")
+@_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def show_cmd(directory: Path, as_json: bool) -> None:
+    """List the certificates in the folder with common name, expiry and SANs."""
+    from jobworker import certs as lib
+
+    try:
+        infos = [lib.describe(p) for p in lib.list_certificates(directory)]
+    except lib.CertsError as e:
+        raise click.ClickException(str(e)) from None
+    if as_json:
+        click.echo(json.dumps(infos, indent=2))
+        return
+    if not infos:
+        click.echo(f"no certificates in {directory}")
+        return
+    rows = [
+        (
+            Path(i["path"]).name,
+            i["common_name"],
+            ",".join(i["usages"]) or "-",
+            i["not_after"][:10] + (" EXPIRED" if i["expired"] else ""),
+            " ".join(i["sans"]) or "-",
+        )
+        for i in infos
+    ]
+    header = ("FILE", "COMMON NAME", "USAGE", "EXPIRES", "SANS")
+    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header) - 1)]
+    for row in [header, *rows]:
+        cells = [cell.ljust(w) for cell, w in zip(row, widths, strict=False)]
+        click.echo("  ".join([*cells, row[-1]]))

@@ -2,6 +2,589 @@
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
 import click
 
-COMMANDS: list[click.Command] = []
+from jobworker.cli.options import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_RUNNING,
+    EXIT_USAGE,
+    Connection,
+    connection_options,
+    fail,
+    json_option,
+)
+
+# grpc, protobuf and rich are imported inside the commands: `jobworker --help` stays fast.
+if TYPE_CHECKING:
+    from google.protobuf.duration_pb2 import Duration
+    from rich.console import Console
+
+    from jobworker.client import Client
+    from jobworker.v1 import jobworker_pb2 as pb
+
+_UINT32_MAX = 2**32 - 1
+_BATCH_STATE_NAMES = ("running", "succeeded", "failed", "canceled")
+
+
+class _Printer(Protocol):
+    def handle(self, response: pb.StreamBatchLogsResponse) -> None: ...
+    def close(self) -> None: ...
+
+
+def _pairs(ctx: click.Context, param: click.Parameter, values: Sequence[str]) -> dict[str, str]:
+    """KEY=VALUE options into a dict; a later KEY wins."""
+    pairs = {}
+    for value in values:
+        key, sep, item = value.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{value!r} is not KEY=VALUE", ctx=ctx, param=param)
+        pairs[key] = item
+    return pairs
+
+
+def _duration_seconds(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> float | None:
+    from jobworker.units import parse_duration
+
+    if value is None:
+        return None
+    try:
+        seconds = parse_duration(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err), ctx=ctx, param=param) from None
+    if seconds <= 0:
+        raise click.BadParameter("must be more than 0", ctx=ctx, param=param)
+    return seconds
+
+
+def _timeout_duration(seconds: float) -> Duration:
+    from google.protobuf.duration_pb2 import Duration
+
+    duration = Duration()
+    duration.FromNanoseconds(round(seconds * 1_000_000_000))
+    return duration
+
+
+def _stdout_console() -> Console:
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def _stderr_console() -> Console:
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def _print_json(data: object) -> None:
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def _use_color() -> bool:
+    """Colour only for a terminal, and never when NO_COLOR is set (https://no-color.org)."""
+    return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+
+
+def _say_reconnect(cursor: str, err: Exception) -> None:
+    click.echo(f"jobworker: stream broke ({err}), reconnecting from cursor", err=True)
+
+
+def _print_stream(
+    client: Client, cid: str, job_names: Sequence[str], printer: _Printer, follow: bool
+) -> None:
+    responses: Iterator[pb.StreamBatchLogsResponse] = (
+        client.follow(cid, job_names, on_reconnect=_say_reconnect)
+        if follow
+        else client.stream(cid, job_names)
+    )
+    try:
+        for response in responses:
+            printer.handle(response)
+    finally:
+        printer.close()
+
+
+def _line_printer(names: Iterable[str], no_prefix: bool, follow: bool) -> _Printer:
+    from jobworker.cli.render import LinePrefixer, LogPrinter
+
+    prefixer = LinePrefixer(names, color=_use_color(), prefix=not no_prefix)
+    return LogPrinter(sys.stdout, prefixer, states=follow and not no_prefix, live=follow)
+
+
+def _selected_succeeded(batch: pb.Batch, job_names: Sequence[str]) -> bool:
+    """Whether the batch succeeded; with a selection of jobs, whether they all did."""
+    from jobworker.v1 import jobworker_pb2 as pb
+
+    if job_names:
+        selected = set(job_names)
+        chosen = [job for job in batch.jobs if job.spec.name in selected]
+        return bool(chosen) and all(job.state == pb.JOB_STATE_SUCCEEDED for job in chosen)
+    return batch.state == pb.BATCH_STATE_SUCCEEDED
+
+
+def _interrupted(cid: str) -> None:
+    click.echo(
+        f"jobworker: interrupted; batch {cid} goes on (`jobworker cancel {cid}` stops it)",
+        err=True,
+    )
+
+
+# -- submit -------------------------------------------------------------------------------
+
+
+def _command_line_jobs(
+    argv: Sequence[str], commands: Sequence[str], names: Sequence[str]
+) -> list[pb.JobSpec]:
+    from jobworker.v1 import jobworker_pb2 as pb
+
+    argvs = [list(argv)] if argv else [["sh", "-c", command] for command in commands]
+    if len(names) > len(argvs):
+        raise click.UsageError(f"--name given {len(names)} times for {len(argvs)} job(s)")
+    return [
+        pb.JobSpec(name=names[i] if i < len(names) else "", argv=job_argv)
+        for i, job_argv in enumerate(argvs)
+    ]
+
+
+def _batch_options(
+    base: pb.BatchOptions | None,
+    labels: dict[str, str],
+    max_parallel: int | None,
+    fail_fast: bool | None,
+    idempotency_key: str | None,
+) -> pb.BatchOptions | None:
+    """The batch file's options with the command line's on top; None when there are none."""
+    from jobworker.v1 import jobworker_pb2 as pb
+
+    options = pb.BatchOptions()
+    if base is not None:
+        options.CopyFrom(base)
+    options.labels.update(labels)
+    if max_parallel is not None:
+        options.max_parallel = max_parallel
+    if fail_fast is not None:
+        options.fail_fast = fail_fast
+    if idempotency_key is not None:
+        options.idempotency_key = idempotency_key
+    return options if options.ByteSize() or base is not None else None
+
+
+def _apply_defaults(
+    jobs: Iterable[pb.JobSpec],
+    env: dict[str, str],
+    workdir: str | None,
+    timeout: float | None,
+) -> None:
+    """--env, --workdir and --timeout for each job that does not set its own."""
+    for job in jobs:
+        for key, value in env.items():
+            job.env.setdefault(key, value)
+        if workdir and not job.working_dir:
+            job.working_dir = workdir
+        if timeout is not None and not job.HasField("timeout"):
+            job.timeout.CopyFrom(_timeout_duration(timeout))
+
+
+@click.command(context_settings={"allow_interspersed_args": False})
+@click.argument("argv", nargs=-1, type=click.UNPROCESSED, metavar="[--] [CMD [ARGS]...]")
+@click.option(
+    "-c",
+    "--command",
+    "commands",
+    multiple=True,
+    metavar="CMD",
+    help="A job running `sh -c CMD`; repeat for more jobs.",
+)
+@click.option(
+    "-f",
+    "--file",
+    "batch_file",
+    type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+    help='A batch file (YAML or JSON; "-" reads stdin) with options and jobs.',
+)
+@click.option(
+    "-n",
+    "--name",
+    "names",
+    multiple=True,
+    metavar="NAME",
+    help="The job's name; repeat to name the -c jobs in order. Default: job-<index>.",
+)
+@click.option(
+    "-e",
+    "--env",
+    multiple=True,
+    metavar="KEY=VALUE",
+    callback=_pairs,
+    help="Add to each job's environment (the job's own env wins); repeatable.",
+)
+@click.option(
+    "-w", "--workdir", metavar="PATH", help="Absolute working directory of each job lacking one."
+)
+@click.option(
+    "--timeout",
+    metavar="DURATION",
+    callback=_duration_seconds,
+    help='Timeout of each job lacking one, e.g. "30s", "5m".',
+)
+@click.option(
+    "-l",
+    "--label",
+    "labels",
+    multiple=True,
+    metavar="KEY=VALUE",
+    callback=_pairs,
+    help="A label of the batch; repeatable.",
+)
+@click.option(
+    "--max-parallel",
+    type=click.IntRange(0, _UINT32_MAX),
+    metavar="N",
+    help="At most N of the batch's jobs run at once (0: no limit of its own).",
+)
+@click.option(
+    "--fail-fast/--no-fail-fast",
+    default=None,
+    help="When a job does not succeed, cancel the jobs that have not ended.",
+)
+@click.option(
+    "--idempotency-key",
+    metavar="KEY",
+    help="Submitting again with the same KEY returns the first batch's id.",
+)
+@click.option(
+    "--follow",
+    is_flag=True,
+    help="Then print the logs live and exit 0 if the batch succeeded, 1 if not.",
+)
+@json_option
+@connection_options
+def submit(
+    *,
+    conn: Connection,
+    argv: tuple[str, ...],
+    commands: tuple[str, ...],
+    batch_file: Path | None,
+    names: tuple[str, ...],
+    env: dict[str, str],
+    workdir: str | None,
+    timeout: float | None,
+    labels: dict[str, str],
+    max_parallel: int | None,
+    fail_fast: bool | None,
+    idempotency_key: str | None,
+    follow: bool,
+    as_json: bool,
+) -> None:
+    """Schedule a batch of jobs and print its correlation id.
+
+    \b
+    The jobs come from one of:
+      jobworker submit [OPTIONS] -- CMD [ARGS]...   one job, run without a shell
+      jobworker submit -c 'CMD' [-c 'CMD2']...      one job per -c, run by `sh -c`
+      jobworker submit -f batch.yaml                a batch file (YAML or JSON)
+
+    Only the id goes to stdout, so that `cid=$(jobworker submit -- make test)` works.
+    With --follow, the logs follow and the exit code is the batch's: 0 if it
+    succeeded, 1 if not; its job table goes to stderr.
+    """
+    from jobworker.cli.batchfile import BatchFileError, load_batch_file
+
+    if sum(bool(source) for source in (argv, commands, batch_file)) != 1:
+        raise click.UsageError("give the jobs with one of: -- CMD [ARGS], -c CMD, -f FILE")
+    if follow and as_json:
+        raise click.UsageError("--json and --follow do not go together")
+    file_options = None
+    if batch_file is not None:
+        if names:
+            raise click.UsageError("--name does not go with -f: name the jobs in the file")
+        try:
+            file_options, jobs = load_batch_file(batch_file)
+        except BatchFileError as err:
+            fail(str(err), EXIT_USAGE)
+    else:
+        jobs = _command_line_jobs(argv, commands, names)
+    _apply_defaults(jobs, env, workdir, timeout)
+    options = _batch_options(file_options, labels, max_parallel, fail_fast, idempotency_key)
+
+    with conn.client() as client:
+        response = client.schedule(jobs, options)
+        cid = response.correlation_id
+        if as_json:
+            _print_json(
+                {
+                    "correlation_id": cid,
+                    "job_names": list(response.job_names),
+                    "deduplicated": response.deduplicated,
+                }
+            )
+            return
+        if not follow:
+            click.echo(cid)
+            return
+        click.echo(f"jobworker: batch {cid}", err=True)
+        try:
+            printer = _line_printer(response.job_names, no_prefix=False, follow=True)
+            _print_stream(client, cid, (), printer, follow=True)
+        except KeyboardInterrupt:
+            _interrupted(cid)
+            raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+        batch = client.get(cid, log_tail_bytes=0)
+
+    from jobworker.cli.render import print_batch
+
+    print_batch(_stderr_console(), batch)
+    raise click.exceptions.Exit(EXIT_OK if _selected_succeeded(batch, ()) else EXIT_FAILED)
+
+
+# -- status -------------------------------------------------------------------------------
+
+
+@click.command()
+@click.argument("cid", metavar="CORRELATION_ID")
+@click.option("--job", "jobs", multiple=True, metavar="NAME", help="Only this job; repeatable.")
+@click.option(
+    "--logs", "show_logs", is_flag=True, help="Print the jobs' log tails below the table."
+)
+@click.option(
+    "--tail",
+    type=click.IntRange(0, _UINT32_MAX),
+    metavar="BYTES",
+    help="Log bytes per job and stream: default none in the table, the server's "
+    "default (64 KiB) with --logs or --json.",
+)
+@json_option
+@connection_options
+def status(
+    *,
+    conn: Connection,
+    cid: str,
+    jobs: tuple[str, ...],
+    show_logs: bool,
+    tail: int | None,
+    as_json: bool,
+) -> None:
+    """Print the state of a batch and of each of its jobs.
+
+    \b
+    Exit code: 0 the batch succeeded, 1 it failed or was cancelled (or the request
+    failed), 3 it is still running.
+    """
+    from jobworker.cli.render import message_to_dict, print_batch
+    from jobworker.v1 import jobworker_pb2 as pb
+
+    log_tail_bytes = tail if tail is not None or show_logs or as_json else 0
+    with conn.client() as client:
+        batch = client.get(cid, jobs, log_tail_bytes)
+    if as_json:
+        _print_json(message_to_dict(batch))
+    else:
+        print_batch(_stdout_console(), batch, logs=show_logs)
+    if batch.state == pb.BATCH_STATE_SUCCEEDED:
+        code = EXIT_OK
+    elif batch.state == pb.BATCH_STATE_RUNNING:
+        code = EXIT_RUNNING
+    else:
+        code = EXIT_FAILED
+    raise click.exceptions.Exit(code)
+
+
+# -- logs ---------------------------------------------------------------------------------
+
+
+class _JsonLinesPrinter:
+    """One JSON object a line for each response: chunks and state changes."""
+
+    def __init__(self, follow: bool) -> None:
+        self.follow = follow
+
+    def handle(self, response: pb.StreamBatchLogsResponse) -> None:
+        from jobworker.cli.render import message_to_dict
+
+        click.echo(json.dumps(message_to_dict(response), ensure_ascii=False))
+        if self.follow:
+            sys.stdout.flush()
+
+    def close(self) -> None:
+        sys.stdout.flush()
+
+
+@click.command()
+@click.argument("cid", metavar="CORRELATION_ID")
+@click.option(
+    "-f", "--follow", is_flag=True, help="Go on live until the jobs end; resume broken streams."
+)
+@click.option("--job", "jobs", multiple=True, metavar="NAME", help="Only this job; repeatable.")
+@click.option(
+    "--raw",
+    is_flag=True,
+    help="The bytes of one job as is: its stdout to stdout, its stderr to stderr.",
+)
+@click.option("--no-prefix", is_flag=True, help="Print the lines without the job's name.")
+@json_option
+@connection_options
+def logs(
+    *,
+    conn: Connection,
+    cid: str,
+    follow: bool,
+    jobs: tuple[str, ...],
+    raw: bool,
+    no_prefix: bool,
+    as_json: bool,
+) -> None:
+    """Print the output of a batch's jobs, each line prefixed with its job's name.
+
+    \b
+    Lines a job wrote to stderr are marked `name ! line`, stdout `name | line`.
+    With --follow, job state changes are printed too (`name | -- exited 0 (SUCCEEDED)`),
+    and the exit code is 0 if the jobs succeeded, 1 if not.
+    --raw needs exactly one job (--job NAME, or a batch of one job).
+    --json prints each stream message as one JSON object a line (bytes in base64).
+    """
+    from jobworker.cli.render import RawPrinter
+
+    if raw and (no_prefix or as_json):
+        raise click.UsageError("--raw does not go with --no-prefix or --json")
+    with conn.client() as client:
+        batch = client.get(cid, jobs, log_tail_bytes=0)
+        names = [job.spec.name for job in batch.jobs]
+        printer: _Printer
+        if raw:
+            if len(names) != 1:
+                raise click.UsageError(
+                    f"--raw needs exactly one job; batch {cid} has {len(names)}: "
+                    "choose one with --job NAME"
+                )
+            printer = RawPrinter(sys.stdout.buffer, sys.stderr.buffer, live=follow)
+            jobs = (names[0],)
+        elif as_json:
+            printer = _JsonLinesPrinter(follow)
+        else:
+            printer = _line_printer(names, no_prefix, follow)
+        try:
+            _print_stream(client, cid, jobs, printer, follow)
+        except KeyboardInterrupt:
+            if follow:
+                # Stopping to watch stops nothing on the server.
+                raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+            raise
+        if not follow:
+            return
+        batch = client.get(cid, jobs, log_tail_bytes=0)
+    raise click.exceptions.Exit(EXIT_OK if _selected_succeeded(batch, jobs) else EXIT_FAILED)
+
+
+# -- cancel -------------------------------------------------------------------------------
+
+
+@click.command()
+@click.argument("cid", metavar="CORRELATION_ID")
+@click.option("--job", "jobs", multiple=True, metavar="NAME", help="Only this job; repeatable.")
+@click.option(
+    "--grace",
+    metavar="DURATION",
+    callback=_duration_seconds,
+    help="Between SIGTERM and SIGKILL; default: the server's.",
+)
+@json_option
+@connection_options
+def cancel(
+    *, conn: Connection, cid: str, jobs: tuple[str, ...], grace: float | None, as_json: bool
+) -> None:
+    """Cancel a batch's queued and running jobs (or only the --job ones).
+
+    Waits until they have ended, then prints the batch.
+    """
+    from jobworker.cli.render import message_to_dict, print_batch
+
+    with conn.client() as client:
+        batch = client.cancel(cid, jobs, grace)
+    if as_json:
+        _print_json(message_to_dict(batch))
+    else:
+        print_batch(_stdout_console(), batch)
+
+
+# -- list ---------------------------------------------------------------------------------
+
+
+@click.command("list")
+@click.option(
+    "-l",
+    "--label",
+    "labels",
+    multiple=True,
+    metavar="KEY=VALUE",
+    callback=_pairs,
+    help="Only batches with this label; repeatable (all must match).",
+)
+@click.option(
+    "--state",
+    "states",
+    multiple=True,
+    type=click.Choice(_BATCH_STATE_NAMES, case_sensitive=False),
+    help="Only batches in this state; repeatable (any may match).",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(1),
+    default=20,
+    show_default=True,
+    metavar="N",
+    help="At most N batches, newest first.",
+)
+@click.option("--all", "show_all", is_flag=True, help="Every batch, whatever --limit says.")
+@json_option
+@connection_options
+def list_(
+    *,
+    conn: Connection,
+    labels: dict[str, str],
+    states: tuple[str, ...],
+    limit: int,
+    show_all: bool,
+    as_json: bool,
+) -> None:
+    """List the batches you may see, newest first."""
+    from itertools import islice
+
+    from jobworker.cli.render import batches_table, message_to_dict
+    from jobworker.v1 import jobworker_pb2 as pb
+
+    by_name = {
+        "running": pb.BATCH_STATE_RUNNING,
+        "succeeded": pb.BATCH_STATE_SUCCEEDED,
+        "failed": pb.BATCH_STATE_FAILED,
+        "canceled": pb.BATCH_STATE_CANCELED,
+    }
+    wanted = [by_name[name.lower()] for name in states]
+    page_size = 1000 if show_all else min(limit + 1, 1000)
+    with conn.client() as client:
+        found = client.iter_batches(page_size, labels, wanted)
+        summaries = list(found if show_all else islice(found, limit + 1))
+    more = not show_all and len(summaries) > limit
+    summaries = summaries[: None if show_all else limit]
+    if as_json:
+        _print_json({"batches": [message_to_dict(summary) for summary in summaries]})
+        return
+    if not summaries:
+        click.echo("no batches", err=True)
+        return
+    _stdout_console().print(batches_table(summaries))
+    if more:
+        click.echo(f"(the newest {limit}; more with --limit N or --all)", err=True)
+
+
+COMMANDS: list[click.Command] = [submit, status, logs, cancel, list_]

@@ -17,4 +17,12 @@ import click
 )
 def serve(config_path: Path | None) -> None:
     """Run the server until SIGTERM or SIGINT, then shut down gracefully."""
-    raise click.ClickException("serve: not built yet")
+    from jobworker.errors import ConfigError
+    from jobworker.server.app import serve as run_server
+
+    try:
+        run_server(config_path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except OSError as exc:
+        raise click.ClickException(f"cannot start: {exc}") from exc

@@ -1,0 +1,5 @@
+"""`python -m jobworker` runs the CLI."""
+
+from jobworker.cli import main
+
+main()

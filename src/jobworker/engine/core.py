@@ -1,0 +1,150 @@
+"""The application core: what each RPC does, on the domain model; authorization lives here."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import structlog
+
+from jobworker.engine.scheduler import Engine
+from jobworker.errors import InvalidArgument, NotFound, PermissionDenied
+from jobworker.model import BatchOptions, BatchState, Caller, JobSpec
+from jobworker.store.batches import BatchRecord, BatchStore
+
+log = structlog.get_logger("jobworker.core")
+
+DEFAULT_PAGE = 50
+MAX_PAGE = 1000
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of ListBatches."""
+
+    batches: list[BatchRecord]
+    next_token: str
+
+
+class JobWorker:
+    """Schedules, reads, cancels and lists batches on behalf of a caller."""
+
+    def __init__(self, store: BatchStore, engine: Engine) -> None:
+        self.store = store
+        self.engine = engine
+        self._lock = asyncio.Lock()  # idempotency check and store.create are one step
+
+    async def schedule(
+        self, caller: Caller, options: BatchOptions, specs: tuple[JobSpec, ...]
+    ) -> tuple[BatchRecord, bool]:
+        """Store and queue a validated batch; (batch, deduplicated)."""
+        if not caller.can_schedule:
+            raise PermissionDenied(f"role {caller.role!r} of {caller.identity!r} may not schedule")
+        async with self._lock:
+            if options.idempotency_key:
+                earlier = self.store.find_idempotent(caller.identity, options.idempotency_key)
+                if earlier is not None:
+                    return earlier, True
+            self.engine.check_capacity(len(specs))
+            batch = self.store.create(caller.identity, options, specs)
+        log.info(
+            "batch_scheduled",
+            correlation_id=batch.cid,
+            identity=caller.identity,
+            jobs=len(specs),
+        )
+        self.engine.submit(batch)
+        return batch, False
+
+    def get(self, caller: Caller, cid: str) -> BatchRecord:
+        """The batch `cid` if the caller may see it; NotFound otherwise, exactly as if missing."""
+        self._require_reader(caller)
+        batch = self.store.get(cid)
+        if not caller.can_see(batch.owner):
+            raise NotFound(f"batch {cid} not found")
+        return batch
+
+    async def cancel(
+        self, caller: Caller, cid: str, names: Iterable[str], grace: float | None
+    ) -> BatchRecord:
+        """Cancel the selected jobs and return once they have ended."""
+        batch = self.get(caller, cid)
+        if not caller.can_change(batch.owner):
+            raise PermissionDenied(
+                f"role {caller.role!r} of {caller.identity!r} may not cancel batch {cid}"
+            )
+        indexes = batch.select(names)
+        log.info(
+            "batch_cancel",
+            correlation_id=cid,
+            identity=caller.identity,
+            jobs=len(indexes),
+        )
+        await self.engine.cancel(batch, indexes, grace, f"canceled by {caller.identity}")
+        return batch
+
+    def list(
+        self,
+        caller: Caller,
+        *,
+        page_size: int,
+        page_token: str,
+        labels: Mapping[str, str],
+        states: Iterable[BatchState],
+    ) -> Page:
+        """The batches the caller may see, newest first, in stable pages."""
+        self._require_reader(caller)
+        if page_size > MAX_PAGE:
+            raise InvalidArgument(f"page_size {page_size} is over the maximum ({MAX_PAGE})")
+        size = page_size or DEFAULT_PAGE
+        before = _decode_token(page_token) if page_token else None
+        wanted = set(states)
+        out: list[BatchRecord] = []
+        more = False
+        for batch in self.store.newest_first():
+            if before is not None and batch.seq >= before:
+                continue
+            if not caller.can_see(batch.owner):
+                continue
+            if wanted and batch.state not in wanted:
+                continue
+            if any(batch.options.labels.get(k) != v for k, v in labels.items()):
+                continue
+            if len(out) == size:
+                more = True
+                break
+            out.append(batch)
+        token = _encode_token(out[-1].seq) if more else ""
+        return Page(out, token)
+
+    def sweep(self, max_age: float, now: float | None = None) -> int:
+        """Delete ended batches older than `max_age` seconds with their logs; how many."""
+        cutoff = (time.time() if now is None else now) - max_age
+        old = [b for b in self.store if b.end_time is not None and b.end_time < cutoff]
+        for batch in old:
+            self.store.delete(batch)
+            log.info("batch_expired", correlation_id=batch.cid)
+        return len(old)
+
+    @staticmethod
+    def _require_reader(caller: Caller) -> None:
+        if caller.role == "none":
+            raise PermissionDenied(f"identity {caller.identity!r} has role 'none'")
+
+
+def _encode_token(seq: int) -> str:
+    return base64.urlsafe_b64encode(f"v1:{seq}".encode()).decode()
+
+
+def _decode_token(token: str) -> int:
+    try:
+        version, seq = base64.urlsafe_b64decode(token.encode()).decode().split(":")
+        if version != "v1":
+            raise ValueError(version)
+        return int(seq)
+    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
+        raise InvalidArgument("page_token: not a token from a previous response") from exc

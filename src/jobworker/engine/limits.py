@@ -1,0 +1,549 @@
+"""Resource-limit backends: cgroup v2, cgroup v1 (hybrid hosts) and rlimits as the last resort."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from jobworker.model import Limits
+
+_log = structlog.get_logger()
+
+_CGROUP_ROOT = Path("/sys/fs/cgroup")
+PRLIMIT = "/usr/bin/prlimit"
+
+# v1 hierarchies the backend uses, by the controller mounted there, and the limit each enforces.
+_V1_CONTROLLERS = ("cpu", "memory", "pids", "blkio", "freezer")
+_LIMIT_OF = {"cpu": "cpu", "memory": "memory", "pids": "pids", "blkio": "io", "io": "io"}
+_V2_CONTROLLERS = ("cpu", "memory", "pids", "io")
+
+_CFS_PERIOD_US = 100_000
+_CFS_MIN_QUOTA_US = 1_000
+_CFS_MAX_PERIOD_US = 1_000_000
+
+# Block devices that never carry a job's files: their throttles would only add noise.
+_SKIPPED_BLOCK_PREFIXES = ("loop", "ram")
+
+
+@dataclass(frozen=True, slots=True)
+class Hierarchy:
+    """One mounted cgroup hierarchy the backend makes job groups in."""
+
+    kind: str  # "unified" or the v1 controller name (cpu, memory, pids, blkio, freezer)
+    parent: Path  # the directory job groups are created in
+    controllers: frozenset[str] = frozenset()  # limits it enforces: cpu, memory, pids, io
+
+    @property
+    def v2(self) -> bool:
+        """True for the cgroup2 hierarchy."""
+        return self.kind == "unified"
+
+
+def _write(path: Path, value: str) -> None:
+    """Write one value to a cgroup control file in one write(2)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+def _read(path: Path) -> str:
+    """A control file's contents, or "" when it is gone."""
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def _keyed(text: str) -> dict[str, int]:
+    """Parse "key value" lines (memory.events, cpu.stat, memory.oom_control)."""
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].lstrip("-").isdigit():
+            out[parts[0]] = int(parts[1])
+    return out
+
+
+def block_devices() -> tuple[str, ...]:
+    """MAJ:MIN of every whole block device in /sys/block, loop and ram devices left out."""
+    devices: list[str] = []
+    with contextlib.suppress(OSError):
+        for entry in sorted(Path("/sys/block").iterdir()):
+            if entry.name.startswith(_SKIPPED_BLOCK_PREFIXES):
+                continue
+            dev = _read(entry / "dev").strip()
+            if dev:
+                devices.append(dev)
+    return tuple(devices)
+
+
+def _cfs(cpu_millis: int) -> tuple[int, int]:
+    """(quota_us, period_us) for `cpu_millis` thousandths of a core."""
+    period = _CFS_PERIOD_US
+    quota = cpu_millis * period // 1000
+    if quota < _CFS_MIN_QUOTA_US:  # below the kernel's minimum quota: stretch the period
+        period = min(_CFS_MAX_PERIOD_US, _CFS_MIN_QUOTA_US * 1000 // cpu_millis)
+        quota = max(_CFS_MIN_QUOTA_US, cpu_millis * period // 1000)
+    return quota, period
+
+
+@dataclass(eq=False)
+class JobCgroup:
+    """The cgroup(s) of one job: one group per hierarchy, the limits put on them."""
+
+    key: str
+    groups: tuple[tuple[Hierarchy, Path], ...] = ()
+    enforced: Limits = field(default_factory=Limits)
+    rlimit_args: tuple[str, ...] = ()
+    unenforced: tuple[str, ...] = ()  # names of requested limits nothing enforces
+
+    @property
+    def procs_files(self) -> tuple[Path, ...]:
+        """The cgroup.procs files a new process writes its pid into, one per hierarchy."""
+        return tuple(path / "cgroup.procs" for _, path in self.groups)
+
+    def _dir(self, kind: str) -> Path | None:
+        for hierarchy, path in self.groups:
+            if hierarchy.kind == kind:
+                return path
+        return None
+
+    def pids(self) -> list[int]:
+        """Every pid in any of the job's groups."""
+        seen: set[int] = set()
+        for procs in self.procs_files:
+            seen.update(int(line) for line in _read(procs).split())
+        return sorted(seen)
+
+    def kill(self) -> None:
+        """SIGKILL every process of the job: cgroup.kill where there is one, else pid by pid."""
+        unified = self._dir("unified")
+        if unified is not None:
+            try:
+                _write(unified / "cgroup.kill", "1")
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    _log.warning("cgroup_kill_failed", key=self.key, error=str(exc))
+            else:
+                return
+        self._kill_one_by_one()
+
+    def _kill_one_by_one(self) -> None:
+        """Freeze (when the freezer is there), SIGKILL each pid, thaw; a few rounds for forkers."""
+        freezer = self._dir("freezer")
+        for _ in range(10):
+            if freezer is not None:
+                with contextlib.suppress(OSError):
+                    _write(freezer / "freezer.state", "FROZEN")
+            pids = self.pids()
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            if freezer is not None:
+                with contextlib.suppress(OSError):
+                    _write(freezer / "freezer.state", "THAWED")
+            if not pids:
+                return
+
+    def oom_killed(self) -> bool:
+        """True when the kernel OOM-killed a process of the job for its memory limit."""
+        memory = self._dir("memory")
+        if memory is not None:
+            counters = _keyed(_read(memory / "memory.oom_control"))
+            return counters.get("oom_kill", 0) > 0
+        unified = self._dir("unified")
+        if unified is not None and "memory" in self._hierarchy("unified").controllers:
+            return _keyed(_read(unified / "memory.events")).get("oom_kill", 0) > 0
+        return False
+
+    def _hierarchy(self, kind: str) -> Hierarchy:
+        return next(h for h, _ in self.groups if h.kind == kind)
+
+    def cpu_seconds(self) -> tuple[float, float] | None:
+        """(user, system) CPU seconds of every process that ran in the group, when known."""
+        unified = self._dir("unified")
+        if unified is None:
+            return None
+        stat = _keyed(_read(unified / "cpu.stat"))
+        if "user_usec" not in stat:
+            return None
+        return stat["user_usec"] / 1e6, stat.get("system_usec", 0) / 1e6
+
+    def remove(self, timeout: float = 0.2) -> None:
+        """Remove every group; retry while the last processes exit; log, never raise."""
+        deadline = time.monotonic() + timeout
+        pending = [path for _, path in self.groups]
+        while pending:
+            left: list[Path] = []
+            for path in pending:
+                try:
+                    path.rmdir()
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    if exc.errno != errno.EBUSY:
+                        _log.warning("cgroup_remove_failed", path=str(path), error=str(exc))
+                        continue
+                    left.append(path)
+            pending = left
+            if not pending:
+                return
+            if time.monotonic() >= deadline:
+                _log.warning("cgroup_remove_failed", paths=[str(p) for p in pending], error="busy")
+                return
+            time.sleep(0.005)
+
+
+class CgroupBackend:
+    """Makes each job's cgroups and puts its limits on them; one per server."""
+
+    def __init__(
+        self,
+        name: str,
+        hierarchies: tuple[Hierarchy, ...] = (),
+        *,
+        rlimits: bool = False,
+        devices: tuple[str, ...] = (),
+    ) -> None:
+        """A backend over `hierarchies`; use detect() to find what the host offers."""
+        self.name = name
+        self.hierarchies = hierarchies
+        self.rlimits = rlimits  # prlimit is there to approximate what cgroups cannot enforce
+        self.devices = devices
+
+    # ---- detection -------------------------------------------------------------------------
+
+    @classmethod
+    def detect(cls, root_name: str = "jobworker") -> CgroupBackend:
+        """Probe which cgroup hierarchies work here (root, mkdir); never raises: else "none"."""
+        rlimits = os.access(PRLIMIT, os.X_OK)
+        try:
+            backend = cls._probe(root_name, rlimits)
+        except Exception as exc:  # noqa: BLE001 - a failed probe must not stop the server
+            _log.warning("cgroup_probe_failed", error=repr(exc))
+            backend = None
+        return backend or cls("none", rlimits=rlimits)
+
+    @classmethod
+    def _probe(cls, root_name: str, rlimits: bool) -> CgroupBackend | None:
+        if not root_name or "/" in root_name or root_name in (".", ".."):
+            raise ValueError(f"invalid cgroup root name: {root_name!r}")
+        if os.geteuid() != 0:
+            return None
+        mounts = _cgroup_mounts()
+        own = _own_cgroups()
+        hierarchies: list[Hierarchy] = []
+        unified_mount = mounts.get("unified")
+        if unified_mount is not None:
+            available = set(_read(unified_mount / "cgroup.controllers").split())
+            wanted = [c for c in _V2_CONTROLLERS if c in available]
+            parent = _make_parent(unified_mount, own.get(""), root_name, wanted)
+            if parent is not None:
+                enabled = set(_read(parent / "cgroup.subtree_control").split())
+                controllers = frozenset(_LIMIT_OF[c] for c in wanted if c in enabled)
+                hierarchies.append(Hierarchy("unified", parent, controllers))
+        for controller in _V1_CONTROLLERS:
+            mount = mounts.get(controller)
+            if mount is None:
+                continue
+            parent = _make_parent(mount, own.get(controller), root_name, [])
+            if parent is not None:
+                limit = _LIMIT_OF.get(controller)
+                hierarchies.append(
+                    Hierarchy(controller, parent, frozenset({limit} if limit else ()))
+                )
+        if not hierarchies:
+            return None
+        v2_controllers = hierarchies[0].controllers if hierarchies[0].v2 else frozenset()
+        has_v1 = any(not h.v2 for h in hierarchies)
+        name = "cgroup-v2" if v2_controllers or not has_v1 else "cgroup-v1"
+        return cls(name, tuple(hierarchies), rlimits=rlimits, devices=block_devices())
+
+    def enforceable(self) -> frozenset[str]:
+        """The limits (cpu, memory, pids, io) some hierarchy enforces."""
+        out: set[str] = set()
+        for hierarchy in self.hierarchies:
+            out |= hierarchy.controllers
+        if "io" in out and not self.devices:
+            out.discard("io")
+        return frozenset(out)
+
+    def describe(self) -> str:
+        """One line for the startup log: the backend and the limits it enforces."""
+        enforced = sorted(self.enforceable())
+        if self.name == "none":
+            how = "memory as a per-process address-space rlimit" if self.rlimits else "nothing"
+            return f"none: no usable cgroups (needs root); enforces {how}; no tree tracking"
+        groups = ", ".join(f"{h.kind}={h.parent}" for h in self.hierarchies)
+        track = "cgroup.kill" if self._unified() else "pid-by-pid SIGKILL"
+        return (
+            f"{self.name}: enforces {', '.join(enforced) or 'no limits'}; "
+            f"kill via {track}; groups under {groups}"
+        )
+
+    def _unified(self) -> Hierarchy | None:
+        return next((h for h in self.hierarchies if h.v2), None)
+
+    # ---- job groups --------------------------------------------------------------------------
+
+    def create(self, key: str, limits: Limits) -> JobCgroup:
+        """Make the job's group in every hierarchy it needs and apply `limits`.
+
+        Raises OSError when a group cannot be made (nothing is left behind then).
+        A limit that cannot be applied is recorded in `unenforced` and logged.
+        """
+        _check_key(key)
+        if self.name == "none":
+            return self._rlimits_only(key, limits)
+        wanted = _wanted(limits)
+        chosen = self._choose(wanted)
+        groups: list[tuple[Hierarchy, Path]] = []
+        try:
+            for hierarchy in chosen:
+                path = hierarchy.parent / key
+                path.mkdir()
+                groups.append((hierarchy, path))
+        except OSError:
+            JobCgroup(key, tuple(groups)).remove()
+            raise
+        enforced_names: set[str] = set()
+        for hierarchy, path in groups:
+            enforced_names |= self._apply(hierarchy, path, limits, wanted)
+        enforced = _only(limits, enforced_names)
+        unenforced = tuple(sorted(name for name in wanted if name not in enforced_names))
+        rlimit_args: tuple[str, ...] = ()
+        if "memory" in unenforced and self.rlimits:  # approximate with the address space
+            rlimit_args = (f"--as={limits.memory_bytes}",)
+            enforced = _with_memory(enforced, limits.memory_bytes)
+            unenforced = tuple(n for n in unenforced if n != "memory")
+        if unenforced:
+            _log.warning("limits_not_enforced", key=key, limits=list(unenforced))
+        return JobCgroup(key, tuple(groups), enforced, rlimit_args, _field_names(unenforced))
+
+    def _rlimits_only(self, key: str, limits: Limits) -> JobCgroup:
+        wanted = _wanted(limits)
+        args: tuple[str, ...] = ()
+        enforced = Limits()
+        if "memory" in wanted and self.rlimits:
+            args = (f"--as={limits.memory_bytes}",)
+            enforced = Limits(memory_bytes=limits.memory_bytes)
+        unenforced = tuple(sorted(w for w in wanted if not (w == "memory" and args)))
+        if unenforced:
+            _log.warning("limits_not_enforced", key=key, limits=list(unenforced))
+        return JobCgroup(key, (), enforced, args, _field_names(unenforced))
+
+    def _choose(self, wanted: set[str]) -> list[Hierarchy]:
+        """The tracking hierarchy plus, per wanted limit, the first one that enforces it."""
+        chosen: list[Hierarchy] = []
+        tracker = self._unified() or next(
+            (h for h in self.hierarchies if h.kind == "freezer"), self.hierarchies[0]
+        )
+        chosen.append(tracker)
+        for name in sorted(wanted):
+            if any(name in h.controllers for h in chosen):
+                continue
+            match = next((h for h in self.hierarchies if name in h.controllers), None)
+            if match is not None:
+                chosen.append(match)
+        return chosen
+
+    def _apply(
+        self, hierarchy: Hierarchy, path: Path, limits: Limits, wanted: set[str]
+    ) -> set[str]:
+        """Write the limits `hierarchy` enforces into `path`; the names that took."""
+        done: set[str] = set()
+        for name in sorted(wanted & hierarchy.controllers):
+            writes = _limit_writes(name, hierarchy.v2, limits, self.devices)
+            try:
+                for file, value in writes:
+                    if file.startswith("?"):  # best effort: absent on some kernels
+                        with contextlib.suppress(OSError):
+                            _write(path / file[1:], value)
+                        continue
+                    _write(path / file, value)
+            except OSError as exc:
+                _log.warning("limit_write_failed", path=str(path), limit=name, error=str(exc))
+                continue
+            if writes:
+                done.add(name)
+        return done
+
+    def open(self, key: str) -> JobCgroup | None:
+        """The existing groups of job `key` (after a restart), or None when there are none."""
+        _check_key(key)
+        groups = tuple((h, h.parent / key) for h in self.hierarchies if (h.parent / key).is_dir())
+        return JobCgroup(key, groups) if groups else None
+
+    def cleanup_stale(self) -> int:
+        """Remove job groups left by an earlier run that are empty; the number of jobs cleaned."""
+        keys: set[str] = set()
+        for hierarchy in self.hierarchies:
+            with contextlib.suppress(OSError):
+                keys.update(p.name for p in hierarchy.parent.iterdir() if p.is_dir())
+        removed = 0
+        for key in sorted(keys):
+            group = self.open(key)
+            if group is None:
+                continue
+            if group.pids():
+                _log.warning("stale_cgroup_busy", key=key, pids=group.pids())
+                continue
+            group.remove()
+            if self.open(key) is None:
+                removed += 1
+        return removed
+
+
+def _check_key(key: str) -> None:
+    if not key or "/" in key or key in (".", "..") or "\0" in key:
+        raise ValueError(f"invalid cgroup key: {key!r}")
+
+
+def _wanted(limits: Limits) -> set[str]:
+    wanted: set[str] = set()
+    if limits.cpu_millis:
+        wanted.add("cpu")
+    if limits.memory_bytes:
+        wanted.add("memory")
+    if limits.pids_max:
+        wanted.add("pids")
+    if limits.io_read_bytes_per_second or limits.io_write_bytes_per_second:
+        wanted.add("io")
+    return wanted
+
+
+def _only(limits: Limits, names: set[str]) -> Limits:
+    """`limits` with the fields of limits not in `names` zeroed."""
+    io = "io" in names
+    return Limits(
+        cpu_millis=limits.cpu_millis if "cpu" in names else 0,
+        memory_bytes=limits.memory_bytes if "memory" in names else 0,
+        pids_max=limits.pids_max if "pids" in names else 0,
+        io_read_bytes_per_second=limits.io_read_bytes_per_second if io else 0,
+        io_write_bytes_per_second=limits.io_write_bytes_per_second if io else 0,
+    )
+
+
+def _with_memory(limits: Limits, memory_bytes: int) -> Limits:
+    return Limits(
+        cpu_millis=limits.cpu_millis,
+        memory_bytes=memory_bytes,
+        pids_max=limits.pids_max,
+        io_read_bytes_per_second=limits.io_read_bytes_per_second,
+        io_write_bytes_per_second=limits.io_write_bytes_per_second,
+    )
+
+
+_FIELDS = {
+    "cpu": ("cpu_millis",),
+    "memory": ("memory_bytes",),
+    "pids": ("pids_max",),
+    "io": ("io_read_bytes_per_second", "io_write_bytes_per_second"),
+}
+
+
+def _field_names(names: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(f for name in names for f in _FIELDS[name])
+
+
+def _limit_writes(
+    name: str, v2: bool, limits: Limits, devices: tuple[str, ...]
+) -> list[tuple[str, str]]:
+    """(file, value) pairs that set limit `name`; a file starting with "?" may be missing."""
+    if name == "cpu":
+        quota, period = _cfs(limits.cpu_millis)
+        if v2:
+            return [("cpu.max", f"{quota} {period}")]
+        return [("cpu.cfs_period_us", str(period)), ("cpu.cfs_quota_us", str(quota))]
+    if name == "memory":
+        memory = str(limits.memory_bytes)
+        if v2:  # no swap: past the limit is an OOM kill, not a slow crawl through swap
+            return [("memory.max", memory), ("?memory.swap.max", "0")]
+        return [
+            ("memory.limit_in_bytes", memory),
+            ("?memory.memsw.limit_in_bytes", memory),
+            ("?memory.swappiness", "0"),
+        ]
+    if name == "pids":
+        return [("pids.max", str(limits.pids_max))]
+    if name == "io":
+        read, write = limits.io_read_bytes_per_second, limits.io_write_bytes_per_second
+        if v2:
+            parts = (f"rbps={read}" if read else "", f"wbps={write}" if write else "")
+            value = " ".join(p for p in parts if p)
+            return [("io.max", f"{dev} {value}") for dev in devices]
+        writes: list[tuple[str, str]] = []
+        for dev in devices:
+            if read:
+                writes.append(("blkio.throttle.read_bps_device", f"{dev} {read}"))
+            if write:
+                writes.append(("blkio.throttle.write_bps_device", f"{dev} {write}"))
+        return writes
+    raise ValueError(f"unknown limit: {name}")
+
+
+def _cgroup_mounts() -> dict[str, Path]:
+    """Mount points by controller ("unified" for cgroup2), from /proc/self/mountinfo."""
+    mounts: dict[str, Path] = {}
+    for line in _read(Path("/proc/self/mountinfo")).splitlines():
+        left, _, right = line.partition(" - ")
+        fields, rest = left.split(), right.split()
+        if len(fields) < 5 or len(rest) < 3 or fields[3] != "/":
+            continue  # a bind of a sub-group: not a hierarchy root we can manage
+        point = Path(fields[4])
+        if rest[0] == "cgroup2":
+            mounts.setdefault("unified", point)
+        elif rest[0] == "cgroup":
+            for option in rest[2].split(","):
+                if option in _V1_CONTROLLERS:
+                    mounts.setdefault(option, point)
+    return mounts
+
+
+def _own_cgroups() -> dict[str, str]:
+    """This process's group per controller ("" for cgroup2), from /proc/self/cgroup."""
+    own: dict[str, str] = {}
+    for line in _read(Path("/proc/self/cgroup")).splitlines():
+        _, controllers, path = line.split(":", 2)
+        for controller in controllers.split(",") if controllers else [""]:
+            own[controller] = path
+    return own
+
+
+def _make_parent(mount: Path, own: str | None, root_name: str, enable: list[str]) -> Path | None:
+    """The parent of job groups in one hierarchy: under its root, else under our own group."""
+    candidates = [mount]
+    if own and own != "/":
+        candidates.append(mount / own.lstrip("/"))
+    for base in candidates:
+        parent = base / root_name
+        try:
+            if enable:  # cgroup2: the parent's children may only use what it enables
+                _enable(base, enable)
+            parent.mkdir(exist_ok=True)
+            if enable:
+                _enable(parent, enable)
+            probe = parent / f".probe-{os.getpid()}"
+            probe.mkdir()
+            probe.rmdir()
+        except OSError as exc:
+            _log.debug("cgroup_parent_unusable", path=str(parent), error=str(exc))
+            continue
+        return parent
+    return None
+
+
+def _enable(group: Path, controllers: list[str]) -> None:
+    """Enable `controllers` for the children of a cgroup2 group, as far as it lets us."""
+    for controller in controllers:
+        with contextlib.suppress(OSError):
+            _write(group / "cgroup.subtree_control", f"+{controller}")

@@ -1,0 +1,202 @@
+"""Translation between the wire messages and the domain model; nothing else."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from jobworker.errors import InvalidArgument
+from jobworker.model import BatchOptions, JobEvent, JobSpec, JobStatus, Limits, Usage, frozen_map
+from jobworker.store.batches import BatchRecord
+from jobworker.store.logs import Chunk, Tail, log_size, read_tail
+from jobworker.v1 import jobworker_pb2 as pb
+
+# Room left for everything but log bytes in one GetBatch answer (gRPC's limit is 4 MiB).
+RESPONSE_BUDGET = 3 * 1024 * 1024
+
+
+def options_from_pb(o: pb.BatchOptions) -> BatchOptions:
+    """Domain options from the wire."""
+    return BatchOptions(
+        labels=frozen_map(o.labels),
+        max_parallel=o.max_parallel,
+        fail_fast=o.fail_fast,
+        idempotency_key=o.idempotency_key,
+    )
+
+
+def spec_from_pb(index: int, j: pb.JobSpec) -> JobSpec:
+    """A domain JobSpec from the wire; INVALID_ARGUMENT names the field of a bad value."""
+    timeout: float | None = None
+    if j.HasField("timeout"):
+        d = j.timeout
+        if d.seconds < 0 or d.nanos < 0 or d.nanos >= 1_000_000_000:
+            raise InvalidArgument(f"job {index} ({j.name!r}): timeout is not a valid duration")
+        timeout = d.seconds + d.nanos / 1e9
+    lim = j.limits
+    return JobSpec(
+        name=j.name,
+        argv=tuple(j.argv),
+        env=frozen_map(j.env),
+        working_dir=j.working_dir,
+        stdin=j.stdin,
+        timeout=timeout,
+        limits=Limits(
+            cpu_millis=lim.cpu_millis,
+            memory_bytes=lim.memory_bytes,
+            pids_max=lim.pids_max,
+            io_read_bytes_per_second=lim.io_read_bytes_per_second,
+            io_write_bytes_per_second=lim.io_write_bytes_per_second,
+        ),
+        depends_on=tuple(j.depends_on),
+    )
+
+
+def _ts(seconds: float | None) -> Timestamp | None:
+    if seconds is None:
+        return None
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def _dur(seconds: float) -> Duration:
+    d = Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
+
+
+def spec_to_pb(s: JobSpec) -> pb.JobSpec:
+    """The wire JobSpec of a stored spec."""
+    out = pb.JobSpec(
+        name=s.name,
+        argv=s.argv,
+        env=dict(s.env),
+        working_dir=s.working_dir,
+        stdin=s.stdin,
+        depends_on=s.depends_on,
+    )
+    if s.timeout is not None:
+        out.timeout.CopyFrom(_dur(s.timeout))
+    if s.limits.any:
+        out.limits.CopyFrom(
+            pb.ResourceLimits(
+                cpu_millis=s.limits.cpu_millis,
+                memory_bytes=s.limits.memory_bytes,
+                pids_max=s.limits.pids_max,
+                io_read_bytes_per_second=s.limits.io_read_bytes_per_second,
+                io_write_bytes_per_second=s.limits.io_write_bytes_per_second,
+            )
+        )
+    return out
+
+
+def options_to_pb(o: BatchOptions) -> pb.BatchOptions:
+    """The wire options."""
+    return pb.BatchOptions(
+        labels=dict(o.labels),
+        max_parallel=o.max_parallel,
+        fail_fast=o.fail_fast,
+        idempotency_key=o.idempotency_key,
+    )
+
+
+def _usage_to_pb(u: Usage | None) -> pb.ResourceUsage | None:
+    if u is None:
+        return None
+    return pb.ResourceUsage(
+        user_cpu=_dur(u.user_cpu), system_cpu=_dur(u.system_cpu), max_rss_bytes=u.max_rss_bytes
+    )
+
+
+def _tail_to_pb(t: Tail) -> pb.LogTail:
+    return pb.LogTail(data=t.data, total_bytes=t.total, truncated=t.truncated)
+
+
+def job_to_pb(
+    batch: BatchRecord, index: int, status: JobStatus, tail_limit: int | None
+) -> pb.Job:
+    """The wire Job; tails of at most `tail_limit` bytes per stream (None: sizes only)."""
+    folder = batch.job_dir(index)
+    job = pb.Job(
+        index=index,
+        spec=spec_to_pb(batch.specs[index]),
+        state=int(status.state),  # type: ignore[arg-type]
+        signal=status.signal,
+        message=status.message,
+        start_time=_ts(status.start_time),
+        end_time=_ts(status.end_time),
+        usage=_usage_to_pb(status.usage),
+    )
+    if status.exit_code is not None:
+        job.exit_code = status.exit_code
+    for name, fld in (("stdout", job.stdout), ("stderr", job.stderr)):
+        path = folder / name
+        if tail_limit is None:
+            size = log_size(path)
+            fld.CopyFrom(pb.LogTail(total_bytes=size, truncated=size > 0))
+        else:
+            fld.CopyFrom(_tail_to_pb(read_tail(path, tail_limit)))
+    return job
+
+
+def batch_to_pb(
+    batch: BatchRecord, indexes: Iterable[int] | None = None, tail_limit: int | None = None
+) -> pb.Batch:
+    """The wire Batch; tails shortened so the answer stays under gRPC's message limit."""
+    chosen = list(range(len(batch.specs)) if indexes is None else indexes)
+    limit = tail_limit
+    if limit is not None and chosen:
+        limit = min(limit, RESPONSE_BUDGET // (2 * len(chosen)))
+    return pb.Batch(
+        correlation_id=batch.cid,
+        owner=batch.owner,
+        state=int(batch.state),  # type: ignore[arg-type]
+        options=options_to_pb(batch.options),
+        create_time=_ts(batch.create_time),
+        end_time=_ts(batch.end_time),
+        jobs=[job_to_pb(batch, i, batch.statuses[i], limit) for i in chosen],
+    )
+
+
+def summary_to_pb(batch: BatchRecord) -> pb.BatchSummary:
+    """The wire BatchSummary."""
+    return pb.BatchSummary(
+        correlation_id=batch.cid,
+        owner=batch.owner,
+        state=int(batch.state),  # type: ignore[arg-type]
+        labels=dict(batch.options.labels),
+        create_time=_ts(batch.create_time),
+        end_time=_ts(batch.end_time),
+        job_count=len(batch.specs),
+        jobs_by_state={f"JOB_STATE_{s.name}": n for s, n in batch.counts.items()},
+    )
+
+
+def item_to_pb(batch: BatchRecord, item: Chunk | JobEvent, cursor: str) -> pb.StreamBatchLogsResponse:
+    """One StreamBatchLogs response."""
+    if isinstance(item, Chunk):
+        return pb.StreamBatchLogsResponse(
+            chunk=pb.LogChunk(
+                job_index=item.index,
+                job_name=batch.specs[item.index].name,
+                stream=item.stream,  # type: ignore[arg-type]
+                data=item.data,
+                time=_ts(item.time),
+            ),
+            cursor=cursor,
+        )
+    change = pb.JobStateChange(
+        job_index=item.index,
+        job_name=batch.specs[item.index].name,
+        state=int(item.state),  # type: ignore[arg-type]
+        signal=item.signal,
+        message=item.message,
+        time=_ts(item.time),
+    )
+    if item.exit_code is not None:
+        change.exit_code = item.exit_code
+    return pb.StreamBatchLogsResponse(state_change=change, cursor=cursor)
+

@@ -1,0 +1,223 @@
+"""Job logs: tails for GetBatch and followers for StreamBatchLogs, read from the files."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from jobworker.errors import InvalidArgument, Unavailable
+from jobworker.model import JobEvent, JobState
+from jobworker.store.batches import BatchRecord
+from jobworker.store.inotify import Inotify
+
+CHUNK = 256 * 1024  # per message: large enough for throughput, far under gRPC's 4 MiB
+STREAMS = ("stdout", "stderr")
+
+
+@dataclass(frozen=True, slots=True)
+class Tail:
+    """The last bytes of one stream of one job."""
+
+    data: bytes
+    total: int
+    truncated: bool
+
+
+def read_tail(path: Path, limit: int) -> Tail:
+    """At most `limit` bytes of the end of `path`; a missing file is empty."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return Tail(b"", 0, False)
+    try:
+        size = os.fstat(fd).st_size
+        start = max(0, size - limit)
+        data = os.pread(fd, size - start, start) if limit else b""
+    finally:
+        os.close(fd)
+    return Tail(data, size, start > 0 or (limit == 0 and size > 0))
+
+
+def log_size(path: Path) -> int:
+    """Bytes in a log file (0 when the job never started)."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+# --- followers ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """Bytes a job wrote to one stream."""
+
+    index: int
+    stream: int  # 1 stdout, 2 stderr (the wire enum)
+    data: bytes
+    time: float
+
+
+Item = Chunk | JobEvent
+
+
+class Cursor:
+    """Where a follower stands: the next batch event and the offsets of jobs running there.
+
+    A job's end event is sent only after all of its bytes, so jobs that ended before
+    `seq` need no offsets and jobs not yet started start at zero: the cursor stays
+    small however large the batch.
+    """
+
+    def __init__(self, cid: str, seq: int = 0, offsets: dict[int, list[int]] | None = None):
+        self.cid = cid
+        self.seq = seq
+        self.offsets = offsets or {}
+
+    def encode(self) -> str:
+        """The opaque text a client sends back to resume."""
+        body = [1, self.cid[:8], self.seq, [[i, o[0], o[1]] for i, o in self.offsets.items()]]
+        return base64.urlsafe_b64encode(json.dumps(body, separators=(",", ":")).encode()).decode()
+
+    @classmethod
+    def decode(cls, cid: str, text: str) -> Cursor:
+        """Parse a cursor; INVALID_ARGUMENT when it is malformed or belongs to another batch."""
+        try:
+            version, prefix, seq, offsets = json.loads(base64.urlsafe_b64decode(text.encode()))
+            if version != 1 or not isinstance(seq, int) or seq < 0:
+                raise ValueError("version")
+            parsed = {int(i): [int(o), int(e)] for i, o, e in offsets}
+        except (ValueError, TypeError, binascii.Error, UnicodeDecodeError) as exc:
+            raise InvalidArgument("cursor: not a cursor from a previous response") from exc
+        if prefix != cid[:8]:
+            raise InvalidArgument("cursor: belongs to another batch")
+        return cls(cid, seq, parsed)
+
+
+class Follower:
+    """Reads one batch's events and logs in order for one stream, waking on changes."""
+
+    def __init__(
+        self,
+        batch: BatchRecord,
+        selected: list[int],
+        cursor: Cursor,
+        inotify: Inotify | None,
+        closing: Callable[[], bool],
+    ) -> None:
+        self.batch = batch
+        self.selected = set(selected)
+        self.cursor = cursor
+        self.inotify = inotify
+        self.closing = closing
+        self._watches: dict[int, int] = {}  # job index -> inotify key
+        if cursor.seq > len(batch.events):
+            raise InvalidArgument("cursor: points past the batch's end")
+        # Jobs running as of the cursor's event: keep their offsets, start new ones at 0.
+        running: dict[int, list[int]] = {}
+        for event in batch.events[: cursor.seq]:
+            if event.index not in self.selected:
+                continue
+            if event.state is JobState.RUNNING:
+                running[event.index] = cursor.offsets.get(event.index, [0, 0])
+            elif event.state.ended:
+                running.pop(event.index, None)
+        cursor.offsets = running
+
+    async def items(self, follow: bool) -> AsyncIterator[Item]:
+        """Every event and chunk from the cursor on; live until the selected jobs end."""
+        try:
+            while True:
+                if self.closing():
+                    raise Unavailable("server is shutting down")
+                if follow:  # watch before reading, so no write between the two is missed
+                    self._sync_watches()
+                waiter = self.batch.changed.waiter()
+                progressed = False
+                for index in list(self.cursor.offsets):
+                    async for chunk in self._read(index, drain=False):
+                        progressed = True
+                        yield chunk
+                async for item in self._events():
+                    progressed = True
+                    yield item
+                if self._done():
+                    return
+                if not follow:
+                    return
+                if not progressed:
+                    await asyncio.wait([waiter])
+        finally:
+            self._drop_watches()
+
+    def _done(self) -> bool:
+        seq = self.cursor.seq
+        return seq == len(self.batch.events) and all(
+            self.batch.statuses[i].state.ended for i in self.selected
+        )
+
+    async def _events(self) -> AsyncIterator[Item]:
+        events = self.batch.events
+        while self.cursor.seq < len(events):
+            event = events[self.cursor.seq]
+            if event.index in self.selected:
+                if event.state is JobState.RUNNING:
+                    self.cursor.offsets[event.index] = [0, 0]
+                elif event.state.ended and event.index in self.cursor.offsets:
+                    async for chunk in self._read(event.index, drain=True):
+                        yield chunk
+                    del self.cursor.offsets[event.index]
+            self.cursor.seq += 1
+            if event.index in self.selected:
+                yield event
+
+    async def _read(self, index: int, *, drain: bool) -> AsyncIterator[Chunk]:
+        """Chunks of job `index` past its offsets: one per stream, or everything if `drain`."""
+        offsets = self.cursor.offsets[index]
+        folder = self.batch.job_dir(index)
+        for k, name in enumerate(STREAMS):
+            while True:
+                data = _pread(folder / name, offsets[k])
+                if not data:
+                    break
+                offsets[k] += len(data)
+                yield Chunk(index, k + 1, data, time.time())
+                if not drain:
+                    break
+
+    def _sync_watches(self) -> None:
+        if self.inotify is None:
+            return
+        for index in self.cursor.offsets:
+            if index not in self._watches:
+                folder = self.batch.job_dir(index)
+                with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                    self._watches[index] = self.inotify.watch(folder, self.batch.changed)
+        for index in [i for i in self._watches if i not in self.cursor.offsets]:
+            self.inotify.unwatch(self.batch.job_dir(index), self._watches.pop(index))
+
+    def _drop_watches(self) -> None:
+        if self.inotify is not None:
+            for index, key in self._watches.items():
+                self.inotify.unwatch(self.batch.job_dir(index), key)
+        self._watches.clear()
+
+
+def _pread(path: Path, offset: int) -> bytes:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return b""
+    try:
+        return os.pread(fd, CHUNK, offset)
+    finally:
+        os.close(fd)

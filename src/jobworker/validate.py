@@ -1,0 +1,209 @@
+"""Validation of a batch as it streams in: every error names the job, its field and the limit."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from jobworker.errors import InvalidArgument, ResourceExhausted
+from jobworker.model import BatchOptions, JobSpec
+
+MAX_NAME = 128
+MAX_LABELS = 64
+MAX_LABEL_KEY = 63
+MAX_LABEL_VALUE = 256
+MAX_IDEMPOTENCY_KEY = 256
+MAX_TIMEOUT = 366 * 86400.0
+MIN_MEMORY = 1 << 20
+
+
+class BatchLimits(Protocol):
+    """The configured limits a batch is checked against."""
+
+    @property
+    def max_jobs_per_batch(self) -> int: ...
+    @property
+    def max_stdin_bytes(self) -> int: ...
+    @property
+    def max_argv_bytes(self) -> int: ...
+
+
+def _job(index: int, name: str) -> str:
+    return f"job {index} ({name!r})" if name else f"job {index}"
+
+
+def _no_nul(where: str, fld: str, value: str) -> None:
+    if "\0" in value:
+        raise InvalidArgument(f"{where}: {fld} contains a NUL byte")
+
+
+@dataclass
+class BatchBuilder:
+    """Collects a batch message by message, validating each on arrival."""
+
+    limits: BatchLimits
+    options: BatchOptions | None = None
+    specs: list[JobSpec] = field(default_factory=list)
+    _names: dict[str, int] = field(default_factory=dict)
+
+    def add_options(self, options: BatchOptions) -> None:
+        """Take the batch options; only allowed before the first job, and only once."""
+        if self.specs or self.options is not None:
+            raise InvalidArgument(
+                "options: BatchOptions must be the stream's first message, and appear once"
+            )
+        _check_options(options)
+        self.options = options
+
+    def add_job(self, spec: JobSpec) -> JobSpec:
+        """Validate one job, name it "job-<index>" if unnamed, and keep it."""
+        index = len(self.specs)
+        limit = self.limits.max_jobs_per_batch
+        if index >= limit:
+            raise ResourceExhausted(
+                f"batch has more than jobs.max_jobs_per_batch ({limit}) jobs"
+            )
+        name = spec.name or f"job-{index}"
+        where = _job(index, name)
+        if len(name) > MAX_NAME:
+            raise InvalidArgument(f"{where}: name is {len(name)} characters, at most {MAX_NAME}")
+        if any(c in name for c in "\0\n\r\t") or name != name.strip():
+            raise InvalidArgument(f"{where}: name holds control characters or edge spaces")
+        if name in self._names:
+            raise InvalidArgument(
+                f"{where}: name duplicates job {self._names[name]}; names must be unique"
+            )
+        _check_job(where, spec, self.limits)
+        if name != spec.name:
+            spec = JobSpec(
+                name=name,
+                argv=spec.argv,
+                env=spec.env,
+                working_dir=spec.working_dir,
+                stdin=spec.stdin,
+                timeout=spec.timeout,
+                limits=spec.limits,
+                depends_on=spec.depends_on,
+            )
+        self._names[name] = index
+        self.specs.append(spec)
+        return spec
+
+    def finish(self) -> tuple[BatchOptions, tuple[JobSpec, ...]]:
+        """Cross-job checks once the stream is complete: a job at least, dependencies, no cycle."""
+        if not self.specs:
+            raise InvalidArgument("batch has no job: send at least one JobSpec")
+        for i, spec in enumerate(self.specs):
+            for dep in spec.depends_on:
+                if dep not in self._names:
+                    raise InvalidArgument(
+                        f"{_job(i, spec.name)}: depends_on names unknown job {dep!r}"
+                    )
+        _check_acyclic(self.specs, self._names)
+        return self.options or BatchOptions(), tuple(self.specs)
+
+
+def _check_options(o: BatchOptions) -> None:
+    if len(o.labels) > MAX_LABELS:
+        raise InvalidArgument(f"options: labels has {len(o.labels)} entries, at most {MAX_LABELS}")
+    for k, v in o.labels.items():
+        if not k or len(k) > MAX_LABEL_KEY:
+            raise InvalidArgument(
+                f"options: labels key {k!r} must be 1 to {MAX_LABEL_KEY} characters"
+            )
+        if len(v) > MAX_LABEL_VALUE:
+            raise InvalidArgument(
+                f"options: labels[{k!r}] is {len(v)} characters, at most {MAX_LABEL_VALUE}"
+            )
+        _no_nul("options", f"labels[{k!r}]", k + v)
+    if len(o.idempotency_key) > MAX_IDEMPOTENCY_KEY:
+        raise InvalidArgument(
+            f"options: idempotency_key is {len(o.idempotency_key)} characters, "
+            f"at most {MAX_IDEMPOTENCY_KEY}"
+        )
+
+
+def _check_job(where: str, spec: JobSpec, limits: BatchLimits) -> None:
+    if not spec.argv or not spec.argv[0]:
+        raise InvalidArgument(f"{where}: argv must not be empty")
+    for k, arg in enumerate(spec.argv):
+        _no_nul(where, f"argv[{k}]", arg)
+    _check_env(where, spec.env)
+    if spec.working_dir:
+        _no_nul(where, "working_dir", spec.working_dir)
+        if not os.path.isabs(spec.working_dir):
+            raise InvalidArgument(
+                f"{where}: working_dir {spec.working_dir!r} must be an absolute path"
+            )
+    size = sum(len(a.encode()) + 1 for a in spec.argv) + sum(
+        len(k.encode()) + len(v.encode()) + 2 for k, v in spec.env.items()
+    )
+    if size > limits.max_argv_bytes:
+        raise ResourceExhausted(
+            f"{where}: argv and env are {size} bytes, over jobs.max_argv_bytes "
+            f"({limits.max_argv_bytes})"
+        )
+    if len(spec.stdin) > limits.max_stdin_bytes:
+        raise ResourceExhausted(
+            f"{where}: stdin is {len(spec.stdin)} bytes, over jobs.max_stdin_bytes "
+            f"({limits.max_stdin_bytes})"
+        )
+    if spec.timeout is not None and not 0 < spec.timeout <= MAX_TIMEOUT:
+        raise InvalidArgument(
+            f"{where}: timeout must be more than 0s and at most 366 days, not {spec.timeout}s"
+        )
+    _check_limits(where, spec)
+    for dep in spec.depends_on:
+        if dep == spec.name:
+            raise InvalidArgument(f"{where}: depends_on names the job itself (a cycle)")
+    if len(set(spec.depends_on)) != len(spec.depends_on):
+        raise InvalidArgument(f"{where}: depends_on names a job twice")
+
+
+def _check_env(where: str, env: Mapping[str, str]) -> None:
+    for k, v in env.items():
+        if not k:
+            raise InvalidArgument(f"{where}: env has an empty variable name")
+        if "=" in k:
+            raise InvalidArgument(f"{where}: env name {k!r} must not contain '='")
+        _no_nul(where, f"env[{k!r}]", k + v)
+
+
+def _check_limits(where: str, spec: JobSpec) -> None:
+    cores = os.cpu_count() or 1
+    lim = spec.limits
+    if lim.cpu_millis > cores * 1000:
+        raise InvalidArgument(
+            f"{where}: limits.cpu_millis {lim.cpu_millis} is more than this host's "
+            f"{cores} cores ({cores * 1000})"
+        )
+    if 0 < lim.memory_bytes < MIN_MEMORY:
+        raise InvalidArgument(
+            f"{where}: limits.memory_bytes {lim.memory_bytes} is below the minimum "
+            f"({MIN_MEMORY} bytes, 1 MiB)"
+        )
+
+
+def _check_acyclic(specs: list[JobSpec], names: Mapping[str, int]) -> None:
+    """INVALID_ARGUMENT naming a job on a dependency cycle, if there is one."""
+    indegree = [len(s.depends_on) for s in specs]
+    dependents: dict[int, list[int]] = {}
+    for i, s in enumerate(specs):
+        for dep in s.depends_on:
+            dependents.setdefault(names[dep], []).append(i)
+    ready = [i for i, d in enumerate(indegree) if d == 0]
+    done = 0
+    while ready:
+        i = ready.pop()
+        done += 1
+        for d in dependents.get(i, ()):
+            indegree[d] -= 1
+            if indegree[d] == 0:
+                ready.append(d)
+    if done < len(specs):
+        i = next(k for k, d in enumerate(indegree) if d)
+        raise InvalidArgument(
+            f"{_job(i, specs[i].name)}: depends_on forms a dependency cycle"
+        )
