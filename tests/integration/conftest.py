@@ -130,17 +130,21 @@ class Server:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         code = self.proc.wait(timeout)
+        self._close_pipe()
+        return code
+
+    def _close_pipe(self) -> None:
         if self._reader is not None:
             self._reader.join(5)
-        return code
+        if self.proc is not None and self.proc.stderr is not None:
+            self.proc.stderr.close()
 
     def kill(self) -> None:
         """SIGKILL the server process (only it: jobs are in their own sessions)."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
-        if self._reader is not None:
-            self._reader.join(5)
+        self._close_pipe()
 
     def channel(self, identity: str = "alice", *, pki: Path | None = None) -> grpc.Channel:
         directory = pki or self.pki
@@ -219,3 +223,89 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+# --- Helpers for the batch tests (schedule, engine, recovery, access) ---
+
+PY = sys.executable  # an absolute python for jobs: their PATH is the server's minimal one
+
+
+def data_dir_of(server: Server) -> Path:
+    """The data_dir a test server was configured with."""
+    import tomllib
+
+    return Path(tomllib.loads(server.config.read_text())["server"]["data_dir"])
+
+
+def schedule(
+    stub: pb_grpc.JobWorkerServiceStub, *requests: pb.ScheduleBatchRequest
+) -> pb.ScheduleBatchResponse:
+    """ScheduleBatch with these messages, in order."""
+    return stub.ScheduleBatch(iter(requests))  # type: ignore[no-any-return]
+
+
+def wait_until(
+    predicate: Callable[[], object], timeout: float = 30.0, what: str = "condition"
+) -> object:
+    """Poll `predicate` until it returns something truthy; that value. Fails after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout}s")
+        time.sleep(0.05)
+
+
+def get_job(stub: pb_grpc.JobWorkerServiceStub, cid: str, name: str) -> pb.Job:
+    """One job of a batch, by name, as GetBatch shows it."""
+    batch = stub.GetBatch(pb.GetBatchRequest(correlation_id=cid, job_names=[name])).batch
+    return batch.jobs[0]
+
+
+def wait_job(
+    stub: pb_grpc.JobWorkerServiceStub, cid: str, name: str, state: int, timeout: float = 30.0
+) -> pb.Job:
+    """Poll GetBatch until job `name` is in `state`."""
+    found: list[pb.Job] = []
+
+    def reached() -> bool:
+        found[:] = [get_job(stub, cid, name)]
+        return found[0].state == state
+
+    try:
+        wait_until(reached, timeout, f"job {name} in {pb.JobState.Name(state)}")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; last seen: {found[-1] if found else None}") from None
+    return found[0]
+
+
+def read_pids(path: Path) -> list[int]:
+    """The pids a job wrote to `path`, one a line (complete lines only)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    return [int(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
+
+
+def kill_pids(pids: list[int]) -> None:
+    """Clean-up only: SIGKILL processes a test job reported, if they are still there."""
+    import contextlib
+
+    for pid in pids:
+        if alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def rpc_error(call: Callable[[], object]) -> grpc.RpcError:
+    """The RpcError `call` raises (fails the test when it succeeds)."""
+    try:
+        result = call()
+        if hasattr(result, "__iter__") and not isinstance(result, bytes | str):
+            list(result)  # type: ignore[call-overload]
+    except grpc.RpcError as exc:
+        return exc
+    raise AssertionError("the call succeeded; an error was expected")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -90,15 +91,18 @@ class AuthInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
             response_serializer=handler.response_serializer,
         )
 
-    def _caller(self, context: aio.ServicerContext) -> Caller:
+    @staticmethod
+    def _identity(context: aio.ServicerContext) -> str:
         auth = context.auth_context()
         names = auth.get("x509_common_name") or []
         if not names:
             raise PermissionDenied("client certificate has no common name")
-        identity = names[0].decode()
         version = (auth.get("ssl_tls_version") or [b""])[0]
         if version and version not in (b"TLS1_3", b"TLSv1.3", b"TLS1_2", b"TLSv1.2"):
             raise PermissionDenied(f"TLS version {version.decode()} is not accepted")
+        return str(names[0].decode())
+
+    def _caller(self, identity: str) -> Caller:
         role = self.role_of(identity)
         if role == "none":
             raise PermissionDenied(f"identity {identity!r} has role 'none'")
@@ -109,9 +113,8 @@ class AuthInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
             started = time.perf_counter()
             identity = "-"
             try:
-                caller = self._caller(context)
-                identity = caller.identity
-                _caller.set(caller)
+                identity = self._identity(context)
+                _caller.set(self._caller(identity))
                 result = await behavior(request, context)
             except asyncio.CancelledError:
                 self._done(name, identity, started, grpc.StatusCode.CANCELLED, context)
@@ -125,15 +128,18 @@ class AuthInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         return wrapper
 
     def _stream(self, name: str, behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
-        async def wrapper(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+        # Responses go out with context.write from a coroutine, not by yielding: a client
+        # that goes away then cancels this task, and every `finally` below runs in it.
+        # (A dropped async generator is finalized later, outside the call; seen to crash.)
+        async def wrapper(request: Any, context: aio.ServicerContext) -> None:
             started = time.perf_counter()
             identity = "-"
             try:
-                caller = self._caller(context)
-                identity = caller.identity
-                _caller.set(caller)
-                async for item in behavior(request, context):
-                    yield item
+                identity = self._identity(context)
+                _caller.set(self._caller(identity))
+                async with contextlib.aclosing(behavior(request, context)) as items:
+                    async for item in items:
+                        await context.write(item)
             except asyncio.CancelledError:
                 self._done(name, identity, started, grpc.StatusCode.CANCELLED, context)
                 raise

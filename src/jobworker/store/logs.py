@@ -120,6 +120,10 @@ class Follower:
         self.inotify = inotify
         self.closing = closing
         self._watches: dict[int, int] = {}  # job index -> inotify key
+        # Without follow, a stream sends what exists when it starts: events up to here, and
+        # each file up to its size at the first read, so a busy job cannot keep it going.
+        self._end_seq: int | None = None
+        self._end_size: dict[tuple[int, int], int] | None = None
         if cursor.seq > len(batch.events):
             raise InvalidArgument("cursor: points past the batch's end")
         # Jobs running as of the cursor's event: keep their offsets, start new ones at 0.
@@ -135,6 +139,9 @@ class Follower:
 
     async def items(self, follow: bool) -> AsyncIterator[Item]:
         """Every event and chunk from the cursor on; live until the selected jobs end."""
+        if not follow:
+            self._end_seq = len(self.batch.events)
+            self._end_size = {}
         try:
             while True:
                 if self.closing():
@@ -152,9 +159,9 @@ class Follower:
                     yield item
                 if self._done():
                     return
-                if not follow:
-                    return
                 if not progressed:
+                    if not follow:
+                        return
                     await asyncio.wait([waiter])
         finally:
             self._drop_watches()
@@ -167,7 +174,7 @@ class Follower:
 
     async def _events(self) -> AsyncIterator[Item]:
         events = self.batch.events
-        while self.cursor.seq < len(events):
+        while self.cursor.seq < (len(events) if self._end_seq is None else self._end_seq):
             event = events[self.cursor.seq]
             if event.index in self.selected:
                 if event.state is JobState.RUNNING:
@@ -186,13 +193,27 @@ class Follower:
         folder = self.batch.job_dir(index)
         for k, name in enumerate(STREAMS):
             while True:
-                data = _pread(folder / name, offsets[k])
+                data = self._pread(folder / name, index, k, offsets[k])
                 if not data:
                     break
                 offsets[k] += len(data)
                 yield Chunk(index, k + 1, data, time.time())
                 if not drain:
                     break
+
+    def _pread(self, path: Path, index: int, k: int, offset: int) -> bytes:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return b""
+        try:
+            size = CHUNK
+            if self._end_size is not None:
+                end = self._end_size.setdefault((index, k), os.fstat(fd).st_size)
+                size = min(CHUNK, end - offset)
+            return os.pread(fd, size, offset) if size > 0 else b""
+        finally:
+            os.close(fd)
 
     def _sync_watches(self) -> None:
         if self.inotify is None:
@@ -211,13 +232,3 @@ class Follower:
                 self.inotify.unwatch(self.batch.job_dir(index), key)
         self._watches.clear()
 
-
-def _pread(path: Path, offset: int) -> bytes:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return b""
-    try:
-        return os.pread(fd, CHUNK, offset)
-    finally:
-        os.close(fd)
