@@ -23,12 +23,17 @@ DEFAULT_KEY = Path("var/certs/admin-key.pem")
 
 MAX_RECEIVE_MESSAGE_BYTES = 8 * 1024 * 1024
 CHANNEL_OPTIONS: tuple[tuple[str, int | str], ...] = (
-    # Notice a dead server on a quiet follow stream. The server's ping policy must allow
-    # this rate (grpc.http2.min_ping_interval_without_data_ms <= 30s) or it answers
-    # GOAWAY too_many_pings.
+    # Notice a dead server on a quiet follow stream: ping every 30s, without the default
+    # cap of two pings between data frames. The server permits this rate
+    # (server/app.py: min_recv_ping_interval_without_data_ms, max_ping_strikes).
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
     ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
+    # gRPC's own reconnect backoff grows to 120s; follow() retries for 60s at most
+    # 5s apart, and each retry must find the channel willing to connect again.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 5_000),
 )
 
 # A broken stream worth resuming: the transport failed, not the request.
@@ -542,4 +547,3 @@ class AsyncClient:
                 await asyncio.sleep(delay)
             else:
                 return
-

@@ -62,9 +62,7 @@ class BatchBuilder:
         index = len(self.specs)
         limit = self.limits.max_jobs_per_batch
         if index >= limit:
-            raise ResourceExhausted(
-                f"batch has more than jobs.max_jobs_per_batch ({limit}) jobs"
-            )
+            raise ResourceExhausted(f"batch has more than jobs.max_jobs_per_batch ({limit}) jobs")
         name = spec.name or f"job-{index}"
         where = _job(index, name)
         if len(name) > MAX_NAME:
@@ -204,6 +202,4 @@ def _check_acyclic(specs: list[JobSpec], names: Mapping[str, int]) -> None:
                 ready.append(d)
     if done < len(specs):
         i = next(k for k, d in enumerate(indegree) if d)
-        raise InvalidArgument(
-            f"{_job(i, specs[i].name)}: depends_on forms a dependency cycle"
-        )
+        raise InvalidArgument(f"{_job(i, specs[i].name)}: depends_on forms a dependency cycle")

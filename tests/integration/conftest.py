@@ -111,14 +111,18 @@ class Server:
     def events(self, name: str) -> list[dict[str, object]]:
         return [line for line in list(self.lines) if line.get("event") == name]
 
-    def wait_for_log(self, name: str, timeout: float = 10.0, count: int = 1) -> list[dict[str, object]]:
+    def wait_for_log(
+        self, name: str, timeout: float = 10.0, count: int = 1
+    ) -> list[dict[str, object]]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             found = self.events(name)
             if len(found) >= count:
                 return found
             time.sleep(0.02)
-        raise AssertionError(f"no log line {name!r} within {timeout}s:\n" + "\n".join(self.raw[-20:]))
+        raise AssertionError(
+            f"no log line {name!r} within {timeout}s:\n" + "\n".join(self.raw[-20:])
+        )
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None

@@ -137,7 +137,11 @@ def test_resume_from_any_cursor_repeats_and_skips_nothing(server: Server) -> Non
 def _same_content(a: list[pb.StreamBatchLogsResponse], b: list[pb.StreamBatchLogsResponse]) -> bool:
     # Chunk boundaries may differ between two reads; bytes and events may not.
     def shape(rs: list[pb.StreamBatchLogsResponse]) -> tuple[object, ...]:
-        events = [(r.state_change.job_index, r.state_change.state) for r in rs if r.HasField("state_change")]
+        events = [
+            (r.state_change.job_index, r.state_change.state)
+            for r in rs
+            if r.HasField("state_change")
+        ]
         return (collect(iter(rs)), events)
 
     return shape(a) == shape(b)
@@ -225,7 +229,9 @@ def _inotify_watches(pid: int) -> int:
 
 
 @pytest.mark.slow
-def test_a_follower_that_reads_nothing_does_not_hold_the_job_back(make_server: ServerFactory) -> None:
+def test_a_follower_that_reads_nothing_does_not_hold_the_job_back(
+    make_server: ServerFactory,
+) -> None:
     server = make_server()
     assert server.proc is not None
     stub = server.stub()

@@ -83,9 +83,8 @@ def test_expired_certificate_is_refused(server: Server, tmp_path: Path) -> None:
 
 
 def test_role_none_is_permission_denied(server: Server) -> None:
-    with server.channel("nobody") as channel:
-        with pytest.raises(grpc.RpcError) as info:
-            _list(channel)
+    with server.channel("nobody") as channel, pytest.raises(grpc.RpcError) as info:
+        _list(channel)
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "nobody" in (info.value.details() or "")
 

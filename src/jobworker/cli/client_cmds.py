@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from jobworker.v1 import jobworker_pb2 as pb
 
 _UINT32_MAX = 2**32 - 1
+_PIPE_WIDTH = 1000
 _BATCH_STATE_NAMES = ("running", "succeeded", "failed", "canceled")
 
 
@@ -78,7 +79,9 @@ def _timeout_duration(seconds: float) -> Duration:
 def _stdout_console() -> Console:
     from rich.console import Console
 
-    return Console(highlight=False)
+    # Piped: one table row a line, however long, for grep and awk.
+    width = None if sys.stdout.isatty() else _PIPE_WIDTH
+    return Console(highlight=False, width=width)
 
 
 def _stderr_console() -> Console:
@@ -462,13 +465,15 @@ def logs(
         names = [job.spec.name for job in batch.jobs]
         printer: _Printer
         if raw:
-            if len(names) != 1:
+            if len(jobs) > 1:
+                raise click.UsageError("--raw needs exactly one job: give --job once")
+            if not jobs and len(names) != 1:
                 raise click.UsageError(
                     f"--raw needs exactly one job; batch {cid} has {len(names)}: "
                     "choose one with --job NAME"
                 )
             printer = RawPrinter(sys.stdout.buffer, sys.stderr.buffer, live=follow)
-            jobs = (names[0],)
+            jobs = jobs or (names[0],)
         elif as_json:
             printer = _JsonLinesPrinter(follow)
         else:

@@ -158,7 +158,11 @@ def state_change_text(change: pb.JobStateChange) -> str:
         text = f"-- exited {change.exit_code} ({job_state_name(change.state).upper()})"
     else:
         text = f"-- {job_state_name(change.state).replace('_', ' ')}"
-    return f"{text}: {change.message}" if change.message else text
+    # The server's message repeats the exit status in words; say it once.
+    redundant = change.HasField("exit_code") and change.message == (
+        f"exited with status {change.exit_code}"
+    )
+    return f"{text}: {change.message}" if change.message and not redundant else text
 
 
 def batch_header(batch: pb.Batch, now: float | None = None) -> Text:
@@ -201,13 +205,13 @@ def job_table(batch: pb.Batch, now: float | None = None) -> Table:
 
 def print_batch(console: Console, batch: pb.Batch, logs: bool = False) -> None:
     """The batch's header and job table; with `logs`, each job's log tails below."""
-    console.print(batch_header(batch))
+    console.print(batch_header(batch), soft_wrap=True)
     console.print(job_table(batch))
     if logs:
         for job in batch.jobs:
             for stream, tail in (("stdout", job.stdout), ("stderr", job.stderr)):
                 if tail.data:
-                    console.rule(Text(tail_title(job.spec.name, stream, tail)), align="left")
+                    console.print(Text(f"== {tail_title(job.spec.name, stream, tail)}", "bold"))
                     console.print(
                         Text(tail.data.decode("utf-8", "replace").rstrip("\n")),
                         highlight=False,
@@ -235,7 +239,9 @@ def jobs_summary(summary: pb.BatchSummary) -> str:
 def batches_table(summaries: Iterable[pb.BatchSummary], now: float | None = None) -> Table:
     """One row a batch: correlation id, owner, state, jobs, labels, created, duration."""
     table = Table(box=None, pad_edge=False, header_style="bold")
-    for name in ("correlation id", "owner", "state", "jobs", "labels", "created"):
+    # An id is no use cut short: it never wraps.
+    table.add_column("correlation id", no_wrap=True)
+    for name in ("owner", "state", "jobs", "labels", "created"):
         table.add_column(name)
     table.add_column("duration", justify="right")
     for summary in summaries:

@@ -145,7 +145,7 @@ class Engine:
             return
         self._active[batch.cid] = br
         # A recovered batch can hold jobs whose dependency already ended badly.
-        for j, deps in list(br.dependents.items()):
+        for j in list(br.dependents):
             state = batch.statuses[j].state
             if state.ended and state is not JobState.SUCCEEDED:
                 self._skip_dependents(br, j)
@@ -174,7 +174,7 @@ class Engine:
             await asyncio.wait(waits)
 
     async def recover(self, batches: Iterable[BatchRecord]) -> None:
-        """After a restart: jobs recorded RUNNING become LOST (killed if still alive); queue the rest."""
+        """After a restart: RUNNING jobs become LOST (killed if still alive); queue the rest."""
         for batch in batches:
             for i, status in enumerate(batch.statuses):
                 if status.state is not JobState.RUNNING:
@@ -287,7 +287,7 @@ class Engine:
                 info=info,
             )
             bound.info("job_ended", state=state.name, exit_code=info.exit_code, signal=info.signal)
-        except Exception:
+        except Exception:  # noqa: BLE001 - one job's bug must not stop the scheduler
             bound.exception("job_supervision_failed")
             if not batch.statuses[i].state.ended:
                 self._finish_run(br, run, JobState.FAILED, message="internal error running the job")

@@ -56,7 +56,7 @@ RoleOf = Callable[[str], str]
 Observer = Callable[[str, str, float], None]  # method, code name, seconds
 
 
-class AuthInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
+class AuthInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
     """Authenticates every call by its certificate, maps errors, writes the audit line."""
 
     def __init__(self, role_of: RoleOf, observers: list[Observer] | None = None) -> None:
@@ -65,9 +65,11 @@ class AuthInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
+        ],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(details)
         method: str = details.method
         if handler is None or not method.startswith(SERVICE):
@@ -86,18 +88,18 @@ class AuthInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
                 response_serializer=handler.response_serializer,
             )
         return grpc.unary_stream_rpc_method_handler(
-            self._stream(name, handler.unary_stream),
+            self._stream(name, handler.unary_stream),  # type: ignore[arg-type]  # stubs: sync only
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
 
     @staticmethod
-    def _identity(context: aio.ServicerContext) -> str:
+    def _identity(context: aio.ServicerContext[Any, Any]) -> str:
         auth = context.auth_context()
-        names = auth.get("x509_common_name") or []
+        names = list(auth.get("x509_common_name") or [])
         if not names:
             raise PermissionDenied("client certificate has no common name")
-        version = (auth.get("ssl_tls_version") or [b""])[0]
+        version = next(iter(auth.get("ssl_tls_version") or [b""]))
         if version and version not in (b"TLS1_3", b"TLSv1.3", b"TLS1_2", b"TLSv1.2"):
             raise PermissionDenied(f"TLS version {version.decode()} is not accepted")
         return str(names[0].decode())
@@ -109,7 +111,7 @@ class AuthInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         return Caller(identity, role)
 
     def _unary(self, name: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
-        async def wrapper(request: Any, context: aio.ServicerContext) -> Any:
+        async def wrapper(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
             started = time.perf_counter()
             identity = "-"
             try:
@@ -131,13 +133,13 @@ class AuthInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         # Responses go out with context.write from a coroutine, not by yielding: a client
         # that goes away then cancels this task, and every `finally` below runs in it.
         # (A dropped async generator is finalized later, outside the call; seen to crash.)
-        async def wrapper(request: Any, context: aio.ServicerContext) -> None:
+        async def wrapper(request: Any, context: aio.ServicerContext[Any, Any]) -> None:
             started = time.perf_counter()
             identity = "-"
             try:
                 identity = self._identity(context)
                 _caller.set(self._caller(identity))
-                async with contextlib.aclosing(behavior(request, context)) as items:
+                async with contextlib.aclosing(behavior(request, context)) as items:  # type: ignore[type-var]
                     async for item in items:
                         await context.write(item)
             except asyncio.CancelledError:
@@ -152,7 +154,7 @@ class AuthInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
 
     async def _fail(
         self,
-        context: aio.ServicerContext,
+        context: aio.ServicerContext[Any, Any],
         name: str,
         identity: str,
         started: float,
@@ -174,7 +176,7 @@ class AuthInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         identity: str,
         started: float,
         code: grpc.StatusCode,
-        context: aio.ServicerContext,
+        context: aio.ServicerContext[Any, Any],
         message: str = "",
     ) -> None:
         seconds = time.perf_counter() - started
@@ -202,5 +204,5 @@ def set_correlation_id(cid: str) -> None:
     structlog.contextvars.bind_contextvars(correlation_id=cid)
 
 
-def _correlation_id(context: aio.ServicerContext) -> str:
+def _correlation_id(context: aio.ServicerContext[Any, Any]) -> str:
     return _cid.get()

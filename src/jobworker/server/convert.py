@@ -115,9 +115,7 @@ def _tail_to_pb(t: Tail) -> pb.LogTail:
     return pb.LogTail(data=t.data, total_bytes=t.total, truncated=t.truncated)
 
 
-def job_to_pb(
-    batch: BatchRecord, index: int, status: JobStatus, tail_limit: int | None
-) -> pb.Job:
+def job_to_pb(batch: BatchRecord, index: int, status: JobStatus, tail_limit: int | None) -> pb.Job:
     """The wire Job; tails of at most `tail_limit` bytes per stream (None: sizes only)."""
     folder = batch.job_dir(index)
     job = pb.Job(
@@ -175,7 +173,9 @@ def summary_to_pb(batch: BatchRecord) -> pb.BatchSummary:
     )
 
 
-def item_to_pb(batch: BatchRecord, item: Chunk | JobEvent, cursor: str) -> pb.StreamBatchLogsResponse:
+def item_to_pb(
+    batch: BatchRecord, item: Chunk | JobEvent, cursor: str
+) -> pb.StreamBatchLogsResponse:
     """One StreamBatchLogs response."""
     if isinstance(item, Chunk):
         return pb.StreamBatchLogsResponse(
@@ -199,4 +199,3 @@ def item_to_pb(batch: BatchRecord, item: Chunk | JobEvent, cursor: str) -> pb.St
     if item.exit_code is not None:
         change.exit_code = item.exit_code
     return pb.StreamBatchLogsResponse(state_change=change, cursor=cursor)
-

@@ -45,8 +45,10 @@ class JobWorkerService(pb_grpc.JobWorkerServiceServicer):
         self.on_stream = on_stream or (lambda _delta: None)
         self.streams = 0
 
-    async def ScheduleBatch(  # noqa: N802 - the wire's names
-        self, request_iterator: AsyncIterator[pb.ScheduleBatchRequest], context: aio.ServicerContext
+    async def ScheduleBatch(  # the wire's names
+        self,
+        request_iterator: AsyncIterator[pb.ScheduleBatchRequest],
+        context: aio.ServicerContext[Any, Any],
     ) -> pb.ScheduleBatchResponse:
         limits: BatchLimits = self.settings().jobs
         builder = BatchBuilder(limits)
@@ -69,8 +71,8 @@ class JobWorkerService(pb_grpc.JobWorkerServiceServicer):
             deduplicated=deduplicated,
         )
 
-    async def GetBatch(  # noqa: N802
-        self, request: pb.GetBatchRequest, context: aio.ServicerContext
+    async def GetBatch(
+        self, request: pb.GetBatchRequest, context: aio.ServicerContext[Any, Any]
     ) -> pb.GetBatchResponse:
         set_correlation_id(request.correlation_id)
         batch = self.core.get(current_caller(), request.correlation_id)
@@ -82,8 +84,8 @@ class JobWorkerService(pb_grpc.JobWorkerServiceServicer):
         )
         return pb.GetBatchResponse(batch=convert.batch_to_pb(batch, indexes, tail))
 
-    async def CancelBatch(  # noqa: N802
-        self, request: pb.CancelBatchRequest, context: aio.ServicerContext
+    async def CancelBatch(
+        self, request: pb.CancelBatchRequest, context: aio.ServicerContext[Any, Any]
     ) -> pb.CancelBatchResponse:
         set_correlation_id(request.correlation_id)
         grace = None
@@ -97,8 +99,8 @@ class JobWorkerService(pb_grpc.JobWorkerServiceServicer):
         )
         return pb.CancelBatchResponse(batch=convert.batch_to_pb(batch, tail_limit=None))
 
-    async def ListBatches(  # noqa: N802
-        self, request: pb.ListBatchesRequest, context: aio.ServicerContext
+    async def ListBatches(
+        self, request: pb.ListBatchesRequest, context: aio.ServicerContext[Any, Any]
     ) -> pb.ListBatchesResponse:
         states = []
         for s in request.states:
@@ -118,15 +120,13 @@ class JobWorkerService(pb_grpc.JobWorkerServiceServicer):
             next_page_token=page.next_token,
         )
 
-    async def StreamBatchLogs(  # noqa: N802
-        self, request: pb.StreamBatchLogsRequest, context: aio.ServicerContext
+    async def StreamBatchLogs(
+        self, request: pb.StreamBatchLogsRequest, context: aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.StreamBatchLogsResponse]:
         set_correlation_id(request.correlation_id)
         batch = self.core.get(current_caller(), request.correlation_id)
         selected = batch.select(request.job_names)
-        cursor = (
-            Cursor.decode(batch.cid, request.cursor) if request.cursor else Cursor(batch.cid)
-        )
+        cursor = Cursor.decode(batch.cid, request.cursor) if request.cursor else Cursor(batch.cid)
         limit = self.settings().max_streams
         if self.streams >= limit:
             raise ResourceExhausted(f"server.max_streams ({limit}) streams are open")

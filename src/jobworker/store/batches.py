@@ -256,10 +256,8 @@ class BatchStore:
 
     # -- writes
 
-    def create(
-        self, owner: str, options: BatchOptions, specs: tuple[JobSpec, ...]
-    ) -> BatchRecord:
-        """Persist a new batch (crash-safe) and return it; ResourceExhausted when the disk is full."""
+    def create(self, owner: str, options: BatchOptions, specs: tuple[JobSpec, ...]) -> BatchRecord:
+        """Persist a new batch (crash-safe); ResourceExhausted when the disk is full."""
         self.root.mkdir(parents=True, exist_ok=True)
         self._check_free_space()
         cid = str(uuid.uuid4())
@@ -298,7 +296,7 @@ class BatchStore:
 
     def append(self, batch: BatchRecord, event: JobEvent) -> None:
         """Apply `event` to `batch` and append it to the batch's journal."""
-        batch._apply(event)  # noqa: SLF001 - the store owns the record
+        batch._apply(event)
         try:
             if batch.journal_fd < 0:
                 batch.journal_fd = os.open(
@@ -401,7 +399,7 @@ class BatchStore:
         )
         for event in _read_journal(path / JOURNAL):
             if event.seq == len(batch.events) and 0 <= event.index < len(batch.specs):
-                batch._apply(event)  # noqa: SLF001
+                batch._apply(event)
         return batch
 
 

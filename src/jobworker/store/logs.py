@@ -231,4 +231,3 @@ class Follower:
             for index, key in self._watches.items():
                 self.inotify.unwatch(self.batch.job_dir(index), key)
         self._watches.clear()
-
