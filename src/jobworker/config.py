@@ -101,6 +101,12 @@ def _check_metrics_listen(value: str) -> str:
     return value if value == "" else _check_listen(value)
 
 
+def _check_cgroup_name(value: str) -> str:
+    if not value or "/" in value or value in (".", "..") or "\0" in value:
+        raise ValueError("must be a folder name (no '/'), such as \"jobworker\"")
+    return value
+
+
 def _check_absolute(value: str) -> str:
     if not value.startswith("/") or "\0" in value:
         raise ValueError('must be an absolute path, such as "/" or "/tmp"')
@@ -163,6 +169,9 @@ class ServerConfig(_Section):
     shutdown_grace: Duration = _duration("10s")
     keepalive_interval: Duration = _duration("30s", at_least="1s")
     max_streams: int = _int(1000, 1, 1_000_000)
+    cgroup_root: Annotated[str, AfterValidator(_check_cgroup_name)] = _setting(
+        "jobworker", 'a folder name (no "/"), such as "jobworker"'
+    )
 
 
 class TlsConfig(_Section):
@@ -499,6 +508,7 @@ data_dir = "../var/data"         # everything the server stores; relative to thi
 shutdown_grace = "10s"
 keepalive_interval = "30s"       # ping idle clients this often: a vanished follower is noticed
 max_streams = 1000               # StreamBatchLogs calls open at once, all clients together
+cgroup_root = "jobworker"        # jobs' cgroups go under <hierarchy>/<this>/; one per server
 
 [tls]                            # PEM files, relative to the config file's folder; reloadable
 ca_cert = "../var/certs/ca.pem"  # client certificates must chain to this CA

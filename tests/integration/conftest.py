@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
 
 IDENTITIES = ("alice", "bob", "viewer", "nobody")
+_SERVER_NUMBERS = itertools.count()
 ROLES = {"admin": "admin", "viewer": "viewer", "nobody": "none"}
 
 
@@ -37,7 +39,13 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def write_config(path: Path, pki: Path, data_dir: Path, **sections: dict[str, object]) -> Path:
     """A config file for a test server: port 0, metrics off unless asked, the test's roles."""
     base: dict[str, dict[str, object]] = {
-        "server": {"listen": "127.0.0.1:0", "data_dir": str(data_dir), "shutdown_grace": "5s"},
+        "server": {
+            "listen": "127.0.0.1:0",
+            "data_dir": str(data_dir),
+            "shutdown_grace": "5s",
+            # Each test server has cgroups of its own: parallel runs never clean up each other's.
+            "cgroup_root": f"jobworker-test-{os.getpid()}-{next(_SERVER_NUMBERS)}",
+        },
         "tls": {
             "ca_cert": str(pki / "ca.pem"),
             "server_cert": str(pki / "server.pem"),

@@ -46,7 +46,7 @@ class Hierarchy:
         return self.kind == "unified"
 
 
-def _write(path: Path, value: str) -> None:
+def _write(path: str | Path, value: str) -> None:
     """Write one value to a cgroup control file in one write(2)."""
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
@@ -55,10 +55,11 @@ def _write(path: Path, value: str) -> None:
         os.close(fd)
 
 
-def _read(path: Path) -> str:
+def _read(path: str | Path) -> str:
     """A control file's contents, or "" when it is gone."""
     try:
-        return path.read_text()
+        with open(path) as f:
+            return f.read()
     except OSError:
         return ""
 
@@ -104,32 +105,29 @@ class JobCgroup:
     groups: tuple[tuple[Hierarchy, Path], ...] = ()
     enforced: Limits = field(default_factory=Limits)
     rlimit_args: tuple[str, ...] = ()
-    unenforced: tuple[str, ...] = ()  # names of requested limits nothing enforces
+    unenforced: tuple[str, ...] = ()  # Limits field names of requested limits not enforced
+    procs_files: tuple[Path, ...] = field(init=False)  # one per hierarchy, for a new pid
+    _dirs: dict[str, str] = field(init=False, repr=False)  # kind -> group directory
+    _memory_v2: bool = field(init=False, repr=False)
 
-    @property
-    def procs_files(self) -> tuple[Path, ...]:
-        """The cgroup.procs files a new process writes its pid into, one per hierarchy."""
-        return tuple(path / "cgroup.procs" for _, path in self.groups)
-
-    def _dir(self, kind: str) -> Path | None:
-        for hierarchy, path in self.groups:
-            if hierarchy.kind == kind:
-                return path
-        return None
+    def __post_init__(self) -> None:
+        self.procs_files = tuple(path / "cgroup.procs" for _, path in self.groups)
+        self._dirs = {h.kind: str(path) for h, path in self.groups}
+        self._memory_v2 = any(h.v2 and "memory" in h.controllers for h, _ in self.groups)
 
     def pids(self) -> list[int]:
         """Every pid in any of the job's groups."""
         seen: set[int] = set()
-        for procs in self.procs_files:
-            seen.update(int(line) for line in _read(procs).split())
+        for path in self._dirs.values():
+            seen.update(int(line) for line in _read(path + "/cgroup.procs").split())
         return sorted(seen)
 
     def kill(self) -> None:
         """SIGKILL every process of the job: cgroup.kill where there is one, else pid by pid."""
-        unified = self._dir("unified")
+        unified = self._dirs.get("unified")
         if unified is not None:
             try:
-                _write(unified / "cgroup.kill", "1")
+                _write(unified + "/cgroup.kill", "1")
             except OSError as exc:
                 if exc.errno != errno.ENOENT:
                     _log.warning("cgroup_kill_failed", key=self.key, error=str(exc))
@@ -139,41 +137,47 @@ class JobCgroup:
 
     def _kill_one_by_one(self) -> None:
         """Freeze (when the freezer is there), SIGKILL each pid, thaw; a few rounds for forkers."""
-        freezer = self._dir("freezer")
+        freezer = self._dirs.get("freezer")
         for _ in range(10):
             if freezer is not None:
                 with contextlib.suppress(OSError):
-                    _write(freezer / "freezer.state", "FROZEN")
+                    _write(freezer + "/freezer.state", "FROZEN")
             pids = self.pids()
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGKILL)
             if freezer is not None:
                 with contextlib.suppress(OSError):
-                    _write(freezer / "freezer.state", "THAWED")
+                    _write(freezer + "/freezer.state", "THAWED")
             if not pids:
                 return
 
     def oom_killed(self) -> bool:
         """True when the kernel OOM-killed a process of the job for its memory limit."""
-        memory = self._dir("memory")
+        memory = self._dirs.get("memory")
         if memory is not None:
-            counters = _keyed(_read(memory / "memory.oom_control"))
-            return counters.get("oom_kill", 0) > 0
-        unified = self._dir("unified")
-        if unified is not None and "memory" in self._hierarchy("unified").controllers:
-            return _keyed(_read(unified / "memory.events")).get("oom_kill", 0) > 0
+            return _keyed(_read(memory + "/memory.oom_control")).get("oom_kill", 0) > 0
+        if self._memory_v2:
+            events = _read(self._dirs["unified"] + "/memory.events")
+            return _keyed(events).get("oom_kill", 0) > 0
         return False
 
-    def _hierarchy(self, kind: str) -> Hierarchy:
-        return next(h for h, _ in self.groups if h.kind == kind)
+    def memory_peak(self) -> int | None:
+        """Peak memory charged to the job's group (incl. page cache), when it is accounted."""
+        memory = self._dirs.get("memory")
+        text = ""
+        if memory is not None:
+            text = _read(memory + "/memory.max_usage_in_bytes")
+        elif self._memory_v2:
+            text = _read(self._dirs["unified"] + "/memory.peak")
+        return int(text) if text.strip().isdigit() else None
 
     def cpu_seconds(self) -> tuple[float, float] | None:
         """(user, system) CPU seconds of every process that ran in the group, when known."""
-        unified = self._dir("unified")
+        unified = self._dirs.get("unified")
         if unified is None:
             return None
-        stat = _keyed(_read(unified / "cpu.stat"))
+        stat = _keyed(_read(unified + "/cpu.stat"))
         if "user_usec" not in stat:
             return None
         return stat["user_usec"] / 1e6, stat.get("system_usec", 0) / 1e6
@@ -181,24 +185,24 @@ class JobCgroup:
     def remove(self, timeout: float = 0.2) -> None:
         """Remove every group; retry while the last processes exit; log, never raise."""
         deadline = time.monotonic() + timeout
-        pending = [path for _, path in self.groups]
+        pending = list(self._dirs.values())
         while pending:
-            left: list[Path] = []
+            left: list[str] = []
             for path in pending:
                 try:
-                    path.rmdir()
+                    os.rmdir(path)
                 except FileNotFoundError:
                     pass
                 except OSError as exc:
                     if exc.errno != errno.EBUSY:
-                        _log.warning("cgroup_remove_failed", path=str(path), error=str(exc))
+                        _log.warning("cgroup_remove_failed", path=path, error=str(exc))
                         continue
                     left.append(path)
             pending = left
             if not pending:
                 return
             if time.monotonic() >= deadline:
-                _log.warning("cgroup_remove_failed", paths=[str(p) for p in pending], error="busy")
+                _log.warning("cgroup_remove_failed", paths=pending, error="busy")
                 return
             time.sleep(0.005)
 
@@ -348,7 +352,9 @@ class CgroupBackend:
             (h for h in self.hierarchies if h.kind == "freezer"), self.hierarchies[0]
         )
         chosen.append(tracker)
-        for name in sorted(wanted):
+        # Memory is always accounted where it can be: wait4's max RSS of a child starts at
+        # the server's own (see process.py), so the group's peak is the only honest figure.
+        for name in sorted(wanted | {"memory"}):
             if any(name in h.controllers for h in chosen):
                 continue
             match = next((h for h in self.hierarchies if name in h.controllers), None)
@@ -401,6 +407,12 @@ class CgroupBackend:
             if self.open(key) is None:
                 removed += 1
         return removed
+
+    def close(self) -> None:
+        """At shutdown: remove this server's parent groups if no job group is left in them."""
+        for hierarchy in self.hierarchies:
+            with contextlib.suppress(OSError):
+                hierarchy.parent.rmdir()
 
 
 def _check_key(key: str) -> None:
@@ -475,20 +487,23 @@ def _limit_writes(
         ]
     if name == "pids":
         return [("pids.max", str(limits.pids_max))]
-    if name == "io":
-        read, write = limits.io_read_bytes_per_second, limits.io_write_bytes_per_second
-        if v2:
-            parts = (f"rbps={read}" if read else "", f"wbps={write}" if write else "")
-            value = " ".join(p for p in parts if p)
-            return [("io.max", f"{dev} {value}") for dev in devices]
-        writes: list[tuple[str, str]] = []
-        for dev in devices:
-            if read:
-                writes.append(("blkio.throttle.read_bps_device", f"{dev} {read}"))
-            if write:
-                writes.append(("blkio.throttle.write_bps_device", f"{dev} {write}"))
-        return writes
-    raise ValueError(f"unknown limit: {name}")
+    return _io_writes(v2, limits, devices)
+
+
+def _io_writes(v2: bool, limits: Limits, devices: tuple[str, ...]) -> list[tuple[str, str]]:
+    """io.max lines (v2) or blkio throttle lines (v1), one per block device."""
+    read, write = limits.io_read_bytes_per_second, limits.io_write_bytes_per_second
+    if v2:
+        parts = (f"rbps={read}" if read else "", f"wbps={write}" if write else "")
+        value = " ".join(p for p in parts if p)
+        return [("io.max", f"{dev} {value}") for dev in devices]
+    writes: list[tuple[str, str]] = []
+    for dev in devices:
+        if read:
+            writes.append(("blkio.throttle.read_bps_device", f"{dev} {read}"))
+        if write:
+            writes.append(("blkio.throttle.write_bps_device", f"{dev} {write}"))
+    return writes
 
 
 def _cgroup_mounts() -> dict[str, Path]:

@@ -19,6 +19,12 @@ job's PATH from the job's environment relative to the job's working directory, w
 exactly what spawn() resolved against beforehand (an argv[0] starting with "-" is replaced
 by its resolved path, since dash's exec has no "--").
 
+Max RSS: wait4's ru_maxrss of a child started from the server begins at the server's own
+peak RSS (at exec the kernel folds the old mm's high-water mark, here the vfork parent's,
+into the child's). Where the job's memory is accounted by a cgroup (it has a memory limit,
+or cgroup v2 with the memory controller) the figure is capped by the group's peak;
+otherwise it is an upper bound that can be the server's RSS.
+
 Reaping uses a pidfd watched by the event loop (no threads, no asyncio child watcher);
 os.wait4 gives the status and rusage.
 """
@@ -46,10 +52,11 @@ _log = structlog.get_logger()
 
 _SHELL = "/bin/sh"
 # $1: the job's stderr file; then cgroup.procs files; "--"; the command. Until the exec, fd 2
-# is the gate pipe: a failure names the file there; the exec swaps in the real stderr.
+# is the gate pipe: whatever reaches it is a failure; the exec swaps in the real stderr.
 _JOIN_SCRIPT = (
     'e=$1; shift; for f; do [ "$f" = -- ] && break; '
-    'echo $$ 2>/dev/null >"$f" || { printf %s "$f" >&2; exit 125; }; shift; done; '
+    'echo $$ 2>/dev/null >"$f" || { printf "cannot join cgroup: %s" "$f" >&2; exit 125; }; '
+    "shift; done; "
     'shift; exec "$@" 2>>"$e"'
 )
 _LEFTOVER_POLL = 0.005  # seconds between checks that a killed job's cgroup emptied
@@ -163,27 +170,35 @@ class Process:
 
     def _on_exit(self) -> None:
         """The pidfd is readable: the main process is a zombie. Kill the rest, then reap."""
-        if os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
-            return  # not ended after all
-        self._signal_group(signal.SIGKILL)  # a job never leaves a process behind
-        self.cgroup.kill()
+        try:
+            if os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+                return  # not ended after all
+            self._signal_group(signal.SIGKILL)  # a job never leaves a process behind
+            _, status, rusage = os.wait4(self.pid, 0)  # a zombie: returns at once
+        except ChildProcessError:  # someone else reaped it (a waitpid(-1) child watcher)
+            _log.warning("job_reaped_elsewhere", pid=self.pid)
+            status, rusage = -1, None
+        self._reaped = True
         self._loop.remove_reader(self._pidfd)
         os.close(self._pidfd)
-        _, status, rusage = os.wait4(self.pid, 0)  # a zombie: returns at once
-        self._reaped = True
-        if os.WIFSIGNALED(status):
+        exit_code: int | None
+        if status == -1:
+            exit_code, sig = None, 0
+        elif os.WIFSIGNALED(status):
             exit_code, sig = None, os.WTERMSIG(status)
         else:
             exit_code, sig = os.waitstatus_to_exitcode(status), 0
         self._popen.returncode = -sig if exit_code is None else exit_code
         self._status = (exit_code, sig, time.time())
-        self._rusage = (rusage.ru_utime, rusage.ru_stime, rusage.ru_maxrss * 1024)
+        if rusage is not None:
+            self._rusage = (rusage.ru_utime, rusage.ru_stime, rusage.ru_maxrss * 1024)
         self._deadline = time.monotonic() + _LEFTOVER_TIMEOUT
         self._finish()
 
     def _finish(self) -> None:
         """Once the cgroup is empty (or after a timeout): usage, OOM, remove, resolve."""
         self._timer = None
+        # An empty cgroup stays empty (nothing can join it but by our writes): no kill needed.
         if self.cgroup.pids() and time.monotonic() < self._deadline:
             self.cgroup.kill()
             self._timer = self._loop.call_later(_LEFTOVER_POLL, self._finish)
@@ -193,6 +208,9 @@ class Process:
         tree = self.cgroup.cpu_seconds()
         if tree is not None:  # the cgroup also counts processes wait4 never saw
             user, system = max(user, tree[0]), max(system, tree[1])
+        peak = self.cgroup.memory_peak()
+        if peak is not None:  # wait4's max RSS starts at the server's (module doc)
+            rss = min(rss, peak)
         oom = self.cgroup.oom_killed()
         self.cgroup.remove()
         if not self._done.done():
@@ -234,13 +252,31 @@ class Supervisor:
 
         When this returns, the process is in its cgroups (or never ran user code).
         """
+        process, gate = self._launch(spec, limits, job_dir, key)
+        if gate < 0:
+            return process
+        try:
+            failed = await _read_gate(gate)
+        except BaseException:
+            process.kill()  # cancelled: the pidfd reader still reaps and cleans up
+            raise
+        if failed:
+            process.kill()
+            await process.wait()
+            raise SpawnError(failed.strip())
+        return process
+
+    def _launch(
+        self, spec: JobSpec, limits: Limits, job_dir: Path, key: str
+    ) -> tuple[Process, int]:
+        """Check, open the files, make the cgroup, Popen; the process and its gate fd (or -1)."""
         if not spec.argv:
             raise SpawnError("empty argv")
         cwd = os.path.join(self.default_working_dir, spec.working_dir)
         _check_dir(cwd)
         env = self.environment(spec.env)
         resolved = resolve_executable(spec.argv[0], env.get("PATH", ""), cwd)
-        job_dir = job_dir.absolute()  # the exec chain opens stderr by path from the job's cwd
+        job_dir = Path(os.path.abspath(job_dir))  # the exec chain reopens stderr by path
         stdio = _open_stdio(job_dir, spec.stdin)
         try:
             try:
@@ -252,37 +288,39 @@ class Supervisor:
             prefix = [PRLIMIT, *cgroup.rlimit_args, "--"] if cgroup.rlimit_args else []
             if not cgroup.procs_files:
                 executable = PRLIMIT if prefix else resolved
-                process = _popen([*prefix, *argv], executable, cwd, env, stdio, cgroup)
-                return process
+                process = _popen(
+                    [*prefix, *argv],
+                    executable=executable,
+                    cwd=cwd,
+                    env=env,
+                    stdio=stdio,
+                    cgroup=cgroup,
+                )
+                return process, -1
             procs = [str(p) for p in cgroup.procs_files]
             args = [_SHELL, "-c", _JOIN_SCRIPT, "jobworker-job", str(job_dir / "stderr")]
             args += [*procs, "--", *prefix, *argv]
             gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
             os.set_blocking(gate_r, False)
             try:
-                process = _popen(args, _SHELL, cwd, env, (stdio[0], stdio[1], gate_w), cgroup)
+                gated = (stdio[0], stdio[1], gate_w)
+                process = _popen(
+                    args, executable=_SHELL, cwd=cwd, env=env, stdio=gated, cgroup=cgroup
+                )
             except BaseException:
                 os.close(gate_r)
                 raise
             finally:
                 os.close(gate_w)
+            return process, gate_r
         finally:
             for fd in stdio:
                 os.close(fd)
-        try:
-            failed = await _read_gate(gate_r)
-        except BaseException:
-            process.kill()  # cancelled: the pidfd reader still reaps and cleans up
-            raise
-        if failed:
-            process.kill()
-            await process.wait()
-            raise SpawnError(f"cannot join cgroup: {failed}")
-        return process
 
 
 def _popen(
     args: list[str],
+    *,
     executable: str,
     cwd: str,
     env: dict[str, str],
@@ -305,6 +343,9 @@ def _popen(
     except OSError as exc:
         cgroup.remove()
         raise SpawnError(f"cannot execute {executable}: {exc.strerror}") from exc
+    except ValueError as exc:  # a NUL in argv or env, an "=" in an env name
+        cgroup.remove()
+        raise SpawnError(f"invalid argv or environment: {exc}") from exc
     except BaseException:
         cgroup.remove()
         raise

@@ -1,0 +1,248 @@
+"""Tests of the cgroup backends against the host's real cgroups (skipped where there are none)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from jobworker.engine.limits import CgroupBackend, Hierarchy, JobCgroup, _cfs
+from jobworker.model import Limits
+
+ROOT = os.geteuid() == 0
+needs_root = pytest.mark.skipif(not ROOT, reason="cgroups need root")
+
+
+def _own_backend(name: str) -> Iterator[CgroupBackend]:
+    backend = CgroupBackend.detect(name)
+    yield backend
+    backend.cleanup_stale()
+    for hierarchy in backend.hierarchies:
+        with contextlib.suppress(OSError):
+            hierarchy.parent.rmdir()
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[CgroupBackend]:
+    """A backend with its own parent groups, so parallel test runs never meet."""
+    yield from _own_backend(f"jobworker-test-limits-{os.getpid()}")
+
+
+def _needs(backend: CgroupBackend, limit: str) -> None:
+    if limit not in backend.enforceable():
+        pytest.skip(f"backend {backend.name} cannot enforce {limit} here")
+
+
+def test_detect_names_one_of_three_backends(backend: CgroupBackend) -> None:
+    assert backend.name in {"cgroup-v2", "cgroup-v1", "none"}
+    line = backend.describe()
+    assert line.startswith(backend.name)
+    assert "\n" not in line
+
+
+def _hybrid_host() -> bool:
+    controllers = Path("/sys/fs/cgroup/unified/cgroup.controllers")
+    return Path("/sys/fs/cgroup/memory").is_dir() and controllers.exists()
+
+
+@needs_root
+@pytest.mark.skipif(not _hybrid_host(), reason="not a cgroup v1 hybrid host like the dev box")
+def test_hybrid_host_gets_v1_backend(backend: CgroupBackend) -> None:
+    assert backend.name == "cgroup-v1"
+    assert {"cpu", "memory", "pids"} <= backend.enforceable()
+
+
+def test_detect_never_raises_and_falls_back_to_none() -> None:
+    assert CgroupBackend.detect("bad/name").name == "none"
+
+
+@pytest.mark.skipif(ROOT, reason="checks the fallback of an unprivileged server")
+def test_unprivileged_gets_none() -> None:
+    assert CgroupBackend.detect("jobworker-test").name == "none"
+
+
+def test_cfs_quota_and_period() -> None:
+    assert _cfs(1500) == (150_000, 100_000)
+    assert _cfs(200) == (20_000, 100_000)
+    quota, period = _cfs(1)  # below the kernel's minimum quota: a longer period instead
+    assert quota >= 1000
+    assert period <= 1_000_000
+    assert abs(quota / period - 0.001) < 0.0005
+
+
+def test_invalid_key_is_refused(backend: CgroupBackend) -> None:
+    for key in ("", "..", "a/b"):
+        with pytest.raises(ValueError, match="invalid cgroup key"):
+            backend.create(key, Limits())
+
+
+@needs_root
+def test_create_applies_limits_and_remove_cleans_up(backend: CgroupBackend) -> None:
+    if backend.name == "none":
+        pytest.skip("no usable cgroups here")
+    limits = Limits(
+        cpu_millis=200,
+        memory_bytes=64 << 20,
+        pids_max=10,
+        io_read_bytes_per_second=1 << 20,
+        io_write_bytes_per_second=2 << 20,
+    )
+    group = backend.create("apply-1", limits)
+    try:
+        dirs = [path.parent for path in group.procs_files]
+        assert all(d.is_dir() for d in dirs)
+        expected = Limits(
+            cpu_millis=200 if "cpu" in backend.enforceable() else 0,
+            memory_bytes=limits.memory_bytes
+            if "memory" in backend.enforceable() or backend.rlimits
+            else 0,
+            pids_max=10 if "pids" in backend.enforceable() else 0,
+            io_read_bytes_per_second=(1 << 20) if "io" in backend.enforceable() else 0,
+            io_write_bytes_per_second=(2 << 20) if "io" in backend.enforceable() else 0,
+        )
+        assert group.enforced == expected
+        files = {p.name: p for d in dirs for p in d.iterdir()}
+        if backend.name == "cgroup-v1":
+            assert files["cpu.cfs_quota_us"].read_text().strip() == "20000"
+            assert files["cpu.cfs_period_us"].read_text().strip() == "100000"
+            assert files["memory.limit_in_bytes"].read_text().strip() == str(64 << 20)
+            assert files["pids.max"].read_text().strip() == "10"
+            if "io" in backend.enforceable():
+                read = files["blkio.throttle.read_bps_device"].read_text()
+                assert f"{backend.devices[0]} {1 << 20}" in read
+        elif backend.name == "cgroup-v2":
+            assert files["memory.max"].read_text().strip() == str(64 << 20)
+            assert files["pids.max"].read_text().strip() == "10"
+    finally:
+        group.remove()
+    assert not any(path.parent.exists() for path in group.procs_files)
+
+
+@needs_root
+def test_no_limits_makes_the_tracking_and_memory_accounting_groups(backend: CgroupBackend) -> None:
+    if backend.name == "none":
+        pytest.skip("no usable cgroups here")
+    group = backend.create("track-1", Limits())
+    try:
+        accounting = any(h.kind == "memory" for h in backend.hierarchies)
+        assert len(group.procs_files) == 1 + (accounting and backend.name == "cgroup-v1")
+        assert group.memory_peak() is not None or not accounting
+        assert group.enforced == Limits()
+        assert group.unenforced == ()
+    finally:
+        group.remove()
+
+
+def test_none_backend_approximates_memory_with_rlimit_and_records_the_rest() -> None:
+    backend = CgroupBackend("none", rlimits=True)
+    group = backend.create("k-1", Limits(cpu_millis=500, memory_bytes=1 << 30, pids_max=5))
+    assert group.procs_files == ()
+    assert group.rlimit_args == (f"--as={1 << 30}",)
+    assert group.enforced == Limits(memory_bytes=1 << 30)
+    assert set(group.unenforced) == {"cpu_millis", "pids_max"}
+    assert group.pids() == []
+    assert not group.oom_killed()
+    group.kill()
+    group.remove()
+
+
+def test_none_backend_without_prlimit_enforces_nothing() -> None:
+    group = CgroupBackend("none").create("k-2", Limits(memory_bytes=1 << 30))
+    assert group.rlimit_args == ()
+    assert group.enforced == Limits()
+    assert group.unenforced == ("memory_bytes",)
+
+
+@needs_root
+def test_kill_and_pids_of_a_group(backend: CgroupBackend) -> None:
+    if backend.name == "none":
+        pytest.skip("no usable cgroups here")
+    group = backend.create("kill-1", Limits())
+    procs = group.procs_files[0]
+    script = 'echo $$ > "$1"; setsid sleep 1000 & sleep 1000'
+    proc = subprocess.Popen(["sh", "-c", script, "sh", str(procs)], start_new_session=True)
+    try:
+        _wait_for(lambda: len(group.pids()) >= 3)
+        assert proc.pid in group.pids()
+        group.kill()
+        assert proc.wait(timeout=5) == -9
+        _wait_for(lambda: not group.pids())
+    finally:
+        proc.kill()
+        proc.wait()
+        group.remove()
+    assert not procs.parent.exists()
+
+
+@needs_root
+def test_kill_without_cgroup_kill_uses_freezer_and_pids(backend: CgroupBackend) -> None:
+    v1 = tuple(h for h in backend.hierarchies if not h.v2)
+    if not any(h.kind == "freezer" for h in v1):
+        pytest.skip("no cgroup v1 freezer here")
+    group = CgroupBackend("cgroup-v1", v1).create("kill-2", Limits())
+    procs = group.procs_files[0]
+    assert procs.parent.parent.parent.name == "freezer"
+    script = 'echo $$ > "$1"; for i in 1 2 3; do setsid sleep 1000 & done; sleep 1000'
+    proc = subprocess.Popen(["sh", "-c", script, "sh", str(procs)], start_new_session=True)
+    try:
+        _wait_for(lambda: len(group.pids()) >= 5)
+        group.kill()
+        assert proc.wait(timeout=5) == -9
+        _wait_for(lambda: not group.pids())
+    finally:
+        proc.kill()
+        proc.wait()
+        group.remove()
+
+
+@needs_root
+def test_cleanup_stale_removes_empty_groups_and_keeps_busy_ones() -> None:
+    name = f"jobworker-test-stale-{os.getpid()}"
+    gen = _own_backend(name)
+    backend = next(gen)
+    if backend.name == "none":
+        pytest.skip("no usable cgroups here")
+    try:
+        backend.create("old-1", Limits(pids_max=5))
+        busy = backend.create("old-2", Limits())
+        proc = subprocess.Popen(
+            ["sh", "-c", 'echo $$ > "$1"; exec sleep 1000', "sh", str(busy.procs_files[0])]
+        )
+        try:
+            _wait_for(lambda: proc.pid in busy.pids())
+            again = CgroupBackend.detect(name)  # as a restarted server would
+            assert again.cleanup_stale() == 1
+            assert again.open("old-1") is None
+            reopened = again.open("old-2")
+            assert reopened is not None
+            reopened.kill()
+            proc.wait(timeout=5)
+            _wait_for(lambda: not reopened.pids())
+            assert again.cleanup_stale() == 1
+        finally:
+            proc.kill()
+            proc.wait()
+    finally:
+        for _ in gen:
+            pass
+
+
+def test_hierarchy_v2_flag() -> None:
+    assert Hierarchy("unified", Path("/x")).v2
+    assert not Hierarchy("memory", Path("/x")).v2
+    assert JobCgroup("k").procs_files == ()
+
+
+def _wait_for(condition: object, timeout: float = 5.0) -> None:
+    import time
+
+    assert callable(condition)
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.01)

@@ -1,0 +1,468 @@
+"""Tests of the supervisor with real processes and, where the host has them, real cgroups."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from jobworker.engine.limits import CgroupBackend, Hierarchy, JobCgroup
+from jobworker.engine.process import (
+    ExitInfo,
+    Process,
+    SpawnError,
+    Supervisor,
+    kill_stale,
+    process_start_ticks,
+    resolve_executable,
+)
+from jobworker.model import JobSpec, Limits
+
+ROOT = os.geteuid() == 0
+PYTHON3 = shutil.which("python3")
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[CgroupBackend]:
+    """The host's best backend, with parent groups of its own so parallel runs never meet."""
+    backend = CgroupBackend.detect(f"jobworker-test-process-{os.getpid()}")
+    yield backend
+    backend.cleanup_stale()
+    for hierarchy in backend.hierarchies:
+        with contextlib.suppress(OSError):
+            hierarchy.parent.rmdir()
+
+
+@pytest.fixture
+def sup(backend: CgroupBackend) -> Supervisor:
+    return Supervisor(backend)
+
+
+_counter = iter(range(1_000_000))
+
+
+def _key() -> str:
+    return f"t{os.getpid()}-{next(_counter)}"
+
+
+def _spec(*argv: str, **kw: object) -> JobSpec:
+    return replace(JobSpec(name="job", argv=argv), **kw)  # type: ignore[arg-type]
+
+
+def _needs(backend: CgroupBackend, limit: str) -> None:
+    if limit not in backend.enforceable():
+        pytest.skip(f"backend {backend.name} cannot enforce {limit} limits here")
+
+
+def _needs_cgroup(backend: CgroupBackend) -> None:
+    if backend.name == "none":
+        pytest.skip("no usable cgroups here (needs root and a cgroup mount)")
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie waiting for init to reap it."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_bytes()
+    except FileNotFoundError:
+        return False
+    return data.rsplit(b")", 1)[1].split()[0] != b"Z"
+
+
+async def _wait_for_lines(path: Path, count: int, timeout: float = 5.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = path.read_text().split() if path.exists() else []
+        if len(lines) >= count:
+            return [int(x) for x in lines]
+        assert time.monotonic() < deadline, f"{path} has {lines}"
+        await asyncio.sleep(0.02)
+
+
+NO_LIMITS = Limits()
+
+
+async def _run(
+    sup: Supervisor, spec: JobSpec, job_dir: Path, limits: Limits = NO_LIMITS
+) -> tuple[Process, ExitInfo]:
+    process = await sup.spawn(spec, limits, job_dir, _key())
+    return process, await process.wait()
+
+
+async def test_output_bytes_land_in_the_files_exactly(sup: Supervisor, tmp_path: Path) -> None:
+    script = r"printf 'a\000b\nc\377'; printf 'e\001' >&2"
+    _, info = await _run(sup, _spec("sh", "-c", script), tmp_path / "j")
+    assert info.exit_code == 0
+    assert (tmp_path / "j" / "stdout").read_bytes() == b"a\x00b\nc\xff"
+    assert (tmp_path / "j" / "stderr").read_bytes() == b"e\x01"
+    assert stat.S_IMODE((tmp_path / "j" / "stdout").stat().st_mode) == 0o644
+
+
+async def test_output_is_appended(sup: Supervisor, tmp_path: Path) -> None:
+    (tmp_path / "stdout").write_bytes(b"before\n")
+    await _run(sup, _spec("echo", "after"), tmp_path)
+    assert (tmp_path / "stdout").read_bytes() == b"before\nafter\n"
+
+
+async def test_stdin_is_fed_from_a_private_file(sup: Supervisor, tmp_path: Path) -> None:
+    data = b"hello\x00world\n" * 1000
+    _, info = await _run(sup, _spec("cat", stdin=data), tmp_path)
+    assert info.exit_code == 0
+    assert (tmp_path / "stdout").read_bytes() == data
+    assert stat.S_IMODE((tmp_path / "stdin").stat().st_mode) == 0o600
+
+
+async def test_no_stdin_reads_dev_null(sup: Supervisor, tmp_path: Path) -> None:
+    _, info = await _run(sup, _spec("cat"), tmp_path)
+    assert info.exit_code == 0
+    assert (tmp_path / "stdout").read_bytes() == b""
+    assert not (tmp_path / "stdin").exists()
+
+
+async def test_environment_is_minimal_plus_the_spec(
+    sup: Supervisor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("JOBWORKER_SERVER_MARKER", "secret-4711")
+    spec = _spec("env", env={"FOO": "bar baz", "LANG": "en_US.UTF-8"})
+    await _run(sup, spec, tmp_path)
+    env = dict(line.split("=", 1) for line in (tmp_path / "stdout").read_text().splitlines())
+    assert "JOBWORKER_SERVER_MARKER" not in env
+    assert env["FOO"] == "bar baz"
+    assert env["LANG"] == "en_US.UTF-8"
+    assert env["PATH"] == sup.base_path
+    assert env["HOME"] == os.path.expanduser("~")
+    assert set(env) <= {"FOO", "LANG", "PATH", "HOME", "PWD"}  # sh of the exec chain adds PWD
+
+
+async def test_argv0_is_the_users(sup: Supervisor, tmp_path: Path) -> None:
+    await _run(sup, _spec("sh", "-c", "cat /proc/$$/cmdline", "name0"), tmp_path)
+    assert (tmp_path / "stdout").read_bytes() == b"sh\0-c\0cat /proc/$$/cmdline\0name0\0"
+
+
+async def test_working_dir_and_relative_executable(sup: Supervisor, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    script = work / "hello.sh"
+    script.write_text("#!/bin/sh\npwd\n")
+    script.chmod(0o755)
+    _, info = await _run(sup, _spec("./hello.sh", working_dir=str(work)), tmp_path / "j")
+    assert info.exit_code == 0
+    assert (tmp_path / "j" / "stdout").read_text() == f"{work}\n"
+
+
+async def test_default_working_dir(backend: CgroupBackend, tmp_path: Path) -> None:
+    sup = Supervisor(backend, default_working_dir=str(tmp_path))
+    await _run(sup, _spec("pwd"), tmp_path / "j")
+    assert (tmp_path / "j" / "stdout").read_text() == f"{tmp_path}\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "working_dir", "message"),
+    [
+        (("frobnicate-no-such",), "", "executable not found: frobnicate-no-such"),
+        (("./nope",), "", "executable not found: ./nope"),
+        (("true",), "/nope/not/here", "working directory not found: /nope/not/here"),
+        (("true",), "/etc/passwd", "not a directory: /etc/passwd"),
+        (("/etc/passwd",), "", "permission denied: /etc/passwd"),
+        (("/etc",), "", "is a directory: /etc"),
+    ],
+)
+async def test_spawn_errors_name_the_path(
+    sup: Supervisor, tmp_path: Path, argv: tuple[str, ...], working_dir: str, message: str
+) -> None:
+    with pytest.raises(SpawnError) as caught:
+        await sup.spawn(_spec(*argv, working_dir=working_dir), Limits(), tmp_path, _key())
+    assert caught.value.message == message
+    assert str(caught.value) == message
+
+
+def test_resolve_searches_path_like_execvp(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "tool").write_text("")  # not executable: skipped, as execvp does
+    (tmp_path / "b" / "tool").write_text("")
+    (tmp_path / "b" / "tool").chmod(0o755)
+    assert resolve_executable("tool", f"{tmp_path}/a:{tmp_path}/b", "/") == f"{tmp_path}/b/tool"
+    with pytest.raises(SpawnError, match=f"permission denied: {tmp_path}/a/tool"):
+        resolve_executable("tool", f"{tmp_path}/a", "/")
+    assert resolve_executable("tool", "b", str(tmp_path)) == f"{tmp_path}/b/tool"
+
+
+async def test_exit_code_and_signal(sup: Supervisor, tmp_path: Path) -> None:
+    _, info = await _run(sup, _spec("sh", "-c", "exit 7"), tmp_path / "a")
+    assert (info.exit_code, info.signal) == (7, 0)
+    _, info = await _run(sup, _spec("sh", "-c", "kill -TERM $$"), tmp_path / "b")
+    assert (info.exit_code, info.signal) == (None, signal.SIGTERM)
+    assert not info.oom_killed
+    assert info.end_time >= time.time() - 60
+
+
+async def test_usage_counts_cpu_and_memory(sup: Supervisor, tmp_path: Path) -> None:
+    busy = "i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done"
+    process, info = await _run(sup, _spec("sh", "-c", busy), tmp_path)
+    assert info.exit_code == 0
+    assert info.usage.user_cpu > 0.05
+    assert info.usage.max_rss_bytes > 0
+    assert info.end_time >= process.start_time
+
+
+async def test_pid_and_start_time_are_recorded(sup: Supervisor, tmp_path: Path) -> None:
+    process = await sup.spawn(_spec("sleep", "10"), Limits(), tmp_path, _key())
+    try:
+        assert process.pid_start == process_start_ticks(process.pid)
+        assert process.pid_start > 0
+    finally:
+        await process.stop(1.0)
+    assert process_start_ticks(process.pid) is None or not _alive(process.pid)
+
+
+def test_process_start_ticks_of_missing_pid() -> None:
+    assert process_start_ticks(2**22 + 1) is None
+    assert process_start_ticks(os.getpid()) == process_start_ticks(os.getpid())
+
+
+async def test_stop_kills_the_whole_tree(
+    sup: Supervisor, backend: CgroupBackend, tmp_path: Path
+) -> None:
+    _needs_cgroup(backend)
+    pids = tmp_path / "pids"
+    script = (
+        'trap "" TERM; sleep 1000 & echo $! >> "$1"; '
+        'setsid sleep 1000 & echo $! >> "$1"; sleep 1000 & echo $! >> "$1"; wait'
+    )
+    process = await sup.spawn(
+        _spec("sh", "-c", script, "sh", str(pids)), Limits(), tmp_path, _key()
+    )
+    children = await _wait_for_lines(pids, 3)
+    assert set(children) <= set(process.cgroup.pids())
+    started = time.monotonic()
+    info = await process.stop(0.3)
+    assert time.monotonic() - started < 3
+    assert (info.exit_code, info.signal) == (None, signal.SIGKILL)  # TERM was ignored
+    for pid in [process.pid, *children]:
+        assert not _alive(pid), pid
+    assert not any(path.parent.exists() for path in process.cgroup.procs_files)
+
+
+async def test_stop_that_terms_in_time(sup: Supervisor, tmp_path: Path) -> None:
+    process = await sup.spawn(_spec("sleep", "1000"), Limits(), tmp_path, _key())
+    info = await process.stop(5.0)
+    assert (info.exit_code, info.signal) == (None, signal.SIGTERM)
+
+
+async def test_stop_while_waiting_and_stop_is_idempotent(sup: Supervisor, tmp_path: Path) -> None:
+    process = await sup.spawn(_spec("sleep", "1000"), Limits(), tmp_path, _key())
+    waiter = asyncio.create_task(process.wait())
+    first, second = await asyncio.gather(process.stop(1.0), process.stop(1.0))
+    assert await waiter is first
+    assert second is first
+    assert await process.stop(1.0) is first
+    assert await process.wait() is first
+
+
+async def test_stop_after_exit_returns_the_result(sup: Supervisor, tmp_path: Path) -> None:
+    process, info = await _run(sup, _spec("sh", "-c", "exit 3"), tmp_path)
+    assert await process.stop(0.1) is info
+
+
+async def test_cancelled_waiter_does_not_disturb_the_result(
+    sup: Supervisor, tmp_path: Path
+) -> None:
+    process = await sup.spawn(_spec("sleep", "0.2"), Limits(), tmp_path, _key())
+    waiter = asyncio.create_task(process.wait())
+    await asyncio.sleep(0.01)
+    waiter.cancel()
+    info = await process.wait()
+    assert info.exit_code == 0
+
+
+async def test_leftovers_are_killed_when_the_main_process_exits(
+    sup: Supervisor, tmp_path: Path
+) -> None:
+    pids = tmp_path / "pids"
+    script = 'sleep 1000 & echo $! > "$1"; setsid sleep 1000 & echo $! >> "$1"; exit 0'
+    process, info = await _run(sup, _spec("sh", "-c", script, "sh", str(pids)), tmp_path)
+    assert info.exit_code == 0
+    children = await _wait_for_lines(pids, 2)
+    assert not _alive(children[0])  # same process group
+    if process.cgroup.procs_files:  # the setsid one is only found through the cgroup
+        assert not _alive(children[1])
+    else:
+        os.kill(children[1], signal.SIGKILL)
+
+
+async def test_cgroups_are_removed_after_each_job(
+    sup: Supervisor, backend: CgroupBackend, tmp_path: Path
+) -> None:
+    _needs_cgroup(backend)
+    limits = Limits(cpu_millis=1000, memory_bytes=256 << 20, pids_max=100)
+    process, info = await _run(sup, _spec("true"), tmp_path, limits)
+    assert info.exit_code == 0
+    assert process.cgroup.procs_files
+    assert not any(path.parent.exists() for path in process.cgroup.procs_files)
+
+
+async def test_the_job_is_in_its_cgroups(
+    sup: Supervisor, backend: CgroupBackend, tmp_path: Path
+) -> None:
+    _needs_cgroup(backend)
+    key = _key()
+    process = await sup.spawn(_spec("cat", "/proc/self/cgroup"), Limits(pids_max=50), tmp_path, key)
+    await process.wait()
+    lines = (tmp_path / "stdout").read_text().splitlines()
+    joined = [line for line in lines if line.endswith(f"/{key}")]
+    assert len(joined) == len(process.cgroup.procs_files) >= 1
+
+
+@pytest.mark.skipif(PYTHON3 is None, reason="needs python3 to allocate memory")
+async def test_memory_limit_oom_kills(
+    sup: Supervisor, backend: CgroupBackend, tmp_path: Path
+) -> None:
+    _needs(backend, "memory")
+    spec = _spec("python3", "-c", "b = bytearray(200 << 20); b[::4096] = b'x' * len(b[::4096])")
+    process, info = await _run(sup, spec, tmp_path, Limits(memory_bytes=64 << 20))
+    assert process.cgroup.enforced.memory_bytes == 64 << 20
+    assert info.oom_killed
+    assert info.signal == signal.SIGKILL
+    assert 0 < info.usage.max_rss_bytes <= 80 << 20
+
+
+@pytest.mark.skipif(PYTHON3 is None, reason="needs python3 to allocate memory")
+async def test_memory_within_limit_is_not_oom(
+    sup: Supervisor, backend: CgroupBackend, tmp_path: Path
+) -> None:
+    _needs(backend, "memory")
+    spec = _spec("python3", "-c", "b = bytearray(20 << 20); b[::4096] = b'x' * len(b[::4096])")
+    _, info = await _run(sup, spec, tmp_path, Limits(memory_bytes=128 << 20))
+    assert (info.exit_code, info.oom_killed) == (0, False)
+    assert info.usage.max_rss_bytes >= 20 << 20
+
+
+async def test_pids_limit_stops_forks(
+    sup: Supervisor, backend: CgroupBackend, tmp_path: Path
+) -> None:
+    _needs(backend, "pids")
+    script = "for i in $(seq 50); do sleep 1 & done; wait"
+    process, _ = await _run(sup, _spec("sh", "-c", script), tmp_path, Limits(pids_max=10))
+    assert process.cgroup.enforced.pids_max == 10
+    assert "fork" in (tmp_path / "stderr").read_text().lower()
+
+
+async def test_cpu_limit_throttles(sup: Supervisor, backend: CgroupBackend, tmp_path: Path) -> None:
+    _needs(backend, "cpu")
+    process = await sup.spawn(
+        _spec("sh", "-c", "while :; do :; done"), Limits(cpu_millis=200), tmp_path, _key()
+    )
+    await asyncio.sleep(1.0)
+    info = await process.stop(1.0)
+    used = info.usage.user_cpu + info.usage.system_cpu
+    assert 0.05 < used < 0.45, used  # about 0.2 s of a 1 s run; a shared machine is noisy
+
+
+async def test_rlimit_backend_limits_address_space(tmp_path: Path) -> None:
+    backend = CgroupBackend("none", rlimits=os.access("/usr/bin/prlimit", os.X_OK))
+    if not backend.rlimits:
+        pytest.skip("no /usr/bin/prlimit here")
+    sup = Supervisor(backend)
+    limits = Limits(memory_bytes=512 << 20, cpu_millis=100)
+    process, info = await _run(sup, _spec("sh", "-c", "ulimit -v"), tmp_path, limits)
+    assert info.exit_code == 0
+    assert (tmp_path / "stdout").read_text() == f"{512 << 10}\n"
+    assert process.cgroup.unenforced == ("cpu_millis",)
+
+
+async def test_no_cgroup_backend_runs_jobs(tmp_path: Path) -> None:
+    sup = Supervisor(CgroupBackend("none"))
+    _, info = await _run(sup, _spec("sh", "-c", "echo $0", "x0"), tmp_path)
+    assert info.exit_code == 0
+    assert (tmp_path / "stdout").read_text() == "x0\n"
+
+
+class _BrokenBackend(CgroupBackend):
+    """A backend whose groups cannot be joined."""
+
+    def create(self, key: str, limits: Limits) -> JobCgroup:
+        missing = Path("/nonexistent-jobworker") / key
+        return JobCgroup(key, ((Hierarchy("unified", missing.parent), missing),))
+
+
+async def test_failing_to_join_the_cgroup_runs_nothing(tmp_path: Path) -> None:
+    sup = Supervisor(_BrokenBackend("cgroup-v2"))
+    marker = tmp_path / "ran"
+    with pytest.raises(SpawnError, match="cannot join cgroup: /nonexistent-jobworker/"):
+        await sup.spawn(_spec("touch", str(marker)), Limits(), tmp_path, _key())
+    assert not marker.exists()
+    assert (tmp_path / "stderr").read_bytes() == b""
+
+
+@pytest.mark.skipif(not ROOT, reason="cgroups need root")
+async def test_kill_stale_kills_a_matching_process(
+    sup: Supervisor, backend: CgroupBackend, tmp_path: Path
+) -> None:
+    key = _key()
+    process: Process = await sup.spawn(_spec("sleep", "1000"), Limits(), tmp_path, key)
+    assert kill_stale(process.pid, process.pid_start, key, backend)
+    info = await process.wait()
+    assert info.signal == signal.SIGKILL
+
+
+def test_kill_stale_spares_a_reused_pid(backend: CgroupBackend) -> None:
+    proc = subprocess.Popen(["sleep", "1000"], start_new_session=True)
+    try:
+        start = process_start_ticks(proc.pid)
+        assert start is not None
+        assert not kill_stale(proc.pid, start + 1, None, backend)
+        assert proc.poll() is None
+        assert kill_stale(proc.pid, start, None, backend)
+        assert proc.wait(timeout=5) == -signal.SIGKILL
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not kill_stale(proc.pid, start, None, backend)  # gone: nothing to kill
+
+
+@pytest.mark.skipif(not ROOT, reason="cgroups need root")
+async def test_kill_stale_empties_the_cgroup_of_a_gone_main_process(
+    sup: Supervisor, backend: CgroupBackend, tmp_path: Path
+) -> None:
+    _needs_cgroup(backend)
+    group = backend.create(_key(), Limits())
+    script = 'echo $$ > "$1"; setsid sleep 1000 & echo $! > "$2"'
+    pidfile = tmp_path / "pid"
+    proc = subprocess.Popen(["sh", "-c", script, "sh", str(group.procs_files[0]), str(pidfile)])
+    assert proc.wait(timeout=5) == 0
+    (orphan,) = await _wait_for_lines(pidfile, 1)
+    assert not kill_stale(proc.pid, 12345, group.key, backend)
+    deadline = time.monotonic() + 5
+    while _alive(orphan) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert not _alive(orphan)
+    assert backend.open(group.key) is None
+
+
+async def test_many_concurrent_jobs(sup: Supervisor, tmp_path: Path) -> None:
+    async def one(i: int) -> int | None:
+        _, info = await _run(sup, _spec("sh", "-c", f"echo {i}"), tmp_path / str(i))
+        return info.exit_code
+
+    codes = await asyncio.gather(*(one(i) for i in range(40)))
+    assert codes == [0] * 40
+    assert all((tmp_path / str(i) / "stdout").read_text() == f"{i}\n" for i in range(40))
+
+
+async def test_invalid_environment_is_a_spawn_error(
+    sup: Supervisor, backend: CgroupBackend, tmp_path: Path
+) -> None:
+    key = _key()
+    with pytest.raises(SpawnError, match="invalid argv or environment"):
+        await sup.spawn(_spec("true", env={"A": "x\0y"}), Limits(pids_max=5), tmp_path, key)
+    assert backend.open(key) is None
