@@ -64,6 +64,8 @@ class _BatchRun:
     unmet: dict[int, int] = field(default_factory=dict)  # waiting job -> deps not yet succeeded
     dependents: dict[int, list[int]] = field(default_factory=dict)
     runs: dict[int, _Run] = field(default_factory=dict)
+    # Jobs a cancel is ending in one sweep: they end CANCELED, not SKIPPED by each other.
+    canceling: set[int] = field(default_factory=set)
 
     @property
     def can_start(self) -> bool:
@@ -161,8 +163,10 @@ class Engine:
             return
         grace = self.settings.kill_grace if grace is None else grace
         waits: list[asyncio.Task[None]] = []
+        selected = sorted(indexes)
         with self._hold():
-            for i in sorted(indexes):
+            br.canceling = {i for i in selected if i not in br.runs}
+            for i in selected:
                 run = br.runs.get(i)
                 if run is not None:
                     if run.task is not None:
@@ -170,6 +174,7 @@ class Engine:
                     self._stop(run, JobState.CANCELED, message, grace)
                 elif not batch.statuses[i].state.ended:
                     self._end_unstarted(br, i, JobState.CANCELED, message)
+            br.canceling = set()
         if waits:
             await asyncio.wait(waits)
 
@@ -372,6 +377,7 @@ class Engine:
         batch = br.batch
         reason = f"canceled: job {batch.specs[i].name} {state.name.lower()} (fail_fast)"
         with self._hold():
+            br.canceling = {j for j, st in enumerate(batch.statuses) if not st.state.ended}
             for j, status in enumerate(batch.statuses):
                 if status.state.ended:
                     continue
@@ -380,12 +386,13 @@ class Engine:
                     self._stop(run, JobState.CANCELED, reason, self.settings.kill_grace)
                 else:
                     self._end_unstarted(br, j, JobState.CANCELED, reason)
+            br.canceling = set()
 
     def _skip_dependents(self, br: _BatchRun, i: int) -> None:
         batch = br.batch
         name, state = batch.specs[i].name, batch.statuses[i].state
         for d in br.dependents.get(i, ()):
-            if not batch.statuses[d].state.ended and d not in br.runs:
+            if not batch.statuses[d].state.ended and d not in br.runs and d not in br.canceling:
                 message = f"skipped: dependency {name} did not succeed ({state.name.lower()})"
                 self._end_unstarted(br, d, JobState.SKIPPED, message)
 

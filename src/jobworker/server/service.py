@@ -63,6 +63,9 @@ class JobWorkerService(pb_grpc.JobWorkerServiceServicer):
                     f"message {len(builder.specs)}: neither options nor job is set"
                 )
         options, specs = builder.finish()
+        # grpc.aio ends the request iterator normally when the client cancels; sending the
+        # headers surfaces the cancellation before anything is stored.
+        await context.send_initial_metadata(())
         batch, deduplicated = await self.core.schedule(current_caller(), options, specs)
         set_correlation_id(batch.cid)
         return pb.ScheduleBatchResponse(
