@@ -126,8 +126,8 @@ class JobWorker:
         cutoff = (time.time() if now is None else now) - max_age
         old = [b for b in self.store if b.end_time is not None and b.end_time < cutoff]
         for batch in old:
+            log.info("batch_expired", correlation_id=batch.cid, identity=batch.owner)
             self.store.delete(batch)
-            log.info("batch_expired", correlation_id=batch.cid)
         return len(old)
 
     @staticmethod

@@ -246,7 +246,9 @@ class Engine:
     async def _run_job(self, br: _BatchRun, run: _Run) -> None:
         batch, i = br.batch, run.index
         spec = batch.specs[i]
-        bound = log.bind(correlation_id=batch.cid, job_index=i, job_name=spec.name)
+        bound = log.bind(
+            correlation_id=batch.cid, job_index=i, job_name=spec.name, identity=batch.owner
+        )
         limits = spec.limits.over(self.settings.default_limits.to_limits())
         run.timeout = spec.timeout or self.settings.default_timeout
         try:

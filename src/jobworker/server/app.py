@@ -13,17 +13,19 @@ from typing import Any
 import grpc
 import structlog
 from grpc import aio
+from grpc_health.v1 import _async as health_aio  # health.aio; grpc_health-stubs lack it
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from jobworker import __version__
+from jobworker import __version__, certs
 from jobworker import logging as jwlogging
-from jobworker.config import Config, changed_keys, load_config, restart_needed
+from jobworker.config import Config, changed_keys, is_reloadable, load_config, restart_needed
 from jobworker.engine.core import JobWorker
 from jobworker.engine.limits import CgroupBackend
 from jobworker.engine.process import Supervisor
 from jobworker.engine.scheduler import Engine
-from jobworker.errors import ConfigError
+from jobworker.errors import ConfigError, NotFound
+from jobworker.metrics import Metrics
 from jobworker.server.auth import AuthInterceptor
 from jobworker.server.service import JobWorkerService, Settings
 from jobworker.store.batches import BatchStore
@@ -34,7 +36,8 @@ log = structlog.get_logger("jobworker.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["JobWorkerService"].full_name
 FLUSH_INTERVAL = 0.2  # journal group commit: a power cut loses at most this much
-SWEEP_INTERVAL = 60.0
+SWEEP_INTERVAL = 60.0  # at most; a short retention.max_age is swept a tenth as often
+_LEVEL_ORDER = ["debug", "info", "warning", "error"]
 
 
 class TlsFiles:
@@ -43,18 +46,29 @@ class TlsFiles:
     def __init__(self, config: Config) -> None:
         self.config = config
         self._stamp = self._mtimes()
-        self.initial = self._load()
+        try:
+            self.initial = self._load()
+        except certs.CertsError as exc:
+            raise ConfigError(f"[tls]: {exc}") from None
 
     def _paths(self) -> tuple[Path, Path, Path]:
         t = self.config.tls
         return t.server_key, t.server_cert, t.ca_cert
 
-    def _mtimes(self) -> tuple[int, ...]:
-        return tuple(p.stat().st_mtime_ns for p in self._paths())
+    def _mtimes(self) -> tuple[tuple[str, int, int, int], ...]:
+        # Path and inode too: files copied with their mtimes (cp -p) still count as new.
+        stamps = []
+        for path in self._paths():
+            st = path.stat()
+            stamps.append((str(path), st.st_ino, st.st_mtime_ns, st.st_size))
+        return tuple(stamps)
 
     def _load(self) -> Any:
-        key, cert, ca = (p.read_bytes() for p in self._paths())
-        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+        key_path, cert_path, ca_path = self._paths()
+        cert, key = certs.read_pair(cert_path, key_path)  # refuses a key of another cert
+        return grpc.ssl_server_certificate_configuration(
+            [(key, cert)], root_certificates=ca_path.read_bytes()
+        )
 
     def fetch(self) -> Any:
         """Called by gRPC at each new handshake: a new configuration, or None to keep it."""
@@ -63,11 +77,13 @@ class TlsFiles:
             if stamp == self._stamp:
                 return None
             new = self._load()
-        except OSError as exc:  # a file mid-rotation: keep serving with what we have
+        except (OSError, certs.CertsError) as exc:
+            # A rotation half done (new cert, old key) or a file missing: keep serving with
+            # what we have and look again at the next handshake.
             log.warning("tls_reload_failed", error=str(exc))
             return None
         self._stamp = stamp
-        log.info("tls_reloaded", server_cert=str(self.config.tls.server_cert))
+        log.info("tls_reloaded", **describe_cert(self.config.tls.server_cert))
         return new
 
     def credentials(self) -> grpc.ServerCredentials:
@@ -77,6 +93,39 @@ class TlsFiles:
         )
 
 
+def describe_cert(path: Path) -> dict[str, Any]:
+    """What an operator wants to see of a certificate in a log line."""
+    try:
+        info = certs.describe(path)
+    except (OSError, ValueError, certs.CertsError) as exc:
+        return {"server_cert": str(path), "error": str(exc)}
+    return {"server_cert": str(path), "serial": info["serial"], "not_after": info["not_after"]}
+
+
+def check_tls(config: Config) -> None:
+    """ConfigError unless the [tls] files can be read and the key matches the certificate."""
+    t = config.tls
+    try:
+        certs.read_pair(t.server_cert, t.server_key)
+        t.ca_cert.read_bytes()
+    except (OSError, certs.CertsError) as exc:
+        raise ConfigError(f"{config.source}: [tls]: {exc}") from None
+
+
+def applicable(running: Config, new: Config) -> Config:
+    """`new`, with each key that needs a restart kept as the running server has it."""
+
+    def merge(old: Any, value: Any, loc: tuple[str, ...]) -> Any:
+        if loc and is_reloadable(".".join(loc)):
+            return value
+        if isinstance(old, dict) and isinstance(value, dict) and old.keys() == value.keys():
+            return {k: merge(old[k], value[k], (*loc, k)) for k in value}
+        return old
+
+    merged = merge(running.model_dump(), new.model_dump(), ())
+    return Config.model_validate(merged).model_copy(update={"source": new.source})
+
+
 class App:
     """One jobworker server."""
 
@@ -84,10 +133,14 @@ class App:
         self.config = config
         self.closing = False
         self.port = 0
+        self.metrics_address = ""
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._reload_lock = asyncio.Lock()
-        self.observers: list[Callable[[Config], None]] = []
+        self.metrics = Metrics()
+        self._file_stamp = self._config_stamp()  # the config file as last read
+        # Called after each reload with the config applied, or None when it failed.
+        self.observers: list[Callable[[Config | None], None]] = [self._count_reload]
 
     # -- the live config, as the parts read it
 
@@ -105,22 +158,33 @@ class App:
     async def start(self) -> None:
         """Load the store, recover, and start serving; logs one line when ready."""
         cfg = self.config
+        # Unreadable or mismatched certificates stop the start before any job is recovered.
+        self.tls = TlsFiles(cfg)
         data_dir = cfg.server.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         self.store = BatchStore(data_dir, min_free_disk=cfg.jobs.min_free_disk)
+        jwlogging.set_enricher(self._add_owner)
         batches = self.store.load()
-        backend = CgroupBackend.detect()
+        backend = CgroupBackend.detect(cfg.server.cgroup_root)
         log.info("limits_backend", backend=backend.name, detail=backend.describe())
         self.supervisor = Supervisor(backend, default_working_dir=cfg.jobs.working_dir)
-        self.engine = Engine(self.store, self.supervisor, cfg.jobs)
+        # The metrics listen from the first event: recovery ends jobs LOST and starts others.
+        self.engine = Engine(
+            self.store, self.supervisor, cfg.jobs, listeners=[self.metrics.on_job_event]
+        )
+        self.metrics.watch(
+            queued=lambda: self.engine.queued,
+            running=lambda: self.engine.running,
+            batches=lambda: len(self.store),
+            max_concurrent=lambda: self.config.jobs.max_concurrent,
+        )
         self.core = JobWorker(self.store, self.engine)
         await self.engine.recover(batches)
         self.inotify = Inotify()
 
-        self.tls = TlsFiles(cfg)
         keepalive_ms = int(cfg.server.keepalive_interval * 1000)
         self.server = aio.server(
-            interceptors=[AuthInterceptor(self.role_of)],
+            interceptors=[AuthInterceptor(self.role_of, [self.metrics.observe_rpc])],
             options=[
                 ("grpc.keepalive_time_ms", keepalive_ms),
                 ("grpc.keepalive_timeout_ms", 10_000),
@@ -131,12 +195,17 @@ class App:
             ],
         )
         self.service = JobWorkerService(
-            self.core, self.settings, self.inotify, lambda: self.closing
+            self.core,
+            self.settings,
+            self.inotify,
+            lambda: self.closing,
+            on_stream=self.metrics.on_stream,
         )
         from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
 
-        pb_grpc.add_JobWorkerServiceServicer_to_server(self.service, self.server)
-        self.health = health.aio.HealthServicer()
+        # generated without type hints (protoc's grpc plugin writes no .pyi for it)
+        pb_grpc.add_JobWorkerServiceServicer_to_server(self.service, self.server)  # type: ignore[no-untyped-call]
+        self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
@@ -144,12 +213,22 @@ class App:
         self.port = self.server.add_secure_port(cfg.server.listen, self.tls.credentials())
         if self.port == 0:
             raise OSError(f"cannot listen on {cfg.server.listen}")
+        if cfg.metrics.listen:
+            # Before server_ready: whoever waits for that line can scrape at once.
+            try:
+                self.metrics_address = self.metrics.serve(cfg.metrics.listen)
+            except OSError as exc:
+                raise OSError(f"cannot serve metrics on {cfg.metrics.listen}: {exc}") from exc
+            log.info("metrics_ready", address=self.metrics_address, path="/metrics")
         await self.server.start()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._own(self._flush_loop(), "journal flush")
         self._own(self._sweep_loop(), "retention sweep")
         self._own(self._watch_config(), "config watch")
+        # One turn of the loop: the watch task sets up its inotify watch in its first step, so
+        # a change made as soon as server_ready is logged is seen.
+        await asyncio.sleep(0)
         host = cfg.server.listen.rsplit(":", 1)[0]
         log.info(
             "server_ready",
@@ -157,6 +236,7 @@ class App:
             version=__version__,
             data_dir=str(data_dir),
             batches=len(self.store),
+            config=str(cfg.source) if cfg.source else None,
             pid=os.getpid(),
         )
 
@@ -165,37 +245,55 @@ class App:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: self._own(self.reload("SIGHUP"), "reload"))
-        await self.start()
+        loop.add_signal_handler(signal.SIGHUP, self._sighup)
         try:
+            await self.start()
             await self._stop.wait()
         finally:
+            # The handlers stay while draining: a second SIGTERM (an impatient operator)
+            # must not kill the server with its jobs half stopped.
+            await self.shutdown()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
-            await self.shutdown()
+
+    def _sighup(self) -> None:
+        if not self.closing:
+            self._own(self.reload("SIGHUP"), "reload")
 
     def stop(self) -> None:
         """Ask run() to shut down."""
         self._stop.set()
 
     async def shutdown(self) -> None:
-        """Drain: refuse new work, end streams UNAVAILABLE, stop jobs, flush, close."""
+        """Drain: refuse new work, end streams UNAVAILABLE, stop jobs, flush, close.
+
+        Also after a start() that failed half way: whatever it had made is stopped, so
+        jobs that recovery had started are not left running without a supervisor."""
         log.info("server_draining")
         self.closing = True
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        for batch in self.store:
+        health = getattr(self, "health", None)
+        if health is not None:
+            for name in ("", SERVICE_NAME):
+                await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        store: BatchStore | None = getattr(self, "store", None)
+        for batch in store or ():
             batch.changed.notify()  # followers see `closing` and end with UNAVAILABLE
         grace = self.config.server.shutdown_grace
-        await asyncio.gather(
-            self.engine.shutdown(min(self.config.jobs.kill_grace, grace)),
-            self.server.stop(grace),
-        )
+        stopping = []
+        if (engine := getattr(self, "engine", None)) is not None:
+            stopping.append(engine.shutdown(min(self.config.jobs.kill_grace, grace)))
+        if (server := getattr(self, "server", None)) is not None:
+            stopping.append(server.stop(grace))
+        await asyncio.gather(*stopping)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self.store.close()
-        self.inotify.close()
+        if store is not None:
+            store.close()
+        if (inotify := getattr(self, "inotify", None)) is not None:
+            inotify.close()
+        await asyncio.to_thread(self.metrics.close)  # last: a final scrape sees the end
+        jwlogging.set_enricher(None)
         log.info("server_stopped")
 
     # -- reload
@@ -207,30 +305,67 @@ class App:
             if path is None:
                 log.info("config_reload_skipped", reason="no config file", trigger=why)
                 return False
+            running = self.config
+            self._file_stamp = self._config_stamp()  # before reading: a later edit is seen
             try:
                 new = await asyncio.to_thread(load_config, path)
+                if new.tls != running.tls:
+                    await asyncio.to_thread(check_tls, new)
             except ConfigError as exc:
-                log.error("config_reload_failed", trigger=why, error=str(exc))
+                # The message names the file, each bad key, its line and what is allowed;
+                # a stack would add nothing an operator can use.
+                log.error("config_reload_failed", trigger=why, config=str(path), error=str(exc))
                 self._notify(None)
                 return False
-            old = self.config
-            changed = changed_keys(old, new)
-            needs_restart = restart_needed(old, new)
-            self.config = new
-            self.tls.config = new
-            if (old.logging.level, old.logging.format) != (new.logging.level, new.logging.format):
-                jwlogging.set_level(new.logging.level, old.logging.format)
-            self.store.min_free_disk = new.jobs.min_free_disk
-            self.engine.update_settings(new.jobs)
-            log.info("config_reloaded", trigger=why, changed=changed)
-            if needs_restart:
-                log.warning("config_restart_needed", keys=needs_restart)
-            self._notify(new)
+            # Keys that need a restart keep their running values (and are named each time,
+            # until a restart applies them): what runs is what the config object says.
+            pending = restart_needed(running, new)
+            applied = applicable(running, new)
+            changed = changed_keys(running, applied)
+            self.config = applied
+            self.tls.config = applied
+            self.store.min_free_disk = applied.jobs.min_free_disk
+            self.engine.update_settings(applied.jobs)
+            levels = sorted((running.logging.level, applied.logging.level), key=_LEVEL_ORDER.index)
+            jwlogging.set_level(levels[0])  # the more verbose: this line shows under either
+            log.info("config_reloaded", trigger=why, config=str(path), changed=changed)
+            jwlogging.set_level(applied.logging.level)
+            if pending:
+                log.warning(
+                    "config_restart_needed",
+                    keys=pending,
+                    message="these keys take effect only after a restart; "
+                    "the server runs with their old values",
+                )
+            self._notify(applied)
             return True
+
+    def _config_stamp(self) -> tuple[int, int, int] | None:
+        # lstat: a symlinked config changes when the link does (or on SIGHUP), the same
+        # as the folder watch sees it.
+        path = self.config.source
+        try:
+            st = os.lstat(path) if path is not None else None
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size) if st else None
 
     def _notify(self, new: Config | None) -> None:
         for observe in self.observers:
-            observe(new)  # type: ignore[arg-type]
+            observe(new)
+
+    def _count_reload(self, new: Config | None) -> None:
+        self.metrics.config_reloaded(new is not None)
+
+    def _add_owner(self, event: jwlogging.EventDict) -> None:
+        """Lines about a batch name the identity it belongs to (the caller who scheduled it)."""
+        cid = event.get("correlation_id")
+        if not cid or "identity" in event:
+            return
+        try:
+            event["identity"] = self.store.get(str(cid)).owner
+        except NotFound:
+            return
 
     # -- background tasks
 
@@ -252,8 +387,9 @@ class App:
 
     async def _sweep_loop(self) -> None:
         while True:
-            self.core.sweep(self.config.retention.max_age)
-            await asyncio.sleep(SWEEP_INTERVAL)
+            max_age = self.config.retention.max_age
+            self.core.sweep(max_age)
+            await asyncio.sleep(min(SWEEP_INTERVAL, max(0.1, max_age / 10)))
 
     async def _watch_config(self) -> None:
         path = self.config.source
@@ -261,9 +397,20 @@ class App:
             return
         import watchfiles
 
-        # Watch the folder: editors replace the file by rename, which a file watch loses.
-        async for changes in watchfiles.awatch(path.parent, debounce=200, step=50):
-            if any(Path(p) == path for _kind, p in changes):
+        # Watch the folder, not the file: editors replace a file by rename, which a watch
+        # on the file loses. Not recursive: data_dir may well live below the config's folder.
+        # Every few seconds without events, compare the file with what was last read: an
+        # event lost (a full inotify queue, a network file system) is caught up.
+        async for changes in watchfiles.awatch(
+            path.parent,
+            watch_filter=lambda _kind, changed: Path(changed) == path,
+            debounce=200,
+            step=50,
+            recursive=False,
+            rust_timeout=5_000,
+            yield_on_timeout=True,
+        ):
+            if changes or self._config_stamp() != self._file_stamp:
                 await self.reload("file changed")
 
 
