@@ -1,0 +1,135 @@
+"""`python -m bench [--quick] [--only NAME]...`: run the benchmarks, print a table, write JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench import jobs, streams
+from bench.context import Context, Sizes
+from bench.harness import machine
+from bench.result import Result
+
+BENCHMARKS: dict[str, Callable[[Context], Result]] = {
+    "schedule_throughput": jobs.schedule_throughput,
+    "memory_10k_ended": jobs.memory_10k_ended,
+    "restart_1000_batches": jobs.restart_1000_batches,
+    "follow_throughput": streams.follow_throughput,
+    "fanout_50": streams.fanout_50,
+    "line_latency": streams.line_latency,
+}
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=sorted(BENCHMARKS),
+        metavar="NAME",
+        help=f"run only this benchmark (repeatable): {', '.join(BENCHMARKS)}",
+    )
+    parser.add_argument("--reps", type=int, help="repetitions (default: 3, quick: 1)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "latest.json", help="JSON file")
+    parser.add_argument("--workdir", type=Path, help="where servers keep data (default: /tmp)")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    return parser.parse_args(argv)
+
+
+def fmt(x: float | None, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.{digits}g}" if abs(x) < 10**digits else f"{x:.0f}"
+
+
+def table(results: list[Result]) -> str:
+    """The results as a plain text table."""
+    head = ("benchmark", "value", "runs", "baseline", "baseline runs", "ratio", "aim", "met")
+    rows = [head]
+    for r in results:
+        met = "-" if r.met is None else ("yes" if r.met else "NO")
+        rows.append(
+            (
+                r.name,
+                fmt(r.value),
+                " ".join(fmt(x) for x in r.runs),
+                fmt(r.baseline),
+                " ".join(fmt(x) for x in r.baseline_runs),
+                fmt(r.ratio),
+                r.aim,
+                met,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append("")
+    for r in results:
+        lines.append(f"{r.name}: {r.metric}")
+        if r.baseline_metric:
+            lines.append(f"    baseline: {r.baseline_metric}; ratio: {r.ratio_meaning}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    sizes = Sizes.quick() if args.quick else Sizes.full()
+    if args.reps:
+        sizes = Sizes(**{**sizes.__dict__, "reps": args.reps})
+    names = args.only or list(BENCHMARKS)
+    work = Path(tempfile.mkdtemp(prefix="jobworker-bench-", dir=args.workdir))
+    info: dict[str, Any] = {"machine": machine(), "quick": args.quick, "sizes": sizes.__dict__}
+    print(f"machine: {json.dumps(info['machine'])}", flush=True)
+    ctx = Context(work, sizes)
+    results: list[Result] = []
+    failed: dict[str, str] = {}
+    started = time.monotonic()
+    try:
+        for name in names:
+            print(f"\n== {name}", flush=True)
+            t0 = time.monotonic()
+            try:
+                result = BENCHMARKS[name](ctx)
+            except Exception as exc:  # one broken benchmark must not lose the others' figures
+                traceback.print_exc()
+                failed[name] = f"{type(exc).__name__}: {exc}"
+                continue
+            result.seconds = time.monotonic() - t0
+            results.append(result)
+    finally:
+        if args.keep:
+            print(f"work folder kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    info.update(
+        limits_backend=ctx.limits_line,
+        seconds=time.monotonic() - started,
+        results=[r.to_json() for r in results],
+        failed=failed,
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(info, indent=2, default=str) + "\n")
+    print("\n" + table(results))
+    if line := ctx.limits_line:
+        print(f"\nlimits backend: {line.get('detail') or line.get('backend')}")
+    m = info["machine"]
+    print(f"machine: {m['nproc']} CPUs ({m['cpu']}), kernel {m['kernel']}, Python {m['python']}")
+    print(f"results: {args.out}  ({info['seconds']:.0f}s)")
+    for name, error in failed.items():
+        print(f"FAILED {name}: {error}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,296 @@
+"""The bench's tools: certificates, a jobworker server process, channels, RSS, statistics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from jobworker import certs
+from jobworker.v1 import jobworker_pb2 as pb
+from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
+
+IDENTITY = "bench"
+MiB = 1024 * 1024
+GRPC_OPTIONS = [("grpc.max_receive_message_length", 8 * MiB)]
+
+
+def make_pki(directory: Path) -> Path:
+    """A CA, the server's certificate and the bench client's, made by jobworker's own code."""
+    directory.mkdir(parents=True, exist_ok=True)
+    certs.init_pki(directory)
+    certs.issue_client(directory, IDENTITY)
+    return directory
+
+
+def free_port() -> int:
+    """A loopback port free right now (for a server whose address must be known in advance)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(
+    path: Path, pki: Path, data_dir: Path, port: int = 0, **sections: dict[str, object]
+) -> Path:
+    """A server config: loopback, the bench's certificates, the identity `bench` an admin."""
+    base: dict[str, dict[str, object]] = {
+        "server": {"listen": f"127.0.0.1:{port}", "data_dir": str(data_dir)},
+        "tls": {
+            "ca_cert": str(pki / "ca.pem"),
+            "server_cert": str(pki / "server.pem"),
+            "server_key": str(pki / "server-key.pem"),
+        },
+        "metrics": {"listen": "127.0.0.1:0"},
+        "logging": {"level": "info", "format": "json"},
+        "jobs": {"max_concurrent": 8, "kill_grace": "1s"},
+        "auth.roles": {IDENTITY: "admin"},
+    }
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    lines: list[str] = []
+    for name, values in base.items():
+        lines.append(f"[{name}]")
+        lines.extend(f"{key} = {json.dumps(value)}" for key, value in values.items())
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def channel_credentials(pki: Path) -> grpc.ChannelCredentials:
+    """mTLS credentials of the bench's client identity."""
+    return grpc.ssl_channel_credentials(
+        root_certificates=(pki / "ca.pem").read_bytes(),
+        private_key=(pki / f"{IDENTITY}-key.pem").read_bytes(),
+        certificate_chain=(pki / f"{IDENTITY}.pem").read_bytes(),
+    )
+
+
+def aio_channel(address: str, pki: Path, extra: Sequence[tuple[str, Any]] = ()) -> aio.Channel:
+    """An asyncio channel to `address` with the bench's certificate."""
+    return aio.secure_channel(address, channel_credentials(pki), options=[*GRPC_OPTIONS, *extra])
+
+
+@dataclass
+class ServerProcess:
+    """A `python -m jobworker serve` process; its stderr JSON lines are read by a thread."""
+
+    config: Path
+    proc: subprocess.Popen[bytes] | None = None
+    address: str = ""
+    started_at: float = 0.0  # time.monotonic() just before Popen
+    ready_at: float = 0.0  # when the server_ready line was read
+    lines: list[dict[str, Any]] = field(default_factory=list)
+    raw_tail: list[str] = field(default_factory=list)
+    _ready: threading.Event = field(default_factory=threading.Event)
+    _reader: threading.Thread | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, timeout: float = 60.0) -> ServerProcess:
+        """Start the server and wait for its server_ready line."""
+        self.launch()
+        if not self._ready.wait(timeout):
+            self.kill()
+            raise RuntimeError("server not ready:\n" + "\n".join(self.raw_tail[-20:]))
+        return self
+
+    def launch(self) -> None:
+        """Start the process without waiting (wait_ready() or the event then)."""
+        env = dict(os.environ, PYTHONUNBUFFERED="1", GRPC_ENABLE_FORK_SUPPORT="false")
+        self._ready.clear()
+        self.lines.clear()
+        self.started_at = time.monotonic()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "jobworker", "serve", "--config", str(self.config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        self._reader = threading.Thread(target=self._read, name="server-log", daemon=True)
+        self._reader.start()
+
+    def wait_ready(self, timeout: float = 60.0) -> float:
+        """Seconds from launch to the server_ready line."""
+        if not self._ready.wait(timeout):
+            self.kill()
+            raise RuntimeError("server not ready:\n" + "\n".join(self.raw_tail[-20:]))
+        return self.ready_at - self.started_at
+
+    def _read(self) -> None:
+        assert self.proc is not None
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            text = raw.decode(errors="replace").rstrip("\n")
+            self.raw_tail.append(text)
+            del self.raw_tail[:-50]
+            try:
+                line = json.loads(text)
+            except ValueError:
+                continue
+            event = line.get("event")
+            if event in ("job_started", "job_ended"):
+                continue  # ten thousands of them: keep only what the bench reads
+            self.lines.append(line)
+            if event == "server_ready":
+                self.ready_at = time.monotonic()
+                self.address = str(line["address"])
+                self._ready.set()
+
+    def event(self, name: str) -> dict[str, Any] | None:
+        """The first log line with this event, if any."""
+        return next((line for line in list(self.lines) if line.get("event") == name), None)
+
+    def rss_bytes(self) -> int:
+        """The server's resident set (VmRSS)."""
+        return read_rss(self.pid)
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM and wait; the exit code."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait(10)
+        self._close()
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL this server process (only it)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._close()
+
+    def _close(self) -> None:
+        if self._reader is not None:
+            self._reader.join(5)
+        if self.proc is not None and self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+
+def read_rss(pid: int) -> int:
+    """VmRSS of `pid` in bytes, from /proc/<pid>/status."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+# --- client helpers ---------------------------------------------------------------------------
+
+
+def stub(channel: aio.Channel) -> pb_grpc.JobWorkerServiceStub:
+    """The service's stub on an asyncio channel."""
+    return pb_grpc.JobWorkerServiceStub(channel)  # type: ignore[no-untyped-call]
+
+
+async def schedule(
+    client: pb_grpc.JobWorkerServiceStub,
+    jobs: Sequence[pb.JobSpec],
+    max_parallel: int = 0,
+) -> str:
+    """ScheduleBatch with these jobs; the correlation id."""
+    requests = [pb.ScheduleBatchRequest(options=pb.BatchOptions(max_parallel=max_parallel))]
+    requests.extend(pb.ScheduleBatchRequest(job=j) for j in jobs)
+    response = await client.ScheduleBatch(iter(requests), timeout=120)
+    return str(response.correlation_id)
+
+
+async def follow_to_end(client: pb_grpc.JobWorkerServiceStub, cid: str, timeout: float) -> int:
+    """Follow a batch's stream until it ends (every job ended); the messages received."""
+    count = 0
+    call = client.StreamBatchLogs(
+        pb.StreamBatchLogsRequest(correlation_id=cid, follow=True), timeout=timeout
+    )
+    async for _ in call:
+        count += 1
+    return count
+
+
+async def wait_batches_ended(
+    client: pb_grpc.JobWorkerServiceStub, timeout: float, interval: float = 0.25
+) -> None:
+    """Poll ListBatches (a few times a second) until no batch is running."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        page = await client.ListBatches(
+            pb.ListBatchesRequest(page_size=1, states=[pb.BATCH_STATE_RUNNING]), timeout=30
+        )
+        if not page.batches:
+            return
+        await asyncio.sleep(interval)
+    raise TimeoutError(f"batches still running after {timeout}s")
+
+
+# --- statistics and the machine -------------------------------------------------------------
+
+
+def median(values: Sequence[float]) -> float:
+    """The median, or NaN for no values."""
+    return statistics.median(values) if values else float("nan")
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """The p-th percentile (nearest rank) of `values`."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, round(p / 100 * len(ordered) + 0.5) - 1))
+    return ordered[rank]
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    mem = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem = int(line.split()[1]) * 1024
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "memory_bytes": mem,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "loadavg_at_start": os.getloadavg(),
+    }
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU seconds (user + system) of `pid` itself and of its reaped children."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    # fields after ")": state is [0]; utime, stime, cutime, cstime are stat fields 14-17.
+    utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
+    return (utime + stime) / tick, (cutime + cstime) / tick
