@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
-import json
+import itertools
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -19,6 +17,8 @@ from jobworker.store.batches import BatchRecord
 from jobworker.store.inotify import Inotify
 
 CHUNK = 256 * 1024  # per message: large enough for throughput, far under gRPC's 4 MiB
+ROUND = 4  # full chunks of one stream sent in a row before the others get a turn
+COALESCE = 0.001  # after a short read of a live job, let it write a little more first
 STREAMS = ("stdout", "stderr")
 
 
@@ -84,19 +84,25 @@ class Cursor:
         self.offsets = offsets or {}
 
     def encode(self) -> str:
-        """The opaque text a client sends back to resume."""
-        body = [1, self.cid[:8], self.seq, [[i, o[0], o[1]] for i, o in self.offsets.items()]]
-        return base64.urlsafe_b64encode(json.dumps(body, separators=(",", ":")).encode()).decode()
+        """The opaque text a client sends back to resume (plain ASCII, cheap to make)."""
+        running = ",".join(f"{i}:{o[0]}:{o[1]}" for i, o in self.offsets.items())
+        return f"1.{self.cid[:8]}.{self.seq}.{running}"
 
     @classmethod
     def decode(cls, cid: str, text: str) -> Cursor:
         """Parse a cursor; INVALID_ARGUMENT when it is malformed or belongs to another batch."""
         try:
-            version, prefix, seq, offsets = json.loads(base64.urlsafe_b64decode(text.encode()))
-            if version != 1 or not isinstance(seq, int) or seq < 0:
-                raise ValueError("version")
-            parsed = {int(i): [int(o), int(e)] for i, o, e in offsets}
-        except (ValueError, TypeError, binascii.Error, UnicodeDecodeError) as exc:
+            version, prefix, seq_text, running = text.split(".")
+            seq = int(seq_text)
+            if version != "1" or seq < 0:
+                raise ValueError(version)
+            parsed: dict[int, list[int]] = {}
+            for entry in filter(None, running.split(",")):
+                i, o, e = (int(x) for x in entry.split(":"))
+                if min(i, o, e) < 0:
+                    raise ValueError(entry)
+                parsed[i] = [o, e]
+        except ValueError as exc:
             raise InvalidArgument("cursor: not a cursor from a previous response") from exc
         if prefix != cid[:8]:
             raise InvalidArgument("cursor: belongs to another batch")
@@ -120,6 +126,7 @@ class Follower:
         self.inotify = inotify
         self.closing = closing
         self._watches: dict[int, int] = {}  # job index -> inotify key
+        self._fds: dict[tuple[int, int], int] = {}  # (job index, stream) -> open log file
         # Without follow, a stream sends what exists when it starts: events up to here, and
         # each file up to its size at the first read, so a busy job cannot keep it going.
         self._end_seq: int | None = None
@@ -149,10 +156,11 @@ class Follower:
                 if follow:  # watch before reading, so no write between the two is missed
                     self._sync_watches()
                 waiter = self.batch.changed.waiter()
-                progressed = False
+                progressed = short = False
                 for index in list(self.cursor.offsets):
                     async for chunk in self._read(index, drain=False):
                         progressed = True
+                        short = short or len(chunk.data) < CHUNK
                         yield chunk
                 async for item in self._events():
                     progressed = True
@@ -163,8 +171,11 @@ class Follower:
                     if not follow:
                         return
                     await asyncio.wait([waiter])
+                elif short and follow:
+                    # A writer we caught up with: many tiny messages cost more than 1 ms.
+                    await asyncio.sleep(COALESCE)
         finally:
-            self._drop_watches()
+            self._release()
 
     def _done(self) -> bool:
         seq = self.cursor.seq
@@ -183,37 +194,37 @@ class Follower:
                     async for chunk in self._read(event.index, drain=True):
                         yield chunk
                     del self.cursor.offsets[event.index]
+                    self._close_files(event.index)
             self.cursor.seq += 1
             if event.index in self.selected:
                 yield event
 
     async def _read(self, index: int, *, drain: bool) -> AsyncIterator[Chunk]:
-        """Chunks of job `index` past its offsets: one per stream, or everything if `drain`."""
+        """Chunks of job `index` past its offsets: a round per stream, or everything if `drain`."""
         offsets = self.cursor.offsets[index]
-        folder = self.batch.job_dir(index)
-        for k, name in enumerate(STREAMS):
-            while True:
-                data = self._pread(folder / name, index, k, offsets[k])
+        for k in range(len(STREAMS)):
+            for _ in itertools.count() if drain else range(ROUND):
+                data = self._pread(index, k, offsets[k])
                 if not data:
                     break
                 offsets[k] += len(data)
                 yield Chunk(index, k + 1, data, time.time())
-                if not drain:
+                if len(data) < CHUNK:
                     break
 
-    def _pread(self, path: Path, index: int, k: int, offset: int) -> bytes:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            return b""
-        try:
-            size = CHUNK
-            if self._end_size is not None:
-                end = self._end_size.setdefault((index, k), os.fstat(fd).st_size)
-                size = min(CHUNK, end - offset)
-            return os.pread(fd, size, offset) if size > 0 else b""
-        finally:
-            os.close(fd)
+    def _pread(self, index: int, k: int, offset: int) -> bytes:
+        fd = self._fds.get((index, k))
+        if fd is None:
+            try:
+                fd = os.open(self.batch.job_dir(index) / STREAMS[k], os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return b""
+            self._fds[(index, k)] = fd
+        size = CHUNK
+        if self._end_size is not None:
+            end = self._end_size.setdefault((index, k), os.fstat(fd).st_size)
+            size = min(CHUNK, end - offset)
+        return os.pread(fd, size, offset) if size > 0 else b""
 
     def _sync_watches(self) -> None:
         if self.inotify is None:
@@ -225,6 +236,19 @@ class Follower:
                     self._watches[index] = self.inotify.watch(folder, self.batch.changed)
         for index in [i for i in self._watches if i not in self.cursor.offsets]:
             self.inotify.unwatch(self.batch.job_dir(index), self._watches.pop(index))
+
+    def _close_files(self, index: int) -> None:
+        for k in range(len(STREAMS)):
+            fd = self._fds.pop((index, k), None)
+            if fd is not None:
+                os.close(fd)
+
+    def _release(self) -> None:
+        """Give back the watches and files this follower holds."""
+        self._drop_watches()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
     def _drop_watches(self) -> None:
         if self.inotify is not None:
