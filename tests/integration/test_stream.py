@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -247,8 +248,17 @@ def test_a_follower_that_reads_nothing_does_not_hold_the_job_back(
     call.cancel()
 
 
+def _streams_active(server: Server) -> float:
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        for line in reply.read().decode().splitlines():
+            if line.startswith("jobworker_streams_active "):
+                return float(line.split()[1])
+    raise AssertionError("no jobworker_streams_active metric")
+
+
 def test_dropped_streams_leave_nothing_behind(make_server: ServerFactory) -> None:
-    server = make_server()
+    server = make_server(metrics={"listen": "127.0.0.1:0"})
     assert server.proc is not None
     pid = server.proc.pid
     stub = server.stub()
@@ -265,9 +275,10 @@ def test_dropped_streams_leave_nothing_behind(make_server: ServerFactory) -> Non
         call.cancel()
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        if _fds(pid) <= fds and _inotify_watches(pid) <= watches:
+        if _fds(pid) <= fds and _inotify_watches(pid) <= watches and not _streams_active(server):
             break
         time.sleep(0.1)
+    assert _streams_active(server) == 0  # every stream's handler task has ended
     assert _fds(pid) <= fds
     assert _inotify_watches(pid) <= watches
     streams = [line for line in server.events("rpc") if line["method"] == "StreamBatchLogs"]

@@ -180,6 +180,8 @@ class App:
         )
         self.core = JobWorker(self.store, self.engine)
         await self.engine.recover(batches)
+        if removed := backend.cleanup_stale():
+            log.info("stale_cgroups_removed", count=removed)
         self.inotify = Inotify()
 
         keepalive_ms = int(cfg.server.keepalive_interval * 1000)
@@ -290,6 +292,8 @@ class App:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if store is not None:
             store.close()
+        if (supervisor := getattr(self, "supervisor", None)) is not None:
+            supervisor.backend.close()
         if (inotify := getattr(self, "inotify", None)) is not None:
             inotify.close()
         await asyncio.to_thread(self.metrics.close)  # last: a final scrape sees the end
