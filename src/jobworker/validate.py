@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -75,16 +76,7 @@ class BatchBuilder:
             )
         _check_job(where, spec, self.limits)
         if name != spec.name:
-            spec = JobSpec(
-                name=name,
-                argv=spec.argv,
-                env=spec.env,
-                working_dir=spec.working_dir,
-                stdin=spec.stdin,
-                timeout=spec.timeout,
-                limits=spec.limits,
-                depends_on=spec.depends_on,
-            )
+            spec = dataclasses.replace(spec, name=name)
         self._names[name] = index
         self.specs.append(spec)
         return spec
