@@ -640,6 +640,24 @@ def test_tails_are_shortened_to_fit_one_message(server: Server) -> None:
     assert batch.ByteSize() < 4 << 20
 
 
+def test_large_stdin_specs_still_fit_one_get_batch_answer(server: Server) -> None:
+    stub = server.stub("alice")
+    blob = b"s" * (1 << 20)  # jobs.max_stdin_bytes, six times over in one batch
+    reply = schedule(stub, *(job("cat", name=f"cat{i}", stdin=blob) for i in range(6)))
+    batch = wait_batch(stub, reply.correlation_id, log_tail_bytes=0)
+    assert batch.state == pb.BATCH_STATE_SUCCEEDED
+    batch = stub.GetBatch(pb.GetBatchRequest(correlation_id=reply.correlation_id)).batch
+    assert batch.ByteSize() < 4 << 20
+    assert all(j.stdout.total_bytes == len(blob) for j in batch.jobs)
+    assert all(j.stdout.data == blob[-len(j.stdout.data) :] for j in batch.jobs)
+    assert all(j.spec.stdin == b"" for j in batch.jobs)  # left out to fit; the rest is there
+    assert [j.spec.name for j in batch.jobs] == [f"cat{i}" for i in range(6)]
+    one = stub.GetBatch(
+        pb.GetBatchRequest(correlation_id=reply.correlation_id, job_names=["cat0"])
+    ).batch
+    assert one.jobs[0].spec.stdin == blob
+
+
 def test_list_batches_pages_are_stable_and_newest_first(server: Server) -> None:
     stub = server.stub("alice")
     run = uuid.uuid4().hex

@@ -20,6 +20,7 @@ log = structlog.get_logger("jobworker.core")
 
 DEFAULT_PAGE = 50
 MAX_PAGE = 1000
+PAGE_BYTES = 3 * 1024 * 1024  # a page ends early rather than pass gRPC's 4 MiB message limit
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,7 @@ class JobWorker:
         wanted = set(states)
         out: list[BatchRecord] = []
         more = False
+        room = PAGE_BYTES
         for batch in self.store.newest_first():
             if before is not None and batch.seq >= before:
                 continue
@@ -114,7 +116,8 @@ class JobWorker:
                 continue
             if any(batch.options.labels.get(k) != v for k, v in labels.items()):
                 continue
-            if len(out) == size:
+            room -= _summary_size(batch)
+            if len(out) == size or (out and room < 0):
                 more = True
                 break
             out.append(batch)
@@ -134,6 +137,12 @@ class JobWorker:
     def _require_reader(caller: Caller) -> None:
         if caller.role == "none":
             raise PermissionDenied(f"identity {caller.identity!r} has role 'none'")
+
+
+def _summary_size(batch: BatchRecord) -> int:
+    """About how many bytes the batch's BatchSummary takes on the wire (an upper bound)."""
+    labels = sum(len(k.encode()) + len(v.encode()) + 8 for k, v in batch.options.labels.items())
+    return 256 + len(batch.owner.encode()) + labels
 
 
 def _encode_token(seq: int) -> str:

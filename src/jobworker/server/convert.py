@@ -7,14 +7,14 @@ from collections.abc import Iterable
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from jobworker.errors import InvalidArgument
+from jobworker.errors import InvalidArgument, ResourceExhausted
 from jobworker.model import BatchOptions, JobEvent, JobSpec, JobStatus, Limits, Usage, frozen_map
 from jobworker.store.batches import BatchRecord
 from jobworker.store.logs import Chunk, Tail, log_size, read_tail
 from jobworker.v1 import jobworker_pb2 as pb
 
-# Room left for everything but log bytes in one GetBatch answer (gRPC's limit is 4 MiB).
-RESPONSE_BUDGET = 3 * 1024 * 1024
+MESSAGE_LIMIT = 4 * 1024 * 1024  # gRPC's default for a message a client receives
+MESSAGE_MARGIN = 64 * 1024  # framing and what the size estimate does not see
 
 
 def options_from_pb(o: pb.BatchOptions) -> BatchOptions:
@@ -115,8 +115,8 @@ def _tail_to_pb(t: Tail) -> pb.LogTail:
     return pb.LogTail(data=t.data, total_bytes=t.total, truncated=t.truncated)
 
 
-def job_to_pb(batch: BatchRecord, index: int, status: JobStatus, tail_limit: int | None) -> pb.Job:
-    """The wire Job; tails of at most `tail_limit` bytes per stream (None: sizes only)."""
+def job_to_pb(batch: BatchRecord, index: int, status: JobStatus) -> pb.Job:
+    """The wire Job with the sizes of its logs (batch_to_pb fills in tails)."""
     folder = batch.job_dir(index)
     job = pb.Job(
         index=index,
@@ -131,32 +131,47 @@ def job_to_pb(batch: BatchRecord, index: int, status: JobStatus, tail_limit: int
     if status.exit_code is not None:
         job.exit_code = status.exit_code
     for name, fld in (("stdout", job.stdout), ("stderr", job.stderr)):
-        path = folder / name
-        if tail_limit is None:
-            size = log_size(path)
-            fld.CopyFrom(pb.LogTail(total_bytes=size, truncated=size > 0))
-        else:
-            fld.CopyFrom(_tail_to_pb(read_tail(path, tail_limit)))
+        size = log_size(folder / name)
+        fld.CopyFrom(pb.LogTail(total_bytes=size, truncated=size > 0))
     return job
 
 
 def batch_to_pb(
     batch: BatchRecord, indexes: Iterable[int] | None = None, tail_limit: int | None = None
 ) -> pb.Batch:
-    """The wire Batch; tails shortened so the answer stays under gRPC's message limit."""
+    """The wire Batch, kept under gRPC's 4 MiB message limit whatever was asked.
+
+    Tails are shortened first (each says truncated); if the jobs alone are still too
+    large, their specs' stdin is left out; past that, RESOURCE_EXHAUSTED asks for fewer jobs.
+    """
     chosen = list(range(len(batch.specs)) if indexes is None else indexes)
-    limit = tail_limit
-    if limit is not None and chosen:
-        limit = min(limit, RESPONSE_BUDGET // (2 * len(chosen)))
-    return pb.Batch(
+    out = pb.Batch(
         correlation_id=batch.cid,
         owner=batch.owner,
         state=int(batch.state),  # type: ignore[arg-type]
         options=options_to_pb(batch.options),
         create_time=_ts(batch.create_time),
         end_time=_ts(batch.end_time),
-        jobs=[job_to_pb(batch, i, batch.statuses[i], limit) for i in chosen],
+        jobs=[job_to_pb(batch, i, batch.statuses[i]) for i in chosen],
     )
+    size = out.ByteSize()
+    if size > MESSAGE_LIMIT - MESSAGE_MARGIN:
+        for job in out.jobs:
+            job.spec.stdin = b""
+        size = out.ByteSize()
+        if size > MESSAGE_LIMIT - MESSAGE_MARGIN:
+            raise ResourceExhausted(
+                f"the answer would be {size} bytes, over gRPC's message limit "
+                f"({MESSAGE_LIMIT}); ask for fewer jobs with job_names"
+            )
+    if tail_limit and chosen:
+        room = MESSAGE_LIMIT - MESSAGE_MARGIN - size
+        limit = min(tail_limit, max(0, room // (2 * len(chosen))))
+        for i, job in zip(chosen, out.jobs, strict=True):
+            folder = batch.job_dir(i)
+            job.stdout.CopyFrom(_tail_to_pb(read_tail(folder / "stdout", limit)))
+            job.stderr.CopyFrom(_tail_to_pb(read_tail(folder / "stderr", limit)))
+    return out
 
 
 def summary_to_pb(batch: BatchRecord) -> pb.BatchSummary:
