@@ -284,6 +284,24 @@ def test_fail_fast_cancels_the_rest(server: Server, tmp_path: Path) -> None:
     _wait_gone(read_pids(pidfile))
 
 
+def test_fail_fast_names_the_job_that_failed_not_its_skipped_dependents(server: Server) -> None:
+    stub = server.stub("alice")
+    reply = schedule(
+        stub,
+        options(fail_fast=True),
+        job("sh", "-c", "sleep 0.2; exit 1", name="a"),
+        job("true", name="b", depends_on=["a"]),
+        job("sleep", "30", name="c"),
+    )
+    batch = wait_batch(stub, reply.correlation_id, 60)
+    jobs = {j.spec.name: j for j in batch.jobs}
+    assert jobs["a"].state == pb.JOB_STATE_FAILED
+    assert jobs["b"].state == pb.JOB_STATE_SKIPPED
+    assert "dependency a" in jobs["b"].message
+    assert jobs["c"].state == pb.JOB_STATE_CANCELED
+    assert "job a failed" in jobs["c"].message
+
+
 def test_without_fail_fast_the_others_go_on(server: Server) -> None:
     stub = server.stub("alice")
     reply = schedule(

@@ -286,3 +286,30 @@ def test_full_disk_refuses_new_batches_and_keeps_serving(
     reply = schedule(stub, job("touch", str(marker)))
     assert wait_batch(stub, reply.correlation_id).state == pb.BATCH_STATE_SUCCEEDED
     assert marker.exists()
+
+
+def test_fail_fast_holds_for_a_job_lost_in_a_crash(
+    make_server: ServerFactory, tmp_path: Path
+) -> None:
+    srv = make_server()
+    stub = srv.stub("alice")
+    pidfile = tmp_path / "pids"
+    marker = tmp_path / "second-ran"
+    reply = schedule(
+        stub,
+        options(fail_fast=True, max_parallel=1),
+        _runner(pidfile),
+        job("touch", str(marker), name="second"),
+    )
+    pids = _wait_pids(pidfile)
+    srv.kill()
+    srv.start()
+    stub = srv.stub("alice")
+    batch = wait_batch(stub, reply.correlation_id)
+    jobs = {j.spec.name: j for j in batch.jobs}
+    assert jobs["runner"].state == pb.JOB_STATE_LOST
+    assert jobs["second"].state == pb.JOB_STATE_CANCELED
+    assert "runner" in jobs["second"].message
+    assert batch.state == pb.BATCH_STATE_FAILED
+    assert not marker.exists()
+    _wait_gone(pids)

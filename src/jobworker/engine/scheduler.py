@@ -24,6 +24,9 @@ log = structlog.get_logger("jobworker.engine")
 EventListener = Callable[[BatchRecord, JobEvent], None]
 
 
+_FAILURES = frozenset({JobState.FAILED, JobState.TIMED_OUT, JobState.LOST})
+
+
 class JobSettings(Protocol):
     """The reloadable [jobs] settings the scheduler reads each time it decides."""
 
@@ -52,6 +55,7 @@ class _Run:
     process: Process | None = None
     reason: JobState | None = None  # why it is being stopped: CANCELED, TIMED_OUT or LOST
     message: str = ""
+    grace: float = 0.0  # the grace period of that stop
     timeout: float = 0.0
 
 
@@ -146,13 +150,20 @@ class Engine:
         if not br.ready and not br.unmet:
             return
         self._active[batch.cid] = br
-        # A recovered batch can hold jobs whose dependency already ended badly.
-        for j in list(br.dependents):
-            state = batch.statuses[j].state
-            if state.ended and state is not JobState.SUCCEEDED:
-                self._skip_dependents(br, j)
-        self._finish_if_done(br)
-        self._dispatch()
+        # A recovered batch can hold jobs that ended badly (LOST at the restart, say):
+        # their dependents are skipped and fail_fast holds, as if it had just happened.
+        with self._hold():
+            for j in list(br.dependents):
+                state = batch.statuses[j].state
+                if state.ended and state is not JobState.SUCCEEDED:
+                    self._skip_dependents(br, j)
+            if batch.options.fail_fast:
+                failed = next(
+                    (j for j, st in enumerate(batch.statuses) if st.state in _FAILURES), None
+                )
+                if failed is not None:
+                    self._fail_fast(br, failed, batch.statuses[failed].state)
+            self._finish_if_done(br)
 
     async def cancel(
         self, batch: BatchRecord, indexes: Iterable[int], grace: float | None, message: str
@@ -271,7 +282,7 @@ class Engine:
             )
             bound.info("job_started", pid=process.pid)
             if run.reason is not None:  # cancelled while it was being spawned
-                self._stop(run, run.reason, run.message, self.settings.kill_grace)
+                self._stop(run, run.reason, run.message, run.grace)
             try:
                 info = await asyncio.wait_for(asyncio.shield(process.wait()), run.timeout)
             except TimeoutError:
@@ -296,7 +307,10 @@ class Engine:
             bound.info("job_ended", state=state.name, exit_code=info.exit_code, signal=info.signal)
         except Exception:  # noqa: BLE001 - one job's bug must not stop the scheduler
             bound.exception("job_supervision_failed")
-            if not batch.statuses[i].state.ended:
+            if run.process is not None:  # never leave a process behind, whatever failed
+                run.process.kill()
+                await run.process.wait()
+            if br.runs.get(i) is run:
                 self._finish_run(br, run, JobState.FAILED, message="internal error running the job")
 
     @staticmethod
@@ -317,7 +331,7 @@ class Engine:
     def _stop(self, run: _Run, reason: JobState, message: str, grace: float) -> None:
         """Ask a running job to stop; the first reason given is the one recorded."""
         if run.reason is None:
-            run.reason, run.message = reason, message
+            run.reason, run.message, run.grace = reason, message, grace
         process = run.process
         if process is not None:
             self._spawn_task(_stop_quietly(process, grace), f"stop pid {process.pid}")
@@ -370,7 +384,9 @@ class Engine:
                         br.ready.append(d)
         elif not self._closing:  # jobs left queued at shutdown run after the restart
             self._skip_dependents(br, i)
-            if batch.options.fail_fast and state is not JobState.CANCELED:
+            # Not from SKIPPED or CANCELED: the job whose failure caused those is the one
+            # to name, and it has already triggered fail_fast itself.
+            if batch.options.fail_fast and state in _FAILURES:
                 self._fail_fast(br, i, state)
         self._finish_if_done(br)
         self._dispatch()
