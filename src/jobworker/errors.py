@@ -1,4 +1,4 @@
-"""The project's errors; each expected kind maps to one gRPC status code in server/errors."""
+"""The project's errors; each expected kind maps to one gRPC status code in server/auth.py."""
 
 
 class JobWorkerError(Exception):

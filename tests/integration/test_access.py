@@ -110,6 +110,9 @@ def test_viewer_reads_everything_and_changes_nothing(
     marker = tmp_path / "viewer-ran"
     err = rpc_error(lambda: schedule(viewer, job("touch", str(marker))))
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    # Refused for the role, before anything in the stream is looked at.
+    err = rpc_error(lambda: schedule(viewer, job(name="no argv")))
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
     assert _listed(viewer) == listed
     assert not marker.exists()
     assert get_job(server.stub("alice"), alices, "sleeper").state == pb.JOB_STATE_RUNNING

@@ -6,6 +6,7 @@ import signal
 import uuid
 from pathlib import Path
 
+import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
@@ -300,6 +301,22 @@ def test_fail_fast_names_the_job_that_failed_not_its_skipped_dependents(server: 
     assert "dependency a" in jobs["b"].message
     assert jobs["c"].state == pb.JOB_STATE_CANCELED
     assert "job a failed" in jobs["c"].message
+
+
+def test_an_absurd_grace_period_is_invalid(server: Server) -> None:
+    stub = server.stub("alice")
+    reply = schedule(stub, job("true"))
+    for grace in (
+        Duration(seconds=3 * 86_400),
+        Duration(seconds=-1),
+        Duration(nanos=2_000_000_000),
+    ):
+        with pytest.raises(grpc.RpcError) as info:
+            stub.CancelBatch(
+                pb.CancelBatchRequest(correlation_id=reply.correlation_id, grace_period=grace)
+            )
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "grace_period" in (info.value.details() or "")
 
 
 def test_without_fail_fast_the_others_go_on(server: Server) -> None:

@@ -146,8 +146,7 @@ class App:
 
     def role_of(self, identity: str) -> str:
         """The role the current config gives `identity`."""
-        auth = self.config.auth
-        return auth.roles.get(identity, auth.default_role)
+        return self.config.auth.role_of(identity)
 
     def settings(self) -> Settings:
         """What the servicer reads at each call."""
@@ -179,9 +178,11 @@ class App:
             max_concurrent=lambda: self.config.jobs.max_concurrent,
         )
         self.core = JobWorker(self.store, self.engine)
-        await self.engine.recover(batches)
-        if removed := backend.cleanup_stale():
+        # Before recovery, which kills the groups of jobs that were running and starts
+        # queued jobs in new ones: what is left then is empty groups of older runs.
+        if removed := await asyncio.to_thread(backend.cleanup_stale):
             log.info("stale_cgroups_removed", count=removed)
+        await self.engine.recover(batches)
         self.inotify = Inotify()
 
         keepalive_ms = int(cfg.server.keepalive_interval * 1000)

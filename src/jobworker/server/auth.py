@@ -180,7 +180,7 @@ class AuthInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
         message: str = "",
     ) -> None:
         seconds = time.perf_counter() - started
-        cid = _correlation_id(context)
+        cid = _cid.get()
         log.info(
             "rpc",
             method=name,
@@ -202,7 +202,3 @@ def set_correlation_id(cid: str) -> None:
     """Record the batch an RPC concerns, for its audit line."""
     _cid.set(cid)
     structlog.contextvars.bind_contextvars(correlation_id=cid)
-
-
-def _correlation_id(context: aio.ServicerContext[Any, Any]) -> str:
-    return _cid.get()

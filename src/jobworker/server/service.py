@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from grpc import aio
 
 from jobworker.engine.core import JobWorker
-from jobworker.errors import InvalidArgument, ResourceExhausted
+from jobworker.errors import InvalidArgument, PermissionDenied, ResourceExhausted
 from jobworker.model import BatchState
 from jobworker.server import convert
 from jobworker.server.auth import current_caller, set_correlation_id
@@ -17,6 +18,8 @@ from jobworker.store.logs import Cursor, Follower
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
 from jobworker.validate import BatchBuilder, BatchLimits
+
+MAX_GRACE = 86_400  # a day: longer, and a CancelBatch call would wait that long
 
 
 class Settings:
@@ -50,6 +53,9 @@ class JobWorkerService(pb_grpc.JobWorkerServiceServicer):
         request_iterator: AsyncIterator[pb.ScheduleBatchRequest],
         context: aio.ServicerContext[Any, Any],
     ) -> pb.ScheduleBatchResponse:
+        caller = current_caller()
+        if not caller.can_schedule:  # before reading the stream: no validation for nothing
+            raise PermissionDenied(f"role {caller.role!r} of {caller.identity!r} may not schedule")
         limits: BatchLimits = self.settings().jobs
         builder = BatchBuilder(limits)
         async for request in request_iterator:
@@ -66,7 +72,7 @@ class JobWorkerService(pb_grpc.JobWorkerServiceServicer):
         # grpc.aio ends the request iterator normally when the client cancels; sending the
         # headers surfaces the cancellation before anything is stored.
         await context.send_initial_metadata(())
-        batch, deduplicated = await self.core.schedule(current_caller(), options, specs)
+        batch, deduplicated = await self.core.schedule(caller, options, specs)
         set_correlation_id(batch.cid)
         return pb.ScheduleBatchResponse(
             correlation_id=batch.cid,
@@ -94,8 +100,10 @@ class JobWorkerService(pb_grpc.JobWorkerServiceServicer):
         grace = None
         if request.HasField("grace_period"):
             g = request.grace_period
-            if g.seconds < 0 or g.nanos < 0:
-                raise InvalidArgument("grace_period: must not be negative")
+            if g.seconds < 0 or not 0 <= g.nanos < 1_000_000_000 or g.seconds > MAX_GRACE:
+                raise InvalidArgument(
+                    f"grace_period: must be a valid duration from 0s to {MAX_GRACE}s"
+                )
             grace = g.seconds + g.nanos / 1e9
         batch = await self.core.cancel(
             current_caller(), request.correlation_id, request.job_names, grace
@@ -137,8 +145,10 @@ class JobWorkerService(pb_grpc.JobWorkerServiceServicer):
         self.streams += 1
         self.on_stream(1)
         try:
-            async for item in follower.items(request.follow):
-                yield convert.item_to_pb(batch, item, cursor.encode())
+            # aclosing: a client that goes away closes the follower at once, files and all.
+            async with contextlib.aclosing(follower.items(request.follow)) as items:
+                async for item in items:
+                    yield convert.item_to_pb(batch, item, cursor.encode())
         finally:
             self.streams -= 1
             self.on_stream(-1)

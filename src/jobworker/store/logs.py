@@ -7,7 +7,7 @@ import contextlib
 import itertools
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,7 +144,7 @@ class Follower:
                 running.pop(event.index, None)
         cursor.offsets = running
 
-    async def items(self, follow: bool) -> AsyncIterator[Item]:
+    async def items(self, follow: bool) -> AsyncGenerator[Item, None]:
         """Every event and chunk from the cursor on; live until the selected jobs end."""
         if not follow:
             self._end_seq = len(self.batch.events)
