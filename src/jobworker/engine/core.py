@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import shutil
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -108,7 +109,7 @@ class JobWorker:
         more = False
         room = PAGE_BYTES
         for batch in self.store.newest_first():
-            if before is not None and batch.seq >= before:
+            if before is not None and batch.order >= before:
                 continue
             if not caller.can_see(batch.owner):
                 continue
@@ -121,16 +122,19 @@ class JobWorker:
                 more = True
                 break
             out.append(batch)
-        token = _encode_token(out[-1].seq) if more else ""
+        token = _encode_token(out[-1].order) if more else ""
         return Page(out, token)
 
-    def sweep(self, max_age: float, now: float | None = None) -> int:
+    async def sweep(self, max_age: float, now: float | None = None) -> int:
         """Delete ended batches older than `max_age` seconds with their logs; how many."""
         cutoff = (time.time() if now is None else now) - max_age
         old = [b for b in self.store if b.end_time is not None and b.end_time < cutoff]
+        trash = []
         for batch in old:
             log.info("batch_expired", correlation_id=batch.cid, identity=batch.owner)
-            self.store.delete(batch)
+            trash.append(self.store.delete(batch))
+        for path in trash:  # thousands of files for a big batch: not on the event loop
+            await asyncio.to_thread(shutil.rmtree, path, True)
         return len(old)
 
     @staticmethod
@@ -145,15 +149,15 @@ def _summary_size(batch: BatchRecord) -> int:
     return 256 + len(batch.owner.encode()) + labels
 
 
-def _encode_token(seq: int) -> str:
-    return base64.urlsafe_b64encode(f"v1:{seq}".encode()).decode()
+def _encode_token(order: tuple[float, str]) -> str:
+    return base64.urlsafe_b64encode(f"v2:{order[0]!r}:{order[1]}".encode()).decode()
 
 
-def _decode_token(token: str) -> int:
+def _decode_token(token: str) -> tuple[float, str]:
     try:
-        version, seq = base64.urlsafe_b64decode(token.encode()).decode().split(":")
-        if version != "v1":
+        version, created, cid = base64.urlsafe_b64decode(token.encode()).decode().split(":")
+        if version != "v2":
             raise ValueError(version)
-        return int(seq)
+        return float(created), cid
     except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
         raise InvalidArgument("page_token: not a token from a previous response") from exc

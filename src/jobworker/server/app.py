@@ -388,12 +388,13 @@ class App:
     async def _flush_loop(self) -> None:
         while True:
             await asyncio.sleep(FLUSH_INTERVAL)
-            await asyncio.to_thread(self.store.flush)
+            self.store.retry_pending()
+            await asyncio.to_thread(self.store.sync)
 
     async def _sweep_loop(self) -> None:
         while True:
             max_age = self.config.retention.max_age
-            self.core.sweep(max_age)
+            await self.core.sweep(max_age)
             await asyncio.sleep(min(SWEEP_INTERVAL, max(0.1, max_age / 10)))
 
     async def _watch_config(self) -> None:

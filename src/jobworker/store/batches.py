@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections import Counter
@@ -36,6 +37,7 @@ from jobworker.store.notify import Notifier
 log = structlog.get_logger("jobworker.store")
 
 META = "batch.json"
+TRASH = ".trash-"  # a batch folder being deleted: renamed first, so a crash never revives it
 JOURNAL = "journal"
 FORMAT_VERSION = 1
 
@@ -50,7 +52,6 @@ class BatchRecord:
     options: BatchOptions
     specs: tuple[JobSpec, ...]
     path: Path
-    seq: int  # creation order, for FIFO scheduling and stable listing
     statuses: list[JobStatus] = field(default_factory=list)
     events: list[JobEvent] = field(default_factory=list)
     counts: Counter[JobState] = field(default_factory=Counter)
@@ -58,6 +59,8 @@ class BatchRecord:
     names: dict[str, int] = field(default_factory=dict)
     changed: Notifier = field(default_factory=Notifier)
     journal_fd: int = -1
+    journal_size: int = 0  # bytes of whole lines in the journal
+    pending: list[bytes] = field(default_factory=list)  # lines not written yet (disk full)
 
     def __post_init__(self) -> None:
         self.names = {spec.name: i for i, spec in enumerate(self.specs)}
@@ -68,6 +71,11 @@ class BatchRecord:
                 for i in range(len(self.specs))
             ]
         self.counts = Counter(s.state for s in self.statuses)
+
+    @property
+    def order(self) -> tuple[float, str]:
+        """Creation order, the same after a restart: what ListBatches pages by."""
+        return (self.create_time, self.cid)
 
     @property
     def state(self) -> BatchState:
@@ -227,8 +235,10 @@ class BatchStore:
         self.min_free_disk = min_free_disk
         self._batches: dict[str, BatchRecord] = {}
         self._idempotency: dict[tuple[str, str], str] = {}
-        self._seq = 0
+        self._lock = threading.Lock()  # journal fds shared with the sync thread
         self._dirty: set[int] = set()
+        self._closing: list[int] = []
+        self._retry: set[BatchRecord] = set()
 
     # -- queries
 
@@ -252,7 +262,7 @@ class BatchStore:
 
     def newest_first(self) -> list[BatchRecord]:
         """Every batch, newest first."""
-        return sorted(self._batches.values(), key=lambda b: b.seq, reverse=True)
+        return sorted(self._batches.values(), key=lambda b: b.order, reverse=True)
 
     # -- writes
 
@@ -281,7 +291,6 @@ class BatchStore:
                     f"disk full: cannot store the batch under {self.root}"
                 ) from exc
             raise
-        self._seq += 1
         batch = BatchRecord(
             cid=cid,
             owner=owner,
@@ -289,7 +298,6 @@ class BatchStore:
             options=options,
             specs=specs,
             path=path,
-            seq=self._seq,
         )
         self._add(batch)
         return batch
@@ -297,54 +305,87 @@ class BatchStore:
     def append(self, batch: BatchRecord, event: JobEvent) -> None:
         """Apply `event` to `batch` and append it to the batch's journal."""
         batch._apply(event)
+        batch.pending.append(_event_to_line(event))
+        self._write_pending(batch)
+        batch.changed.notify()
+
+    def _write_pending(self, batch: BatchRecord) -> None:
+        """Append the batch's unwritten events, whole lines only; keep them on failure."""
         try:
             if batch.journal_fd < 0:
                 batch.journal_fd = os.open(
                     batch.path / JOURNAL, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600
                 )
-            os.write(batch.journal_fd, _event_to_line(event))
-            self._dirty.add(batch.journal_fd)
+                batch.journal_size = os.fstat(batch.journal_fd).st_size
+            data = b"".join(batch.pending)
+            written = os.write(batch.journal_fd, data)
+            if written < len(data):  # a short write (disk full): never leave half a line
+                os.ftruncate(batch.journal_fd, batch.journal_size)
+                raise OSError(errno.ENOSPC, "short write")
         except OSError as exc:
-            # The server goes on: the state is right in memory and on the wire; only
-            # a crash before the disk has room again would lose this event.
-            log.error("journal_write_failed", correlation_id=batch.cid, error=str(exc))
+            # The state stays right in memory and on the wire; the lines are written when
+            # the disk has room again (retry_pending), in order, so a restart loses none.
+            if batch not in self._retry:
+                log.error("journal_write_failed", correlation_id=batch.cid, error=str(exc))
+            self._retry.add(batch)
+            return
+        batch.journal_size += written
+        batch.pending.clear()
+        self._retry.discard(batch)
+        with self._lock:
+            self._dirty.add(batch.journal_fd)
         if batch.ended:
             self._close_journal(batch)
-        batch.changed.notify()
+
+    def retry_pending(self) -> None:
+        """Try again to write the events a full disk held back (called periodically)."""
+        for batch in list(self._retry):
+            self._write_pending(batch)
 
     def next_seq(self, batch: BatchRecord) -> int:
         """The sequence number of `batch`'s next event."""
         return len(batch.events)
 
-    def flush(self) -> None:
-        """fsync every journal written since the last flush (group commit)."""
-        dirty, self._dirty = self._dirty, set()
-        for fd in dirty:
-            with contextlib.suppress(OSError):
-                os.fsync(fd)
+    def sync(self) -> None:
+        """fsync the journals written since the last call, and close finished ones.
 
-    def delete(self, batch: BatchRecord) -> None:
-        """Forget `batch` and delete its folder with its logs."""
+        Runs in a worker thread (group commit); the event loop only hands fds over."""
+        with self._lock:
+            dirty, self._dirty = self._dirty, set()
+            closing, self._closing = self._closing, []
+            for fd in dirty | set(closing):
+                with contextlib.suppress(OSError):
+                    os.fsync(fd)
+            for fd in closing:
+                os.close(fd)
+
+    def delete(self, batch: BatchRecord) -> Path:
+        """Forget `batch`; its folder is renamed away at once (a crash never brings it
+        back) and the returned path is for the caller to remove, off the event loop."""
         self._close_journal(batch)
+        self._retry.discard(batch)
         self._batches.pop(batch.cid, None)
         key = (batch.owner, batch.options.idempotency_key)
         if self._idempotency.get(key) == batch.cid:
             del self._idempotency[key]
-        shutil.rmtree(batch.path, ignore_errors=True)
+        trash = self.root / f"{TRASH}{batch.cid}"
+        batch.path.rename(trash)
+        _fsync_dir(self.root)
+        return trash
 
     def close(self) -> None:
-        """Flush and close every open journal."""
-        self.flush()
+        """Write what can be written, flush and close every open journal."""
+        self.retry_pending()
         for batch in self._batches.values():
             self._close_journal(batch)
+        self.sync()
 
     def _close_journal(self, batch: BatchRecord) -> None:
         if batch.journal_fd >= 0:
             fd, batch.journal_fd = batch.journal_fd, -1
-            self._dirty.discard(fd)
-            with contextlib.suppress(OSError):
-                os.fsync(fd)
-            os.close(fd)
+            with self._lock:
+                self._dirty.discard(fd)
+                self._closing.append(fd)
 
     def _add(self, batch: BatchRecord) -> None:
         self._batches[batch.cid] = batch
@@ -369,7 +410,10 @@ class BatchStore:
         self.root.mkdir(parents=True, exist_ok=True)
         loaded: list[BatchRecord] = []
         for path in self.root.iterdir():
-            if not path.is_dir():
+            if path.name.startswith(TRASH):
+                shutil.rmtree(path, ignore_errors=True)  # a delete the last run did not finish
+                continue
+            if not path.is_dir() or path.name.startswith("."):
                 continue
             try:
                 loaded.append(self._load_one(path))
@@ -379,10 +423,8 @@ class BatchStore:
                 shutil.rmtree(path, ignore_errors=True)
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 log.error("batch_unreadable", path=str(path), error=str(exc))
-        loaded.sort(key=lambda b: (b.create_time, b.cid))
+        loaded.sort(key=lambda b: b.order)
         for batch in loaded:
-            self._seq += 1
-            batch.seq = self._seq
             self._add(batch)
         return loaded
 
@@ -395,31 +437,36 @@ class BatchStore:
             options=_options_from_json(meta["options"]),
             specs=tuple(_spec_from_json(j) for j in meta["jobs"]),
             path=path,
-            seq=0,
         )
         for event in _read_journal(path / JOURNAL):
-            if event.seq == len(batch.events) and 0 <= event.index < len(batch.specs):
-                batch._apply(event)
+            if event.seq != len(batch.events) or not 0 <= event.index < len(batch.specs):
+                log.error("journal_out_of_order", path=str(path), seq=event.seq)
+                break
+            batch._apply(event)
         return batch
 
 
 def _read_journal(path: Path) -> list[JobEvent]:
-    """The journal's events; a torn last line (crash mid-append) is dropped and cut off."""
+    """The journal's events. A torn last line (a crash mid-append) is dropped and cut off;
+    a bad line before the last is reported and reading stops there, but nothing is cut."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         return []
     events: list[JobEvent] = []
     good = 0
-    for line in data.splitlines(keepends=True):
-        if not line.endswith(b"\n"):
-            break
+    lines = data.splitlines(keepends=True)
+    for n, line in enumerate(lines):
         try:
+            if not line.endswith(b"\n"):
+                raise ValueError("unterminated")
             events.append(_event_from_line(line))
         except (ValueError, KeyError, TypeError, IndexError):
+            if n == len(lines) - 1:
+                log.warning("journal_tail_dropped", path=str(path), bytes=len(data) - good)
+                os.truncate(path, good)
+            else:
+                log.error("journal_corrupt", path=str(path), line=n + 1)
             break
         good += len(line)
-    if good < len(data):
-        log.warning("journal_tail_dropped", path=str(path), bytes=len(data) - good)
-        os.truncate(path, good)
     return events

@@ -1,0 +1,144 @@
+"""The batch store on real files: crash safety of metadata, journal and deletes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from jobworker.model import BatchOptions, JobEvent, JobSpec, JobState
+from jobworker.store.batches import JOURNAL, BatchStore
+
+SPECS = (JobSpec("a", ("true",)), JobSpec("b", ("true",)))
+
+
+def _event(store: BatchStore, batch: object, index: int, state: JobState) -> JobEvent:
+    return JobEvent(
+        seq=store.next_seq(batch),  # type: ignore[arg-type]
+        index=index,
+        state=state,
+        time=time.time(),
+        exit_code=0 if state is JobState.SUCCEEDED else None,
+    )
+
+
+def _run_all(store: BatchStore, batch: object) -> None:
+    for i in range(len(SPECS)):
+        store.append(batch, _event(store, batch, i, JobState.RUNNING))  # type: ignore[arg-type]
+        store.append(batch, _event(store, batch, i, JobState.SUCCEEDED))  # type: ignore[arg-type]
+
+
+def test_a_restart_sees_every_event(tmp_path: Path) -> None:
+    store = BatchStore(tmp_path)
+    batch = store.create("alice", BatchOptions(labels={"k": "v"}), SPECS)
+    _run_all(store, batch)
+    store.close()
+    again = BatchStore(tmp_path)
+    (loaded,) = again.load()
+    assert loaded.cid == batch.cid
+    assert [s.state for s in loaded.statuses] == [JobState.SUCCEEDED] * 2
+    assert loaded.options.labels == {"k": "v"}
+    assert loaded.end_time == batch.end_time
+
+
+def test_a_torn_last_line_is_dropped_and_cut_off(tmp_path: Path) -> None:
+    store = BatchStore(tmp_path)
+    batch = store.create("alice", BatchOptions(), SPECS)
+    store.append(batch, _event(store, batch, 0, JobState.RUNNING))
+    store.close()
+    journal = batch.path / JOURNAL
+    good = journal.read_bytes()
+    with journal.open("ab") as f:
+        f.write(b'{"q":3,"i":0,"s":"SUCC')  # the crash came mid-write
+    (loaded,) = BatchStore(tmp_path).load()
+    assert loaded.statuses[0].state is JobState.RUNNING
+    assert journal.read_bytes() == good
+
+
+def test_a_bad_line_in_the_middle_cuts_nothing(tmp_path: Path) -> None:
+    store = BatchStore(tmp_path)
+    batch = store.create("alice", BatchOptions(), SPECS)
+    _run_all(store, batch)
+    store.close()
+    journal = batch.path / JOURNAL
+    lines = journal.read_bytes().splitlines(keepends=True)
+    damaged = lines[0] + b"garbage\n" + b"".join(lines[1:])
+    journal.write_bytes(damaged)
+    (loaded,) = BatchStore(tmp_path).load()
+    assert loaded.statuses[0].state is JobState.RUNNING  # what came before the damage
+    assert journal.read_bytes() == damaged  # kept for a person to look at
+
+
+def test_a_deleted_batch_never_comes_back(tmp_path: Path) -> None:
+    store = BatchStore(tmp_path)
+    batch = store.create("alice", BatchOptions(idempotency_key="k"), SPECS)
+    _run_all(store, batch)
+    trash = store.delete(batch)
+    assert not batch.path.exists()
+    assert (trash / "batch.json").exists()  # as if the server died before removing it
+    again = BatchStore(tmp_path)
+    assert again.load() == []
+    assert not trash.exists()
+    assert again.find_idempotent("alice", "k") is None
+
+
+def test_a_folder_without_metadata_is_removed(tmp_path: Path) -> None:
+    (tmp_path / "batches" / "half-made").mkdir(parents=True)
+    assert BatchStore(tmp_path).load() == []
+    assert not (tmp_path / "batches" / "half-made").exists()
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 1 MiB tmpfs: a disk that fills up."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_holds_journal_lines_back_and_loses_none(tiny_disk: Path) -> None:
+    store = BatchStore(tiny_disk)
+    batch = store.create("alice", BatchOptions(), SPECS)
+    filler = tiny_disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:  # fill the disk to the last byte
+        while os.write(fd, b"x" * 512):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    _run_all(store, batch)  # nothing fits: every line waits
+    assert [s.state for s in batch.statuses] == [JobState.SUCCEEDED] * 2  # right in memory
+    assert not (batch.path / JOURNAL).exists() or (batch.path / JOURNAL).stat().st_size == 0
+    filler.unlink()
+    store.retry_pending()
+    store.close()
+    (loaded,) = BatchStore(tiny_disk).load()
+    assert [s.state for s in loaded.statuses] == [JobState.SUCCEEDED] * 2
+    assert loaded.end_time == batch.end_time
+
+
+def test_a_full_disk_refuses_a_new_batch_with_the_limit_named(tiny_disk: Path) -> None:
+    from jobworker.errors import ResourceExhausted
+
+    store = BatchStore(tiny_disk, min_free_disk=64 << 20)
+    with pytest.raises(ResourceExhausted, match="min_free_disk"):
+        store.create("alice", BatchOptions(), SPECS)
+    assert store.load() == []
