@@ -230,6 +230,7 @@ class JobsConfig(_Section):
     default_limits: DefaultLimits = Field(default_factory=DefaultLimits)
     max_stdin_bytes: Size = _size("1MiB", 0, _MAX_MESSAGE_BYTES)
     max_argv_bytes: Size = _size("128KiB", 1, _MAX_MESSAGE_BYTES)
+    max_batch_bytes: Size = _size("64MiB", 1)
     max_queued_jobs: int = _int(100_000, 1, 100_000_000)
     working_dir: Annotated[str, AfterValidator(_check_absolute)] = _setting(
         "/", 'an absolute path, such as "/" or "/tmp"'
@@ -530,6 +531,7 @@ max_jobs_per_batch = 10000       # reloadable
 log_tail_bytes = "64KiB"         # reloadable: GetBatch's default tail per stream
 max_stdin_bytes = "1MiB"         # reloadable: stdin of one job; at most "3MiB" (one gRPC message)
 max_argv_bytes = "128KiB"        # reloadable: argv and env of one job together
+max_batch_bytes = "64MiB"        # reloadable: argv, env and stdin of all of a batch's jobs
 max_queued_jobs = 100000         # reloadable: jobs waiting, all batches together; past it, no more
 working_dir = "/"                # reloadable: working directory of a job that names none; absolute
 min_free_disk = "64MiB"          # reloadable: ScheduleBatch fails below this free in data_dir

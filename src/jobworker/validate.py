@@ -29,6 +29,8 @@ class BatchLimits(Protocol):
     def max_stdin_bytes(self) -> int: ...
     @property
     def max_argv_bytes(self) -> int: ...
+    @property
+    def max_batch_bytes(self) -> int: ...
 
 
 def _job(index: int, name: str) -> str:
@@ -48,6 +50,7 @@ class BatchBuilder:
     options: BatchOptions | None = None
     specs: list[JobSpec] = field(default_factory=list)
     _names: dict[str, int] = field(default_factory=dict)
+    _bytes: int = 0  # argv, env and stdin of the jobs so far
 
     def add_options(self, options: BatchOptions) -> None:
         """Take the batch options; only allowed before the first job, and only once."""
@@ -75,6 +78,12 @@ class BatchBuilder:
                 f"{where}: name duplicates job {self._names[name]}; names must be unique"
             )
         _check_job(where, spec, self.limits)
+        self._bytes += _spec_bytes(spec)
+        if self._bytes > self.limits.max_batch_bytes:
+            raise ResourceExhausted(
+                f"{where}: the batch's argv, env and stdin pass jobs.max_batch_bytes "
+                f"({self.limits.max_batch_bytes} bytes)"
+            )
         if name != spec.name:
             spec = dataclasses.replace(spec, name=name)
         self._names[name] = index
@@ -127,9 +136,7 @@ def _check_job(where: str, spec: JobSpec, limits: BatchLimits) -> None:
             raise InvalidArgument(
                 f"{where}: working_dir {spec.working_dir!r} must be an absolute path"
             )
-    size = sum(len(a.encode()) + 1 for a in spec.argv) + sum(
-        len(k.encode()) + len(v.encode()) + 2 for k, v in spec.env.items()
-    )
+    size = _spec_bytes(spec) - len(spec.stdin)
     if size > limits.max_argv_bytes:
         raise ResourceExhausted(
             f"{where}: argv and env are {size} bytes, over jobs.max_argv_bytes "
@@ -150,6 +157,13 @@ def _check_job(where: str, spec: JobSpec, limits: BatchLimits) -> None:
             raise InvalidArgument(f"{where}: depends_on names the job itself (a cycle)")
     if len(set(spec.depends_on)) != len(spec.depends_on):
         raise InvalidArgument(f"{where}: depends_on names a job twice")
+
+
+def _spec_bytes(spec: JobSpec) -> int:
+    """Bytes of argv (with their NULs), env (as KEY=VALUE) and stdin."""
+    argv = sum(len(a.encode()) + 1 for a in spec.argv)
+    env = sum(len(k.encode()) + len(v.encode()) + 2 for k, v in spec.env.items())
+    return argv + env + len(spec.stdin)
 
 
 def _check_env(where: str, env: Mapping[str, str]) -> None:

@@ -385,7 +385,12 @@ def test_limits_give_resource_exhausted_naming_the_limit(
     make_server: ServerFactory, tmp_path: Path
 ) -> None:
     srv = make_server(
-        jobs={"max_jobs_per_batch": 3, "max_stdin_bytes": "1KiB", "max_argv_bytes": "1KiB"}
+        jobs={
+            "max_jobs_per_batch": 3,
+            "max_stdin_bytes": "1KiB",
+            "max_argv_bytes": "1KiB",
+            "max_batch_bytes": "2KiB",
+        }
     )
     stub = srv.stub("alice")
     marker = tmp_path / "ran"
@@ -404,6 +409,14 @@ def test_limits_give_resource_exhausted_naming_the_limit(
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "max_argv_bytes" in err.details()
     assert "big-argv" in err.details()
+
+    blob = b"x" * 1000  # each job within its limits, the three together past the batch's
+    err = rpc_error(
+        lambda: schedule(stub, *(job("cat", name=f"c{i}", stdin=blob) for i in range(3)))
+    )
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "max_batch_bytes" in err.details()
+    assert "c2" in err.details()
 
     # At the limits, the same batches are fine; nothing of the refused ones ran.
     reply = schedule(
@@ -651,6 +664,7 @@ def test_large_stdin_specs_still_fit_one_get_batch_answer(server: Server) -> Non
     assert all(j.stdout.total_bytes == len(blob) for j in batch.jobs)
     assert all(j.stdout.data == blob[-len(j.stdout.data) :] for j in batch.jobs)
     assert all(j.spec.stdin == b"" for j in batch.jobs)  # left out to fit; the rest is there
+    assert all(j.stdout.truncated for j in batch.jobs)
     assert [j.spec.name for j in batch.jobs] == [f"cat{i}" for i in range(6)]
     one = stub.GetBatch(
         pb.GetBatchRequest(correlation_id=reply.correlation_id, job_names=["cat0"])

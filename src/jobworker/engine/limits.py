@@ -109,6 +109,9 @@ class JobCgroup:
     procs_files: tuple[Path, ...] = field(init=False)  # one per hierarchy, for a new pid
     _dirs: dict[str, str] = field(init=False, repr=False)  # kind -> group directory
     _memory_v2: bool = field(init=False, repr=False)
+    _pending: list[str] | None = field(init=False, repr=False, default=None)  # not yet removed
+    # The backend's keys of groups made and not yet removed (None outside a backend).
+    _live: set[str] | None = field(default=None, repr=False, kw_only=True)
 
     def __post_init__(self) -> None:
         self.procs_files = tuple(path / "cgroup.procs" for _, path in self.groups)
@@ -182,29 +185,44 @@ class JobCgroup:
             return None
         return stat["user_usec"] / 1e6, stat.get("system_usec", 0) / 1e6
 
-    def remove(self, timeout: float = 0.2) -> None:
-        """Remove every group; retry while the last processes exit; log, never raise."""
-        deadline = time.monotonic() + timeout
-        pending = list(self._dirs.values())
-        while pending:
-            left: list[str] = []
-            for path in pending:
-                try:
-                    os.rmdir(path)
-                except FileNotFoundError:
-                    pass
-                except OSError as exc:
-                    if exc.errno != errno.EBUSY:
-                        _log.warning("cgroup_remove_failed", path=path, error=str(exc))
-                        continue
+    def remove(self) -> tuple[str, ...]:
+        """Try once to remove every group not removed yet; the paths still busy (EBUSY).
+
+        Never sleeps and never raises: it runs on the event loop at every job's end, where
+        a v1 group is often still busy for a moment after its last process exited; the
+        caller retries the busy ones later (Process) or uses remove_blocking (in a thread).
+        A failure other than EBUSY is logged and not retried.
+        """
+        pending = self._pending if self._pending is not None else list(self._dirs.values())
+        left: list[str] = []
+        for path in pending:
+            try:
+                os.rmdir(path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                if exc.errno == errno.EBUSY:
                     left.append(path)
-            pending = left
-            if not pending:
-                return
+                else:
+                    _log.warning("cgroup_remove_failed", path=path, error=str(exc))
+        self._pending = left
+        if not left and self._live is not None:
+            self._live.discard(self.key)
+        return tuple(left)
+
+    def remove_blocking(self, timeout: float = 0.2) -> bool:
+        """remove(), retried every 5 ms while groups are busy, up to `timeout` seconds.
+
+        Sleeps: only for threads (kill_stale, cleanup_stale) or groups that cannot be busy.
+        True when every group is gone; else logs cgroup_remove_failed.
+        """
+        deadline = time.monotonic() + timeout
+        while busy := self.remove():
             if time.monotonic() >= deadline:
-                _log.warning("cgroup_remove_failed", paths=pending, error="busy")
-                return
+                _log.warning("cgroup_remove_failed", paths=list(busy), error="busy")
+                return False
             time.sleep(0.005)
+        return True
 
 
 class CgroupBackend:
@@ -223,6 +241,8 @@ class CgroupBackend:
         self.hierarchies = hierarchies
         self.rlimits = rlimits  # prlimit is there to approximate what cgroups cannot enforce
         self.devices = devices
+        # Keys of the groups this server made and has not removed yet: never "stale".
+        self._live: set[str] = set()
 
     # ---- detection -------------------------------------------------------------------------
 
@@ -311,17 +331,22 @@ class CgroupBackend:
         wanted = _wanted(limits)
         chosen = self._choose(wanted)
         groups: list[tuple[Hierarchy, Path]] = []
+        added = key not in self._live
+        self._live.add(key)
         try:
             for hierarchy in chosen:
                 path = hierarchy.parent / key
                 path.mkdir()
                 groups.append((hierarchy, path))
-        except OSError:
-            JobCgroup(key, tuple(groups)).remove()
+            enforced_names: set[str] = set()
+            for hierarchy, path in groups:
+                enforced_names |= self._apply(hierarchy, path, limits, wanted)
+        except BaseException:
+            # Groups nothing ever joined are never busy: this returns at once.
+            JobCgroup(key, tuple(groups)).remove_blocking()
+            if added:
+                self._live.discard(key)
             raise
-        enforced_names: set[str] = set()
-        for hierarchy, path in groups:
-            enforced_names |= self._apply(hierarchy, path, limits, wanted)
         enforced = _only(limits, enforced_names)
         unenforced = tuple(sorted(name for name in wanted if name not in enforced_names))
         rlimit_args: tuple[str, ...] = ()
@@ -331,7 +356,9 @@ class CgroupBackend:
             unenforced = tuple(n for n in unenforced if n != "memory")
         if unenforced:
             _log.warning("limits_not_enforced", key=key, limits=list(unenforced))
-        return JobCgroup(key, tuple(groups), enforced, rlimit_args, _field_names(unenforced))
+        return JobCgroup(
+            key, tuple(groups), enforced, rlimit_args, _field_names(unenforced), _live=self._live
+        )
 
     def _rlimits_only(self, key: str, limits: Limits) -> JobCgroup:
         wanted = _wanted(limits)
@@ -387,23 +414,27 @@ class CgroupBackend:
         """The existing groups of job `key` (after a restart), or None when there are none."""
         _check_key(key)
         groups = tuple((h, h.parent / key) for h in self.hierarchies if (h.parent / key).is_dir())
-        return JobCgroup(key, groups) if groups else None
+        return JobCgroup(key, groups, _live=self._live) if groups else None
 
     def cleanup_stale(self) -> int:
-        """Remove job groups left by an earlier run that are empty; the number of jobs cleaned."""
+        """Remove job groups left by an earlier run that are empty; the number of jobs cleaned.
+
+        Groups this backend made are skipped: an empty one may belong to a job whose join
+        shell has not joined yet. Sleeps while a group is busy (remove_blocking).
+        """
         keys: set[str] = set()
         for hierarchy in self.hierarchies:
             with contextlib.suppress(OSError):
                 keys.update(p.name for p in hierarchy.parent.iterdir() if p.is_dir())
         removed = 0
-        for key in sorted(keys):
+        for key in sorted(keys - self._live):
             group = self.open(key)
             if group is None:
                 continue
             if group.pids():
                 _log.warning("stale_cgroup_busy", key=key, pids=group.pids())
                 continue
-            group.remove()
+            group.remove_blocking()
             if self.open(key) is None:
                 removed += 1
         return removed

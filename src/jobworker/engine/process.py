@@ -19,6 +19,19 @@ job's PATH from the job's environment relative to the job's working directory, w
 exactly what spawn() resolved against beforehand (an argv[0] starting with "-" is replaced
 by its resolved path, since dash's exec has no "--").
 
+Which shell joins, and what environment it sees: the join shell runs before the job is in
+its cgroups, so nothing the client controls may make it run code. The client controls the
+job's environment, and bash imports functions (BASH_FUNC_echo%%=...) and options
+(SHELLOPTS) from its environment, even as sh: with bash as /bin/sh, a job could run code
+outside its cgroup. dash imports neither (nor IFS; the script quotes everything anyway), so
+with dash the shell gets the job's environment and its exec hands it on at no extra cost.
+join_shell() decides once, at startup: /bin/sh if it resolves to dash, else /bin/dash or
+/usr/bin/dash. Only on a host without dash does the shell get a fixed environment (PATH
+only) and exec `/usr/bin/env -i NAME=VALUE... command`: the only way to hand over an
+environment with arbitrary names without any shell parsing it (export takes identifiers
+only) costs an exec per job, and the values show in the argv of the exec chain
+(/proc/<pid>/cmdline) for the milliseconds until the job's own exec.
+
 Max RSS: wait4's ru_maxrss of a child started from the server begins at the server's own
 peak RSS (at exec the kernel folds the old mm's high-water mark, here the vfork parent's,
 into the child's). Where the job's memory is accounted by a cgroup (it has a memory limit,
@@ -26,7 +39,10 @@ or cgroup v2 with the memory controller) the figure is capped by the group's pea
 otherwise it is an upper bound that can be the server's RSS.
 
 Reaping uses a pidfd watched by the event loop (no threads, no asyncio child watcher);
-os.wait4 gives the status and rusage.
+os.wait4 gives the status and rusage. The job's result does not wait for its cgroups to be
+removed: a v1 group is often busy for a moment after its last process exited, so removal is
+retried from loop callbacks (Process.released() waits for it). Nothing here sleeps on the
+event loop; the job's files are prepared (stdin written) in a worker thread.
 """
 
 from __future__ import annotations
@@ -39,7 +55,7 @@ import signal
 import stat
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,17 +66,23 @@ from jobworker.model import JobSpec, Limits, Usage
 
 _log = structlog.get_logger()
 
-_SHELL = "/bin/sh"
+_SH = "/bin/sh"
+_DASH = ("/bin/dash", "/usr/bin/dash")
+_ENV = "/usr/bin/env"
+_FIXED_SHELL_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}  # without dash (module doc)
 # $1: the job's stderr file; then cgroup.procs files; "--"; the command. Until the exec, fd 2
 # is the gate pipe: whatever reaches it is a failure; the exec swaps in the real stderr.
 _JOIN_SCRIPT = (
-    'e=$1; shift; for f; do [ "$f" = -- ] && break; '
-    'echo $$ 2>/dev/null >"$f" || { printf "cannot join cgroup: %s" "$f" >&2; exit 125; }; '
+    'e="$1"; shift; for f; do [ "$f" = -- ] && break; '
+    'echo "$$" 2>/dev/null >"$f" || { printf "cannot join cgroup: %s" "$f" >&2; exit 125; }; '
     "shift; done; "
     'shift; exec "$@" 2>>"$e"'
 )
 _LEFTOVER_POLL = 0.005  # seconds between checks that a killed job's cgroup emptied
 _LEFTOVER_TIMEOUT = 5.0
+_REMOVE_FIRST_RETRY = 0.005  # seconds until a busy cgroup's removal is retried, doubling...
+_REMOVE_MAX_RETRY = 0.1  # ...up to this
+_REMOVE_TIMEOUT = 5.0  # then cgroup_remove_failed is logged and the group left behind
 
 
 class SpawnError(Exception):
@@ -69,6 +91,21 @@ class SpawnError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+def join_shell() -> tuple[str, bool]:
+    """The shell for the join step, and whether it may see the job's environment (module doc).
+
+    True with dash: /bin/sh when it resolves to dash, else /bin/dash or /usr/bin/dash.
+    Otherwise (/bin/sh, False): the shell gets a fixed environment and env(1) the job's.
+    """
+    if os.path.basename(os.path.realpath(_SH)) == "dash":
+        return _SH, True
+    for path in _DASH:
+        if os.access(path, os.X_OK):
+            return path, True
+    _log.warning("join_shell_not_dash", shell=os.path.realpath(_SH), cost="one exec per job")
+    return _SH, False
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +152,7 @@ def kill_stale(pid: int, pid_start: int, cgroup_key: str | None, backend: Cgroup
         group = backend.open(cgroup_key)
         if group is not None:
             group.kill()
-            group.remove(timeout=1.0)
+            group.remove_blocking(timeout=1.0)  # runs in a thread (Engine.recover)
     return killed
 
 
@@ -125,7 +162,7 @@ class Process:
     def __init__(
         self, popen: subprocess.Popen[bytes], cgroup: JobCgroup, start_time: float
     ) -> None:
-        """Watch `popen` through a pidfd; spawn() makes these."""
+        """Watch `popen` through a pidfd; spawn() makes these. On OSError nothing is open."""
         self.pid = popen.pid
         self.pid_start = process_start_ticks(self.pid) or 0
         self.start_time = start_time
@@ -133,17 +170,26 @@ class Process:
         self._popen = popen
         self._loop = asyncio.get_running_loop()
         self._done: asyncio.Future[ExitInfo] = self._loop.create_future()
+        self._released: asyncio.Future[None] = self._loop.create_future()
         self._reaped = False
         self._status: tuple[int | None, int, float] = (None, 0, 0.0)  # exit code, signal, end
         self._rusage: tuple[float, float, int] = (0.0, 0.0, 0)  # user, system, max rss
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._pidfd = os.pidfd_open(self.pid)
-        self._loop.add_reader(self._pidfd, self._on_exit)
+        try:
+            self._loop.add_reader(self._pidfd, self._on_exit)
+        except BaseException:
+            os.close(self._pidfd)
+            raise
 
     async def wait(self) -> ExitInfo:
         """The job's end, once it has ended and nothing of it is left; same result for all."""
         return await asyncio.shield(self._done)
+
+    async def released(self) -> None:
+        """Once the job has ended and its cgroups are removed (or given up on, logged)."""
+        await asyncio.shield(self._released)
 
     async def stop(self, grace: float) -> ExitInfo:
         """SIGTERM the process group; after `grace` seconds SIGKILL it and the cgroup."""
@@ -196,7 +242,7 @@ class Process:
         self._finish()
 
     def _finish(self) -> None:
-        """Once the cgroup is empty (or after a timeout): usage, OOM, remove, resolve."""
+        """Once the cgroup is empty (or after a timeout): usage, OOM, resolve, then remove."""
         self._timer = None
         # An empty cgroup stays empty (nothing can join it but by our writes): no kill needed.
         if self.cgroup.pids() and time.monotonic() < self._deadline:
@@ -212,7 +258,8 @@ class Process:
         if peak is not None:  # wait4's max RSS starts at the server's (module doc)
             rss = min(rss, peak)
         oom = self.cgroup.oom_killed()
-        self.cgroup.remove()
+        # Read above, so the result never waits for the rmdir (retried from callbacks).
+        _release(self._loop, self.cgroup, self._released)
         if not self._done.done():
             self._done.set_result(
                 ExitInfo(
@@ -225,6 +272,63 @@ class Process:
             )
 
 
+def _release(
+    loop: asyncio.AbstractEventLoop,
+    cgroup: JobCgroup,
+    done: asyncio.Future[None],
+    delay: float = _REMOVE_FIRST_RETRY,
+    deadline: float | None = None,
+) -> None:
+    """Remove `cgroup` without blocking: busy groups are retried from loop callbacks, with
+    a growing delay, up to _REMOVE_TIMEOUT; then logged. `done` resolves at the end."""
+    busy = cgroup.remove()
+    if deadline is None:
+        deadline = time.monotonic() + _REMOVE_TIMEOUT
+    if busy and time.monotonic() < deadline:
+        next_delay = min(delay * 2, _REMOVE_MAX_RETRY)
+        loop.call_later(delay, _release, loop, cgroup, done, next_delay, deadline)
+        return
+    if busy:
+        _log.warning("cgroup_remove_failed", key=cgroup.key, paths=list(busy), error="busy")
+    if not done.done():
+        done.set_result(None)
+
+
+def _abandon(
+    loop: asyncio.AbstractEventLoop, popen: subprocess.Popen[bytes], cgroup: JobCgroup
+) -> asyncio.Future[None]:
+    """Kill a child spawn() cannot watch, reap it and remove its cgroup, all from loop
+    callbacks (no sleeping, and done even if the caller is cancelled); resolves when done."""
+    done: asyncio.Future[None] = loop.create_future()
+    deadline = time.monotonic() + _LEFTOVER_TIMEOUT
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(popen.pid, signal.SIGKILL)  # unreaped: the group id is still the job's
+
+    def step() -> None:
+        cgroup.kill()
+        reaped = popen.poll() is not None  # waitpid(WNOHANG)
+        if not reaped and time.monotonic() < deadline:
+            loop.call_later(_LEFTOVER_POLL, step)
+            return
+        if not reaped:  # Popen's finalizer reaps it at a later Popen
+            _log.warning("job_not_reaped", pid=popen.pid)
+        _release(loop, cgroup, done)
+
+    step()
+    return done
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    """What spawn() checked and opened before making the cgroup."""
+
+    cwd: str
+    env: dict[str, str]
+    resolved: str  # argv[0] resolved against the job's PATH
+    job_dir: Path  # absolute
+    stdio: tuple[int, int, int]
+
+
 class Supervisor:
     """Starts job processes in their cgroups with their files as stdio."""
 
@@ -234,11 +338,13 @@ class Supervisor:
         *,
         default_working_dir: str = "/",
         base_path: str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        shell: tuple[str, bool] | None = None,
     ) -> None:
-        """A supervisor putting jobs into `backend`'s cgroups."""
+        """A supervisor putting jobs into `backend`'s cgroups; `shell`: see join_shell()."""
         self.backend = backend
         self.default_working_dir = default_working_dir
         self.base_path = base_path
+        self.shell, self.shell_sees_env = shell or join_shell()
         self._home = _home()
 
     def environment(self, spec_env: Mapping[str, str]) -> dict[str, str]:
@@ -250,9 +356,21 @@ class Supervisor:
     async def spawn(self, spec: JobSpec, limits: Limits, job_dir: Path, key: str) -> Process:
         """Start `spec` in cgroup `key` with its output in `job_dir`; SpawnError if it cannot.
 
-        When this returns, the process is in its cgroups (or never ran user code).
+        When this returns, the process is in its cgroups (or never ran user code). On any
+        failure nothing is left: no fd, no cgroup, no process.
         """
-        process, gate = self._launch(spec, limits, job_dir, key)
+        prepared = await _in_thread(self._prepare, spec, job_dir)
+        popen, cgroup, gate = self._launch(spec, limits, key, prepared)  # closes the stdio
+        try:
+            process = Process(popen, cgroup, time.time())
+        except BaseException as exc:
+            if gate >= 0:
+                os.close(gate)
+            abandoned = _abandon(asyncio.get_running_loop(), popen, cgroup)
+            await asyncio.shield(abandoned)
+            if isinstance(exc, OSError):
+                raise SpawnError(f"cannot watch the job's process: {_why(exc)}") from exc
+            raise
         if gate < 0:
             return process
         try:
@@ -263,13 +381,12 @@ class Supervisor:
         if failed:
             process.kill()
             await process.wait()
+            await process.released()
             raise SpawnError(failed.strip())
         return process
 
-    def _launch(
-        self, spec: JobSpec, limits: Limits, job_dir: Path, key: str
-    ) -> tuple[Process, int]:
-        """Check, open the files, make the cgroup, Popen; the process and its gate fd (or -1)."""
+    def _prepare(self, spec: JobSpec, job_dir: Path) -> _Prepared:
+        """Check the command and directory, open the job's files (in a worker thread)."""
         if not spec.argv:
             raise SpawnError("empty argv")
         cwd = os.path.join(self.default_working_dir, spec.working_dir)
@@ -277,59 +394,83 @@ class Supervisor:
         env = self.environment(spec.env)
         resolved = resolve_executable(spec.argv[0], env.get("PATH", ""), cwd)
         job_dir = Path(os.path.abspath(job_dir))  # the exec chain reopens stderr by path
-        stdio = _open_stdio(job_dir, spec.stdin)
+        return _Prepared(cwd, env, resolved, job_dir, _open_stdio(job_dir, spec.stdin))
+
+    def _launch(
+        self, spec: JobSpec, limits: Limits, key: str, prepared: _Prepared
+    ) -> tuple[subprocess.Popen[bytes], JobCgroup, int]:
+        """Make the cgroup, Popen; the child, its cgroup and the gate fd (or -1).
+
+        Always closes the stdio fds; on failure also removes the cgroup (no child is left).
+        """
         try:
             try:
                 cgroup = self.backend.create(key, limits)
             except OSError as exc:
-                raise SpawnError(f"cannot create cgroup {key}: {exc.strerror}") from exc
-            argv0 = resolved if spec.argv[0].startswith("-") else spec.argv[0]
-            argv = [argv0, *spec.argv[1:]]
-            prefix = [PRLIMIT, *cgroup.rlimit_args, "--"] if cgroup.rlimit_args else []
-            if not cgroup.procs_files:
-                executable = PRLIMIT if prefix else resolved
-                process = _popen(
-                    [*prefix, *argv],
-                    executable=executable,
-                    cwd=cwd,
-                    env=env,
-                    stdio=stdio,
-                    cgroup=cgroup,
-                )
-                return process, -1
-            procs = [str(p) for p in cgroup.procs_files]
-            args = [_SHELL, "-c", _JOIN_SCRIPT, "jobworker-job", str(job_dir / "stderr")]
-            args += [*procs, "--", *prefix, *argv]
-            gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
-            os.set_blocking(gate_r, False)
+                raise SpawnError(f"cannot create cgroup {key}: {_why(exc)}") from exc
             try:
-                gated = (stdio[0], stdio[1], gate_w)
-                process = _popen(
-                    args, executable=_SHELL, cwd=cwd, env=env, stdio=gated, cgroup=cgroup
-                )
+                popen, gate = self._popen_joining(spec, cgroup, prepared)
             except BaseException:
-                os.close(gate_r)
+                cgroup.remove()  # nothing ever joined it: never busy
                 raise
-            finally:
-                os.close(gate_w)
-            return process, gate_r
+            return popen, cgroup, gate
         finally:
-            for fd in stdio:
+            for fd in prepared.stdio:
                 os.close(fd)
+
+    def _popen_joining(
+        self, spec: JobSpec, cgroup: JobCgroup, prepared: _Prepared
+    ) -> tuple[subprocess.Popen[bytes], int]:
+        """Popen the job (through the join shell when it has cgroups); the gate fd or -1."""
+        cwd, env, resolved, stdio = prepared.cwd, prepared.env, prepared.resolved, prepared.stdio
+        argv0 = resolved if spec.argv[0].startswith("-") else spec.argv[0]
+        prefix = [PRLIMIT, *cgroup.rlimit_args, "--"] if cgroup.rlimit_args else []
+        if not cgroup.procs_files:
+            argv = [argv0, *spec.argv[1:]]
+            executable = PRLIMIT if prefix else resolved
+            return _popen([*prefix, *argv], executable, cwd, env, stdio), -1
+        shell_env = env
+        if not self.shell_sees_env:  # no dash here: env(1) hands the job's over (module doc)
+            if "=" in argv0:  # env(1) would take it for an assignment
+                argv0 = resolved
+            prefix = [_ENV, "-i", *_assignments(env), *prefix]
+            shell_env = dict(_FIXED_SHELL_ENV)
+        procs = [str(p) for p in cgroup.procs_files]
+        args = [self.shell, "-c", _JOIN_SCRIPT, "jobworker-job", str(prepared.job_dir / "stderr")]
+        args += [*procs, "--", *prefix, argv0, *spec.argv[1:]]
+        try:
+            gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
+        except OSError as exc:
+            raise SpawnError(f"cannot create a pipe for the job: {_why(exc)}") from exc
+        try:
+            os.set_blocking(gate_r, False)
+            popen = _popen(args, self.shell, cwd, shell_env, (stdio[0], stdio[1], gate_w))
+        except BaseException:
+            os.close(gate_r)
+            raise
+        finally:
+            os.close(gate_w)
+        return popen, gate_r
+
+
+def _assignments(env: Mapping[str, str]) -> list[str]:
+    """NAME=VALUE arguments for env(1); SpawnError for a name env(1) would misread."""
+    for name in env:
+        if not name or "=" in name or "\0" in name:
+            raise SpawnError(f"invalid argv or environment: bad variable name {name!r}")
+    return [f"{name}={value}" for name, value in env.items()]
 
 
 def _popen(
     args: list[str],
-    *,
     executable: str,
     cwd: str,
     env: dict[str, str],
     stdio: tuple[int, int, int],
-    cgroup: JobCgroup,
-) -> Process:
+) -> subprocess.Popen[bytes]:
     """Popen the way that keeps CPython on vfork+exec: no preexec_fn, user or groups."""
     try:
-        popen = subprocess.Popen(
+        return subprocess.Popen(
             args,
             executable=executable,
             stdin=stdio[0],
@@ -341,15 +482,32 @@ def _popen(
             start_new_session=True,
         )
     except OSError as exc:
-        cgroup.remove()
-        raise SpawnError(f"cannot execute {executable}: {exc.strerror}") from exc
+        if exc.filename is None:  # the parent's side failed (its pipe: EMFILE, ENFILE)
+            raise SpawnError(f"cannot start the job: {_why(exc)}") from exc
+        raise SpawnError(f"cannot execute {executable}: {_why(exc)}") from exc
     except ValueError as exc:  # a NUL in argv or env, an "=" in an env name
-        cgroup.remove()
         raise SpawnError(f"invalid argv or environment: {exc}") from exc
-    except BaseException:
-        cgroup.remove()
+
+
+async def _in_thread(func: Callable[..., _Prepared], *args: object) -> _Prepared:
+    """func(*args) in the default executor; if the caller is cancelled meanwhile, the fds
+    of what it still returns are closed."""
+    future = asyncio.get_running_loop().run_in_executor(None, func, *args)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+
+        def close(done: asyncio.Future[_Prepared]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                for fd in done.result().stdio:
+                    os.close(fd)
+
+        future.add_done_callback(close)
         raise
-    return Process(popen, cgroup, time.time())
+
+
+def _why(exc: OSError) -> str:
+    return exc.strerror or str(exc)
 
 
 async def _read_gate(fd: int) -> str:
@@ -436,27 +594,59 @@ def _unexecutable(path: str) -> str:
 
 
 def _open_stdio(job_dir: Path, stdin: bytes) -> tuple[int, int, int]:
-    """fds 0, 1, 2 for the job: its stdin file or /dev/null, and the appended log files."""
-    job_dir.mkdir(parents=True, exist_ok=True)
+    """fds 0, 1, 2 for the job: its stdin file or /dev/null, and the appended log files.
+
+    `stdin` bytes are written to the job's stdin file first (callers other than the
+    store, which has written the file already, pass them).
+
+    SpawnError naming the path when one cannot be made; nothing is left open then.
+    """
+    try:
+        job_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SpawnError(f"cannot create the job directory {job_dir}: {_why(exc)}") from exc
     fds: list[int] = []
     try:
         if stdin:
-            stdin_path = job_dir / "stdin"
-            fd = os.open(stdin_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            try:
-                view = memoryview(stdin)
-                while view:
-                    view = view[os.write(fd, view) :]
-            finally:
-                os.close(fd)
-            fds.append(os.open(stdin_path, os.O_RDONLY | os.O_CLOEXEC))
+            fds.append(_write_stdin(job_dir / "stdin", stdin))
         else:
-            fds.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+            # The store writes a batch's stdin files when it commits the batch; a job
+            # without one reads /dev/null.
+            source = job_dir / "stdin"
+            if not source.exists():
+                source = Path(os.devnull)
+            try:
+                fds.append(os.open(source, os.O_RDONLY | os.O_CLOEXEC))
+            except OSError as exc:
+                raise SpawnError(f"cannot open {source} for the job: {_why(exc)}") from exc
         for name in ("stdout", "stderr"):
+            path = job_dir / name
             flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
-            fds.append(os.open(job_dir / name, flags, 0o644))
+            try:
+                fds.append(os.open(path, flags, 0o644))
+            except OSError as exc:
+                raise SpawnError(f"cannot open {name} for the job: {path}: {_why(exc)}") from exc
     except BaseException:
         for fd in fds:
             os.close(fd)
         raise
     return fds[0], fds[1], fds[2]
+
+
+def _write_stdin(path: Path, data: bytes) -> int:
+    """Write the job's stdin file (a partial one is removed); an fd reading it."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+        finally:
+            os.close(fd)
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SpawnError(f"cannot write stdin for the job to {path}: {_why(exc)}") from exc

@@ -137,12 +137,17 @@ def job_to_pb(batch: BatchRecord, index: int, status: JobStatus) -> pb.Job:
 
 
 def batch_to_pb(
-    batch: BatchRecord, indexes: Iterable[int] | None = None, tail_limit: int | None = None
+    batch: BatchRecord,
+    indexes: Iterable[int] | None = None,
+    tail_limit: int | None = None,
+    *,
+    strict: bool = True,
 ) -> pb.Batch:
     """The wire Batch, kept under gRPC's 4 MiB message limit whatever was asked.
 
-    Tails are shortened first (each says truncated); if the jobs alone are still too
-    large, their specs' stdin is left out; past that, RESOURCE_EXHAUSTED asks for fewer jobs.
+    Tails are shortened first (each says truncated); jobs' stdin is echoed only when it
+    fits; past that, `strict` answers RESOURCE_EXHAUSTED (ask for fewer jobs), and
+    otherwise the specs are left out (CancelBatch must answer once it has cancelled).
     """
     chosen = list(range(len(batch.specs)) if indexes is None else indexes)
     out = pb.Batch(
@@ -154,23 +159,34 @@ def batch_to_pb(
         end_time=_ts(batch.end_time),
         jobs=[job_to_pb(batch, i, batch.statuses[i]) for i in chosen],
     )
+    budget = MESSAGE_LIMIT - MESSAGE_MARGIN
     size = out.ByteSize()
-    if size > MESSAGE_LIMIT - MESSAGE_MARGIN:
-        for job in out.jobs:
-            job.spec.stdin = b""
-        size = out.ByteSize()
-        if size > MESSAGE_LIMIT - MESSAGE_MARGIN:
+    if size > budget:
+        if strict:
             raise ResourceExhausted(
                 f"the answer would be {size} bytes, over gRPC's message limit "
-                f"({MESSAGE_LIMIT}); ask for fewer jobs with job_names"
+                f"({MESSAGE_LIMIT} bytes); ask for fewer jobs with job_names"
             )
-    if tail_limit and chosen:
-        room = MESSAGE_LIMIT - MESSAGE_MARGIN - size
-        limit = min(tail_limit, max(0, room // (2 * len(chosen))))
+        for job in out.jobs:
+            job.ClearField("spec")
+        size = out.ByteSize()
+    stdin = sum(batch.stdin_sizes[i] for i in chosen)
+    if stdin and size + stdin + 8 * len(chosen) <= budget:
         for i, job in zip(chosen, out.jobs, strict=True):
-            folder = batch.job_dir(i)
-            job.stdout.CopyFrom(_tail_to_pb(read_tail(folder / "stdout", limit)))
-            job.stderr.CopyFrom(_tail_to_pb(read_tail(folder / "stderr", limit)))
+            if batch.stdin_sizes[i]:
+                job.spec.stdin = (batch.job_dir(i) / "stdin").read_bytes()
+        size = out.ByteSize()
+    if tail_limit and chosen:
+        # Each tail also costs a tag and length bytes in its own and the enclosing messages.
+        limit = min(tail_limit, max(0, (budget - size) // (2 * len(chosen)) - 16))
+        while True:
+            for i, job in zip(chosen, out.jobs, strict=True):
+                folder = batch.job_dir(i)
+                job.stdout.CopyFrom(_tail_to_pb(read_tail(folder / "stdout", limit)))
+                job.stderr.CopyFrom(_tail_to_pb(read_tail(folder / "stderr", limit)))
+            if limit == 0 or out.ByteSize() <= budget:
+                break
+            limit //= 2
     return out
 
 

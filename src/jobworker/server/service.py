@@ -108,7 +108,7 @@ class JobWorkerService(pb_grpc.JobWorkerServiceServicer):
         batch = await self.core.cancel(
             current_caller(), request.correlation_id, request.job_names, grace
         )
-        return pb.CancelBatchResponse(batch=convert.batch_to_pb(batch, tail_limit=None))
+        return pb.CancelBatchResponse(batch=convert.batch_to_pb(batch, strict=False))
 
     async def ListBatches(
         self, request: pb.ListBatchesRequest, context: aio.ServicerContext[Any, Any]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import base64
 import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -37,6 +37,7 @@ from jobworker.store.notify import Notifier
 log = structlog.get_logger("jobworker.store")
 
 META = "batch.json"
+STDIN = "stdin"  # in a job's folder: what the job reads; written when the batch is stored
 TRASH = ".trash-"  # a batch folder being deleted: renamed first, so a crash never revives it
 JOURNAL = "journal"
 FORMAT_VERSION = 1
@@ -58,12 +59,15 @@ class BatchRecord:
     end_time: float | None = None
     names: dict[str, int] = field(default_factory=dict)
     changed: Notifier = field(default_factory=Notifier)
+    stdin_sizes: list[int] = field(default_factory=list)  # bytes in jobs/<i>/stdin
     journal_fd: int = -1
     journal_size: int = 0  # bytes of whole lines in the journal
     pending: list[bytes] = field(default_factory=list)  # lines not written yet (disk full)
 
     def __post_init__(self) -> None:
         self.names = {spec.name: i for i, spec in enumerate(self.specs)}
+        if not self.stdin_sizes:
+            self.stdin_sizes = [0] * len(self.specs)
         if not self.statuses:
             self.statuses = [JobStatus() for _ in self.specs]
             self.events = [
@@ -126,8 +130,8 @@ def _spec_to_json(spec: JobSpec) -> dict[str, Any]:
         out["env"] = dict(spec.env)
     if spec.working_dir:
         out["working_dir"] = spec.working_dir
-    if spec.stdin:
-        out["stdin"] = base64.b64encode(spec.stdin).decode("ascii")
+    if spec.stdin:  # the bytes are in jobs/<i>/stdin; memory keeps only their size
+        out["stdin_bytes"] = len(spec.stdin)
     if spec.timeout is not None:
         out["timeout"] = spec.timeout
     if spec.limits.any:
@@ -143,7 +147,6 @@ def _spec_from_json(d: Mapping[str, Any]) -> JobSpec:
         argv=tuple(d["argv"]),
         env=frozen_map(d.get("env")),
         working_dir=d.get("working_dir", ""),
-        stdin=base64.b64decode(d["stdin"]) if "stdin" in d else b"",
         timeout=d.get("timeout"),
         limits=Limits(**d["limits"]) if "limits" in d else Limits(),
         depends_on=tuple(d.get("depends_on", ())),
@@ -201,10 +204,9 @@ def _event_from_line(line: bytes) -> JobEvent:
     )
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that a crash leaves either the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def _write_synced(path: Path, data: bytes) -> None:
+    """Write `data` to a new file `path` and fsync it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         view = memoryview(data)
         while view:
@@ -212,6 +214,12 @@ def _write_atomic(path: Path, data: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that a crash leaves either the old file or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    _write_synced(tmp, data)
     tmp.replace(path)
     _fsync_dir(path.parent)
 
@@ -283,6 +291,10 @@ class BatchStore:
         }
         try:
             path.mkdir()
+            for i, spec in enumerate(specs):  # before the metadata: its rename commits all
+                if spec.stdin:
+                    (path / "jobs" / str(i)).mkdir(parents=True)
+                    _write_synced(path / "jobs" / str(i) / STDIN, spec.stdin)
             _write_atomic(path / META, json.dumps(meta, separators=(",", ":")).encode())
         except OSError as exc:
             shutil.rmtree(path, ignore_errors=True)
@@ -296,8 +308,9 @@ class BatchStore:
             owner=owner,
             create_time=now,
             options=options,
-            specs=specs,
+            specs=tuple(dataclasses.replace(s, stdin=b"") if s.stdin else s for s in specs),
             path=path,
+            stdin_sizes=[len(s.stdin) for s in specs],
         )
         self._add(batch)
         return batch
@@ -437,6 +450,7 @@ class BatchStore:
             options=_options_from_json(meta["options"]),
             specs=tuple(_spec_from_json(j) for j in meta["jobs"]),
             path=path,
+            stdin_sizes=[j.get("stdin_bytes", 0) for j in meta["jobs"]],
         )
         for event in _read_journal(path / JOURNAL):
             if event.seq != len(batch.events) or not 0 <= event.index < len(batch.specs):

@@ -19,6 +19,7 @@ log = structlog.get_logger("jobworker.inotify")
 IN_MODIFY = 0x00000002
 IN_CLOSE_WRITE = 0x00000008
 IN_CREATE = 0x00000100
+IN_Q_OVERFLOW = 0x00004000
 IN_IGNORED = 0x00008000
 IN_NONBLOCK = 0o4000
 IN_CLOEXEC = 0o2000000
@@ -97,6 +98,11 @@ class Inotify:
         while offset + _EVENT.size <= len(data):
             wd, mask, _cookie, length = _EVENT.unpack_from(data, offset)
             offset += _EVENT.size + length
+            if mask & IN_Q_OVERFLOW:  # events were lost: wake everyone, they re-read
+                for every in list(self._by_wd.values()):
+                    for notifier in list(every.notifiers.values()):
+                        notifier.notify()
+                continue
             if wd in woken:
                 continue
             woken.add(wd)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -118,7 +119,7 @@ def test_create_applies_limits_and_remove_cleans_up(backend: CgroupBackend) -> N
             assert files["memory.max"].read_text().strip() == str(64 << 20)
             assert files["pids.max"].read_text().strip() == "10"
     finally:
-        group.remove()
+        assert group.remove_blocking()
     assert not any(path.parent.exists() for path in group.procs_files)
 
 
@@ -174,7 +175,7 @@ def test_kill_and_pids_of_a_group(backend: CgroupBackend) -> None:
     finally:
         proc.kill()
         proc.wait()
-        group.remove()
+        assert group.remove_blocking(timeout=2.0)
     assert not procs.parent.exists()
 
 
@@ -196,7 +197,7 @@ def test_kill_without_cgroup_kill_uses_freezer_and_pids(backend: CgroupBackend) 
     finally:
         proc.kill()
         proc.wait()
-        group.remove()
+        group.remove_blocking(timeout=2.0)
 
 
 @needs_root
@@ -231,6 +232,50 @@ def test_cleanup_stale_removes_empty_groups_and_keeps_busy_ones() -> None:
             pass
 
 
+@needs_root
+def test_remove_never_sleeps_and_names_the_busy_groups(backend: CgroupBackend) -> None:
+    """A group with a child group stays busy (EBUSY) like a v1 group right after its last
+    exit: remove() must try once and report it, not sleep on the caller's event loop."""
+    if backend.name == "none":
+        pytest.skip("no usable cgroups here")
+    group = backend.create("busy-1", Limits())
+    first = group.procs_files[0].parent
+    (first / "sub").mkdir()
+    try:
+        started = time.monotonic()
+        assert group.remove() == (str(first),)
+        assert group.remove() == (str(first),)  # only the busy one is tried again
+        assert time.monotonic() - started < 0.05
+        assert first.is_dir()
+        assert not any(p.parent.exists() for p in group.procs_files[1:])
+        assert not group.remove_blocking(timeout=0.02)
+    finally:
+        (first / "sub").rmdir()
+    assert group.remove() == ()
+    assert not first.exists()
+    assert group.remove_blocking()
+
+
+@needs_root
+def test_cleanup_stale_spares_groups_this_backend_made(backend: CgroupBackend) -> None:
+    """An empty group of this run may be a job's whose join shell has not joined yet."""
+    if backend.name == "none":
+        pytest.skip("no usable cgroups here")
+    group = backend.create("live-1", Limits())
+    try:
+        backend.cleanup_stale()
+        assert backend.open("live-1") is not None
+    finally:
+        assert group.remove_blocking()
+    backend.create("live-2", Limits())
+    reopened = backend.open("live-2")
+    assert reopened is not None
+    assert reopened.remove_blocking()  # removed by any handle: no longer this run's
+    backend.create("live-2", Limits())
+    assert CgroupBackend.detect(backend.hierarchies[0].parent.name).cleanup_stale() == 1
+    assert backend.cleanup_stale() == 0  # the group is gone: nothing left to spare
+
+
 def test_hierarchy_v2_flag() -> None:
     assert Hierarchy("unified", Path("/x")).v2
     assert not Hierarchy("memory", Path("/x")).v2
@@ -238,8 +283,6 @@ def test_hierarchy_v2_flag() -> None:
 
 
 def _wait_for(condition: object, timeout: float = 5.0) -> None:
-    import time
-
     assert callable(condition)
     deadline = time.monotonic() + timeout
     while not condition():

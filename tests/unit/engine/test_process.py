@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
+import resource
 import shutil
 import signal
 import stat
@@ -22,6 +24,7 @@ from jobworker.engine.process import (
     Process,
     SpawnError,
     Supervisor,
+    join_shell,
     kill_stale,
     process_start_ticks,
     resolve_executable,
@@ -250,6 +253,7 @@ async def test_stop_kills_the_whole_tree(
     assert (info.exit_code, info.signal) == (None, signal.SIGKILL)  # TERM was ignored
     for pid in [process.pid, *children]:
         assert not _alive(pid), pid
+    await asyncio.wait_for(process.released(), 6)
     assert not any(path.parent.exists() for path in process.cgroup.procs_files)
 
 
@@ -308,6 +312,7 @@ async def test_cgroups_are_removed_after_each_job(
     process, info = await _run(sup, _spec("true"), tmp_path, limits)
     assert info.exit_code == 0
     assert process.cgroup.procs_files
+    await asyncio.wait_for(process.released(), 6)
     assert not any(path.parent.exists() for path in process.cgroup.procs_files)
 
 
@@ -465,4 +470,237 @@ async def test_invalid_environment_is_a_spawn_error(
     key = _key()
     with pytest.raises(SpawnError, match="invalid argv or environment"):
         await sup.spawn(_spec("true", env={"A": "x\0y"}), Limits(pids_max=5), tmp_path, key)
+    assert backend.open(key) is None
+
+
+# ---- failures after the cgroup is made leave nothing behind -----------------------------------
+
+
+def _open_fds() -> set[int]:
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+@contextlib.contextmanager
+def _only_free_fds(free: int) -> Iterator[None]:
+    """Lower RLIMIT_NOFILE and fill the fd table so that exactly `free` more fds can open."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fillers: list[int] = []
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(_open_fds()) + 64, hard))
+        while True:
+            try:
+                fillers.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+            except OSError as exc:
+                if exc.errno != errno.EMFILE:
+                    raise
+                break
+        for _ in range(free):  # the highest ones: the kernel hands out the lowest free fd
+            os.close(fillers.pop())
+        yield
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.parametrize(
+    ("free", "message"),
+    [
+        (3, "cannot create a pipe for the job: Too many open files"),  # stdio takes all 3
+        (5, "cannot start the job: Too many open files"),  # Popen's own pipe fails
+    ],
+)
+async def test_emfile_after_the_cgroup_is_made_leaves_nothing(
+    sup: Supervisor, backend: CgroupBackend, tmp_path: Path, free: int, message: str
+) -> None:
+    _needs_cgroup(backend)
+    await _run(sup, _spec("true"), tmp_path / "warm")  # the executor's thread exists
+    key = _key()
+    before = _open_fds()
+    with _only_free_fds(free), pytest.raises(SpawnError) as caught:
+        await sup.spawn(_spec("touch", str(tmp_path / "ran")), Limits(), tmp_path, key)
+    assert caught.value.message == message
+    assert backend.open(key) is None
+    assert _open_fds() == before
+    assert not (tmp_path / "ran").exists()
+
+
+async def test_pidfd_open_failure_kills_and_reaps_the_child(
+    sup: Supervisor, backend: CgroupBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mocked: os.pidfd_open cannot be made to fail for real here. The EMFILE it would
+    meet cannot be arranged, since Popen itself needs two more fds just before it."""
+    started: list[int] = []
+
+    def failing(pid: int, flags: int = 0) -> int:
+        started.append(pid)
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    monkeypatch.setattr(os, "pidfd_open", failing)
+    key = _key()
+    before = _open_fds()
+    with pytest.raises(SpawnError, match="cannot watch the job's process: Too many open files"):
+        await sup.spawn(_spec("sleep", "1000"), Limits(pids_max=20), tmp_path, key)
+    (pid,) = started
+    with pytest.raises(ChildProcessError):  # reaped: no zombie, no untracked child
+        os.waitpid(pid, os.WNOHANG)
+    assert not _alive(pid)
+    assert backend.open(key) is None
+    assert _open_fds() == before
+
+
+@pytest.mark.skipif(not ROOT, reason="mounting a small tmpfs needs root")
+async def test_enospc_writing_stdin_is_a_spawn_error(
+    sup: Supervisor, backend: CgroupBackend, tmp_path: Path
+) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=64k", "jobworker-test", str(small)]
+    if subprocess.run(mount, check=False, capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        key = _key()
+        before = _open_fds()
+        with pytest.raises(SpawnError) as caught:
+            await sup.spawn(_spec("cat", stdin=b"x" * (1 << 20)), Limits(), small / "j", key)
+        stdin = small / "j" / "stdin"
+        assert caught.value.message == (
+            f"cannot write stdin for the job to {stdin}: No space left on device"
+        )
+        assert not stdin.exists()  # the partial file is not left to fill the disk
+        assert backend.open(key) is None
+        assert _open_fds() == before
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+@pytest.mark.parametrize("bad", ["stdout", "stderr", "dir"])
+async def test_unopenable_job_files_are_spawn_errors_naming_them(
+    sup: Supervisor, backend: CgroupBackend, tmp_path: Path, bad: str
+) -> None:
+    job_dir = tmp_path / "j"
+    if bad == "dir":
+        tmp_path.joinpath("file").write_text("")
+        job_dir = tmp_path / "file" / "j"
+        message = f"cannot create the job directory {job_dir}: Not a directory"
+    else:
+        (job_dir / bad).mkdir(parents=True)
+        message = f"cannot open {bad} for the job: {job_dir / bad}: Is a directory"
+    key = _key()
+    before = _open_fds()
+    with pytest.raises(SpawnError) as caught:
+        await sup.spawn(_spec("true"), Limits(), job_dir, key)
+    assert caught.value.message == message
+    assert backend.open(key) is None
+    assert _open_fds() == before
+
+
+# ---- the cgroup's removal never blocks the loop nor delays the result -------------------------
+
+
+async def test_a_busy_cgroup_neither_blocks_the_loop_nor_delays_the_result(
+    sup: Supervisor, backend: CgroupBackend, tmp_path: Path
+) -> None:
+    """The job leaves a child group in its groups: they stay busy (EBUSY) after it ends,
+    as a v1 group often is for a moment after its last exit."""
+    _needs_cgroup(backend)
+    key = _key()
+    subs = [h.parent / key / "sub" for h in backend.hierarchies]
+    script = 'for d; do mkdir "$d" 2>/dev/null; done; exit 0'
+    gaps: list[float] = []
+
+    async def ticker() -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.002)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    ticking = asyncio.create_task(ticker())
+    try:
+        process = await sup.spawn(
+            _spec("sh", "-c", script, "sh", *map(str, subs)), Limits(), tmp_path, key
+        )
+        info = await process.wait()
+        assert any(sub.is_dir() for sub in subs)
+        await asyncio.sleep(0.1)  # retries happen meanwhile, never sleeping on the loop
+        assert max(gaps) < 0.1, max(gaps)
+        assert info.exit_code == 0
+        assert not process._released.done()
+    finally:
+        ticking.cancel()
+        for sub in subs:
+            with contextlib.suppress(FileNotFoundError):
+                sub.rmdir()
+    await asyncio.wait_for(process.released(), 1.0)
+    assert backend.open(key) is None
+
+
+# ---- the join shell never runs the job's environment as code ----------------------------------
+
+
+def test_join_shell_is_dash_where_there_is_one() -> None:
+    if not any(os.access(p, os.X_OK) for p in ("/bin/dash", "/usr/bin/dash")):
+        pytest.skip("no dash here")
+    shell, sees_env = join_shell()
+    assert sees_env
+    assert os.path.basename(os.path.realpath(shell)) == "dash"
+
+
+BASH = shutil.which("bash")
+
+
+@pytest.mark.skipif(BASH is None, reason="needs bash")
+async def test_a_non_dash_join_shell_never_sees_the_jobs_environment(
+    backend: CgroupBackend, tmp_path: Path
+) -> None:
+    """With bash as the join shell, an imported function (BASH_FUNC_echo%%) would replace
+    the shell's `echo $$ > cgroup.procs`: user code outside the cgroup. Shown first with bash
+    given the job's environment, then checked with the fixed environment plus env(1)."""
+    _needs_cgroup(backend)
+    assert BASH is not None
+    marker = tmp_path / "pwned"
+    env = {
+        "BASH_FUNC_echo%%": f"() {{ builtin echo pwned > {marker}; }}",
+        "SHELLOPTS": "xtrace",
+        "FOO": "bar baz=qux",
+    }
+    unsafe = Supervisor(backend, shell=(BASH, True))
+    only_function = {"BASH_FUNC_echo%%": env["BASH_FUNC_echo%%"]}
+    await _run(unsafe, _spec("true", env=only_function), tmp_path / "unsafe")
+    assert marker.exists()  # the hazard is real: the function ran and nothing joined
+    marker.unlink()
+
+    safe = Supervisor(backend, shell=(BASH, False))
+    _, info = await _run(safe, _spec("env", env=env), tmp_path / "env")
+    assert info.exit_code == 0
+    assert not marker.exists()
+    assert (tmp_path / "env" / "stderr").read_bytes() == b""  # no xtrace either
+    lines = (tmp_path / "env" / "stdout").read_text().splitlines()
+    job_env = dict(line.split("=", 1) for line in lines)
+    assert job_env["FOO"] == "bar baz=qux"
+    assert job_env["BASH_FUNC_echo%%"] == env["BASH_FUNC_echo%%"]  # the job still gets it
+    assert job_env["PATH"] == safe.base_path
+    assert set(job_env) == {*env, "PATH", "HOME", "LANG"}
+
+    key = _key()
+    spec = _spec("cat", "/proc/self/cgroup", env=env)
+    process = await safe.spawn(spec, Limits(pids_max=50), tmp_path / "cg", key)
+    assert (await process.wait()).exit_code == 0
+    lines = (tmp_path / "cg" / "stdout").read_text().splitlines()
+    joined = [line for line in lines if line.endswith(f"/{key}")]
+    assert len(joined) == len(process.cgroup.procs_files) >= 1
+
+
+@pytest.mark.skipif(BASH is None, reason="needs bash")
+async def test_without_dash_an_env_name_env1_would_misread_is_refused(
+    backend: CgroupBackend, tmp_path: Path
+) -> None:
+    _needs_cgroup(backend)
+    assert BASH is not None
+    key = _key()
+    safe = Supervisor(backend, shell=(BASH, False))
+    with pytest.raises(SpawnError, match="invalid argv or environment"):
+        await safe.spawn(_spec("true", env={"": "x"}), Limits(), tmp_path, key)
     assert backend.open(key) is None
