@@ -38,7 +38,7 @@ class JobWorker:
     def __init__(self, store: BatchStore, engine: Engine) -> None:
         self.store = store
         self.engine = engine
-        self._lock = asyncio.Lock()  # idempotency check and store.create are one step
+        self._lock = asyncio.Lock()
 
     async def schedule(
         self, caller: Caller, options: BatchOptions, specs: tuple[JobSpec, ...]
@@ -46,21 +46,28 @@ class JobWorker:
         """Store and queue a validated batch; (batch, deduplicated)."""
         if not caller.can_schedule:
             raise PermissionDenied(f"role {caller.role!r} of {caller.identity!r} may not schedule")
+        # One batch at a time from the idempotency check to register(): two retries of one
+        # batch cannot both get past the check while the first is being written.
         async with self._lock:
             if options.idempotency_key:
                 earlier = self.store.find_idempotent(caller.identity, options.idempotency_key)
                 if earlier is not None:
                     return earlier, True
             self.engine.check_capacity(len(specs))
-            batch = self.store.create(caller.identity, options, specs)
-        log.info(
-            "batch_scheduled",
-            correlation_id=batch.cid,
-            identity=caller.identity,
-            jobs=len(specs),
-        )
-        self.engine.submit(batch)
+            # Shielded: once writing has begun, the batch is committed in memory and queued
+            # even if the caller goes away, so what is on disk is always what runs.
+            batch = await asyncio.shield(self._commit(caller.identity, options, specs))
         return batch, False
+
+    async def _commit(
+        self, owner: str, options: BatchOptions, specs: tuple[JobSpec, ...]
+    ) -> BatchRecord:
+        # Writing (fsync, maybe thousands of stdin files) happens off the event loop.
+        batch = await asyncio.to_thread(self.store.persist, owner, options, specs)
+        self.store.register(batch)
+        log.info("batch_scheduled", correlation_id=batch.cid, identity=owner, jobs=len(specs))
+        self.engine.submit(batch)
+        return batch
 
     def get(self, caller: Caller, cid: str) -> BatchRecord:
         """The batch `cid` if the caller may see it; NotFound otherwise, exactly as if missing."""

@@ -275,7 +275,14 @@ class BatchStore:
     # -- writes
 
     def create(self, owner: str, options: BatchOptions, specs: tuple[JobSpec, ...]) -> BatchRecord:
-        """Persist a new batch (crash-safe); ResourceExhausted when the disk is full."""
+        """Persist a new batch and keep it; ResourceExhausted when the disk is full."""
+        batch = self.persist(owner, options, specs)
+        self.register(batch)
+        return batch
+
+    def persist(self, owner: str, options: BatchOptions, specs: tuple[JobSpec, ...]) -> BatchRecord:
+        """Write a new batch to disk, crash-safe, touching nothing in memory: safe to run in
+        a worker thread. register() then makes it known."""
         self.root.mkdir(parents=True, exist_ok=True)
         self._check_free_space()
         cid = str(uuid.uuid4())
@@ -312,8 +319,11 @@ class BatchStore:
             path=path,
             stdin_sizes=[len(s.stdin) for s in specs],
         )
-        self._add(batch)
         return batch
+
+    def register(self, batch: BatchRecord) -> None:
+        """Make a persisted batch known (event loop only)."""
+        self._add(batch)
 
     def append(self, batch: BatchRecord, event: JobEvent) -> None:
         """Apply `event` to `batch` and append it to the batch's journal."""
