@@ -55,7 +55,8 @@ import signal
 import stat
 import subprocess
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +79,7 @@ _JOIN_SCRIPT = (
     "shift; done; "
     'shift; exec "$@" 2>>"$e"'
 )
+SPAWN_THREADS = 4  # jobs being started at once: fork/exec runs without the GIL
 _LEFTOVER_POLL = 0.005  # seconds between checks that a killed job's cgroup emptied
 _LEFTOVER_TIMEOUT = 5.0
 _REMOVE_FIRST_RETRY = 0.005  # seconds until a busy cgroup's removal is retried, doubling...
@@ -346,6 +348,7 @@ class Supervisor:
         self.base_path = base_path
         self.shell, self.shell_sees_env = shell or join_shell()
         self._home = _home()
+        self._pool = ThreadPoolExecutor(SPAWN_THREADS, thread_name_prefix="jobworker-spawn")
 
     def environment(self, spec_env: Mapping[str, str]) -> dict[str, str]:
         """The job's environment: a minimal base (not the server's) plus the spec's."""
@@ -359,15 +362,22 @@ class Supervisor:
         When this returns, the process is in its cgroups (or never ran user code). On any
         failure nothing is left: no fd, no cgroup, no process.
         """
-        prepared = await _in_thread(self._prepare, spec, job_dir)
-        popen, cgroup, gate = self._launch(spec, limits, key, prepared)  # closes the stdio
+        loop = asyncio.get_running_loop()
+        # Checks, files, cgroup and fork/exec are blocking calls: they run on the spawn
+        # threads (CPython lets go of the GIL in fork/exec), so the event loop never waits
+        # for an exec and several jobs start at once on several cores.
+        launched = loop.run_in_executor(self._pool, self._start, spec, limits, job_dir, key)
+        try:
+            popen, cgroup, gate = await asyncio.shield(launched)
+        except asyncio.CancelledError:
+            launched.add_done_callback(_abandon_launched)
+            raise
         try:
             process = Process(popen, cgroup, time.time())
         except BaseException as exc:
             if gate >= 0:
                 os.close(gate)
-            abandoned = _abandon(asyncio.get_running_loop(), popen, cgroup)
-            await asyncio.shield(abandoned)
+            await asyncio.shield(_abandon(loop, popen, cgroup))
             if isinstance(exc, OSError):
                 raise SpawnError(f"cannot watch the job's process: {_why(exc)}") from exc
             raise
@@ -384,6 +394,16 @@ class Supervisor:
             await process.released()
             raise SpawnError(failed.strip())
         return process
+
+    def close(self) -> None:
+        """Stop the spawn threads (at shutdown, once no job is being started)."""
+        self._pool.shutdown(wait=True)
+
+    def _start(
+        self, spec: JobSpec, limits: Limits, job_dir: Path, key: str
+    ) -> tuple[subprocess.Popen[bytes], JobCgroup, int]:
+        """prepare and launch, on a spawn thread."""
+        return self._launch(spec, limits, key, self._prepare(spec, job_dir))
 
     def _prepare(self, spec: JobSpec, job_dir: Path) -> _Prepared:
         """Check the command and directory, open the job's files (in a worker thread)."""
@@ -489,21 +509,21 @@ def _popen(
         raise SpawnError(f"invalid argv or environment: {exc}") from exc
 
 
-async def _in_thread(func: Callable[..., _Prepared], *args: object) -> _Prepared:
-    """func(*args) in the default executor; if the caller is cancelled meanwhile, the fds
-    of what it still returns are closed."""
-    future = asyncio.get_running_loop().run_in_executor(None, func, *args)
-    try:
-        return await asyncio.shield(future)
-    except asyncio.CancelledError:
+def _abandon_launched(
+    launched: asyncio.Future[tuple[subprocess.Popen[bytes], JobCgroup, int]],
+) -> None:
+    """spawn() was cancelled while its thread started the job: stop what it started."""
+    if launched.cancelled() or launched.exception() is not None:
+        return  # nothing was left: _launch cleans up its own failures
+    popen, cgroup, gate = launched.result()
+    if gate >= 0:
+        os.close(gate)
+    _ABANDONED.add(abandoned := _abandon(asyncio.get_running_loop(), popen, cgroup))
+    abandoned.add_done_callback(_ABANDONED.discard)
 
-        def close(done: asyncio.Future[_Prepared]) -> None:
-            if not done.cancelled() and done.exception() is None:
-                for fd in done.result().stdio:
-                    os.close(fd)
 
-        future.add_done_callback(close)
-        raise
+# Cleanups of cancelled spawns, held here so that they run to their end.
+_ABANDONED: set[asyncio.Future[None]] = set()
 
 
 def _why(exc: OSError) -> str:
