@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import pwd
 import re
 import tomllib
 from collections.abc import Iterator, Mapping
@@ -104,6 +105,15 @@ def _check_metrics_listen(value: str) -> str:
 def _check_cgroup_name(value: str) -> str:
     if not value or "/" in value or value in (".", "..") or "\0" in value:
         raise ValueError("must be a folder name (no '/'), such as \"jobworker\"")
+    return value
+
+
+def _check_unix_user(value: str) -> str:
+    if value:
+        try:
+            pwd.getpwnam(value)
+        except KeyError:
+            raise ValueError(f"no Unix user {value!r} on this host") from None
     return value
 
 
@@ -236,6 +246,16 @@ class JobsConfig(_Section):
         "/", 'an absolute path, such as "/" or "/tmp"'
     )
     min_free_disk: Size = _size("64MiB", 0)
+    run_as: Annotated[str, AfterValidator(_check_unix_user)] = _setting(
+        "", 'a Unix user of this host, or "" for the server\'s own'
+    )
+    run_as_identity: dict[str, Annotated[str, AfterValidator(_check_unix_user)]] = _setting(
+        {}, "a Unix user of this host"
+    )
+
+    def unix_user_for(self, identity: str) -> str:
+        """The Unix user the jobs of `identity` run as ("": the server's own)."""
+        return self.run_as_identity.get(identity, self.run_as)
 
 
 class AuthConfig(_Section):
@@ -535,6 +555,7 @@ max_batch_bytes = "64MiB"        # reloadable: argv, env and stdin of all of a b
 max_queued_jobs = 100000         # reloadable: jobs waiting, all batches together; past it, no more
 working_dir = "/"                # reloadable: working directory of a job that names none; absolute
 min_free_disk = "64MiB"          # reloadable: ScheduleBatch fails below this free in data_dir
+run_as = ""                      # reloadable: Unix user jobs run as; "" = the server's own user
 
 [jobs.default_limits]            # reloadable; 0 means no limit
 cpu_millis = 0
@@ -542,6 +563,9 @@ memory_bytes = 0
 pids_max = 0
 io_read_bytes_per_second = 0     # a size per second, such as "10MiB"
 io_write_bytes_per_second = 0
+
+[jobs.run_as_identity]           # reloadable: identity = Unix user its jobs run as, over run_as
+# alice = "alice"
 
 [auth]                           # reloadable
 default_role = "user"            # role of any identity not listed below: "user" or "none"

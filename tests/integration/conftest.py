@@ -95,9 +95,11 @@ class Server:
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        if not self._ready.wait(timeout):
-            self.kill()
-            raise RuntimeError("server did not become ready:\n" + "\n".join(self.raw[-30:]))
+        deadline = time.monotonic() + timeout
+        while not self._ready.wait(0.05):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError("server did not become ready:\n" + "\n".join(self.raw[-30:]))
         return self
 
     def _read(self) -> None:

@@ -67,6 +67,8 @@ from jobworker.model import JobSpec, Limits, Usage
 
 _log = structlog.get_logger()
 
+SETPRIV = "/usr/bin/setpriv"  # util-linux: drops to a job's Unix user after it joined its cgroups
+
 _SH = "/bin/sh"
 _DASH = ("/bin/dash", "/usr/bin/dash")
 _ENV = "/usr/bin/env"
@@ -329,6 +331,7 @@ class _Prepared:
     resolved: str  # argv[0] resolved against the job's PATH
     job_dir: Path  # absolute
     stdio: tuple[int, int, int]
+    drop: tuple[str, ...] = ()  # setpriv ... -- when the job runs as another user
 
 
 class Supervisor:
@@ -356,8 +359,11 @@ class Supervisor:
         env.update(spec_env)
         return env
 
-    async def spawn(self, spec: JobSpec, limits: Limits, job_dir: Path, key: str) -> Process:
-        """Start `spec` in cgroup `key` with its output in `job_dir`; SpawnError if it cannot.
+    async def spawn(
+        self, spec: JobSpec, limits: Limits, job_dir: Path, key: str, user: str = ""
+    ) -> Process:
+        """Start `spec` in cgroup `key` with its output in `job_dir`, as Unix `user` ("": the
+        server's own); SpawnError if it cannot.
 
         When this returns, the process is in its cgroups (or never ran user code). On any
         failure nothing is left: no fd, no cgroup, no process.
@@ -366,7 +372,7 @@ class Supervisor:
         # Checks, files, cgroup and fork/exec are blocking calls: they run on the spawn
         # threads (CPython lets go of the GIL in fork/exec), so the event loop never waits
         # for an exec and several jobs start at once on several cores.
-        launched = loop.run_in_executor(self._pool, self._start, spec, limits, job_dir, key)
+        launched = loop.run_in_executor(self._pool, self._start, spec, limits, job_dir, key, user)
         try:
             popen, cgroup, gate = await asyncio.shield(launched)
         except asyncio.CancelledError:
@@ -400,21 +406,33 @@ class Supervisor:
         self._pool.shutdown(wait=True)
 
     def _start(
-        self, spec: JobSpec, limits: Limits, job_dir: Path, key: str
+        self, spec: JobSpec, limits: Limits, job_dir: Path, key: str, user: str
     ) -> tuple[subprocess.Popen[bytes], JobCgroup, int]:
         """prepare and launch, on a spawn thread."""
-        return self._launch(spec, limits, key, self._prepare(spec, job_dir))
+        return self._launch(spec, limits, key, self._prepare(spec, job_dir, user))
 
-    def _prepare(self, spec: JobSpec, job_dir: Path) -> _Prepared:
+    def _prepare(self, spec: JobSpec, job_dir: Path, user: str = "") -> _Prepared:
         """Check the command and directory, open the job's files (in a worker thread)."""
         if not spec.argv:
             raise SpawnError("empty argv")
         cwd = os.path.join(self.default_working_dir, spec.working_dir)
         _check_dir(cwd)
-        env = self.environment(spec.env)
+        drop: list[str] = []
+        if user:  # setpriv drops to the user after the cgroups are joined (as root)
+            try:
+                account = pwd.getpwnam(user)
+            except KeyError:
+                raise SpawnError(f"no Unix user {user!r} on this host (jobs.run_as)") from None
+            drop = [SETPRIV, f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}"]
+            drop += ["--init-groups", "--"]
+            env = self.environment({"HOME": account.pw_dir, "USER": user, "LOGNAME": user})
+            env.update(spec.env)
+        else:
+            env = self.environment(spec.env)
         resolved = resolve_executable(spec.argv[0], env.get("PATH", ""), cwd)
         job_dir = Path(os.path.abspath(job_dir))  # the exec chain reopens stderr by path
-        return _Prepared(cwd, env, resolved, job_dir, _open_stdio(job_dir, spec.stdin))
+        stdio = _open_stdio(job_dir, spec.stdin)
+        return _Prepared(cwd, env, resolved, job_dir, stdio, tuple(drop))
 
     def _launch(
         self, spec: JobSpec, limits: Limits, key: str, prepared: _Prepared
@@ -445,9 +463,10 @@ class Supervisor:
         cwd, env, resolved, stdio = prepared.cwd, prepared.env, prepared.resolved, prepared.stdio
         argv0 = resolved if spec.argv[0].startswith("-") else spec.argv[0]
         prefix = [PRLIMIT, *cgroup.rlimit_args, "--"] if cgroup.rlimit_args else []
+        prefix += prepared.drop
         if not cgroup.procs_files:
             argv = [argv0, *spec.argv[1:]]
-            executable = PRLIMIT if prefix else resolved
+            executable = prefix[0] if prefix else resolved
             return _popen([*prefix, *argv], executable, cwd, env, stdio), -1
         shell_env = env
         if not self.shell_sees_env:  # no dash here: env(1) hands the job's over (module doc)

@@ -40,6 +40,7 @@ class JobSettings(Protocol):
     def max_queued_jobs(self) -> int: ...
     @property
     def default_limits(self) -> _LimitsSource: ...
+    def unix_user_for(self, identity: str) -> str: ...
 
 
 class _LimitsSource(Protocol):
@@ -57,6 +58,7 @@ class _Run:
     message: str = ""
     grace: float = 0.0  # the grace period of that stop
     timeout: float = 0.0
+    user: str = ""  # the Unix user it runs as ("": the server's own)
 
 
 @dataclass(eq=False)
@@ -262,10 +264,11 @@ class Engine:
         )
         limits = spec.limits.over(self.settings.default_limits.to_limits())
         run.timeout = spec.timeout or self.settings.default_timeout
+        run.user = self.settings.unix_user_for(batch.owner)
         try:
             try:
                 process = await self.supervisor.spawn(
-                    spec, limits, batch.job_dir(i), f"{batch.cid}-{i}"
+                    spec, limits, batch.job_dir(i), f"{batch.cid}-{i}", run.user
                 )
             except SpawnError as exc:
                 bound.info("job_spawn_failed", message=exc.message)
@@ -280,7 +283,7 @@ class Engine:
                 pid=process.pid,
                 pid_start=process.pid_start,
             )
-            bound.info("job_started", pid=process.pid)
+            bound.info("job_started", pid=process.pid, unix_user=run.user or None)
             if run.reason is not None:  # cancelled while it was being spawned
                 self._stop(run, run.reason, run.message, run.grace)
             try:
