@@ -274,13 +274,17 @@ def test_dropped_streams_leave_nothing_behind(make_server: ServerFactory) -> Non
         next(iter(call))
         call.cancel()
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if _fds(pid) <= fds and _inotify_watches(pid) <= watches and not _streams_active(server):
+    while True:
+        active = _streams_active(server)
+        time.sleep(0.2)  # the scrape's own connection closes first
+        now_fds, now_watches = _fds(pid), _inotify_watches(pid)
+        if (active == 0 and now_fds <= fds and now_watches <= watches) or (
+            time.monotonic() > deadline
+        ):
             break
-        time.sleep(0.1)
-    assert _streams_active(server) == 0  # every stream's handler task has ended
-    assert _fds(pid) <= fds
-    assert _inotify_watches(pid) <= watches
+    assert active == 0  # every stream's handler task has ended
+    assert now_fds <= fds
+    assert now_watches <= watches
     streams = [line for line in server.events("rpc") if line["method"] == "StreamBatchLogs"]
     assert len(streams) >= 100  # every dropped stream was ended (and audited) by the server
     stub.CancelBatch(pb.CancelBatchRequest(correlation_id=cid), timeout=30)
