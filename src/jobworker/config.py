@@ -109,6 +109,8 @@ def _check_cgroup_name(value: str) -> str:
 
 
 def _check_unix_user(value: str) -> str:
+    if value and os.geteuid() != 0:
+        raise ValueError("running jobs as another user needs the server to run as root")
     if value:
         try:
             pwd.getpwnam(value)

@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from jobworker.v1 import jobworker_pb2 as pb
-from tests.integration.conftest import ServerFactory, job, schedule, wait_batch
+from tests.integration.conftest import (
+    ServerFactory,
+    alive,
+    job,
+    read_pids,
+    schedule,
+    wait_batch,
+    wait_job,
+    wait_until,
+)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
 
@@ -40,10 +52,19 @@ def test_jobs_run_as_the_configured_user(make_server: ServerFactory) -> None:
 def test_a_job_as_another_user_is_still_stopped_whole(make_server: ServerFactory) -> None:
     srv = make_server(jobs={"run_as": "nobody"})
     stub = srv.stub("alice")
-    reply = schedule(stub, job("sh", "-c", "sleep 300 & sleep 300", name="tree"))
+    shared = Path(tempfile.mkdtemp(prefix="jobworker-test-"))  # pytest's tmp is root-only
+    os.chmod(shared, 0o777)  # the job, as nobody, writes its pids here
+    pidfile = shared / "pids"
+    script = f"sleep 300 & echo $! >> {pidfile}; echo $$ >> {pidfile}; wait"
+    reply = schedule(stub, job("sh", "-c", script, name="tree"))
+    pids = wait_until(lambda: len(read_pids(pidfile)) == 2 and read_pids(pidfile), what="pids")
+    wait_job(stub, reply.correlation_id, "tree", pb.JOB_STATE_RUNNING)
+    assert all(alive(p) for p in pids)  # type: ignore[union-attr]
     stub.CancelBatch(pb.CancelBatchRequest(correlation_id=reply.correlation_id))
     batch = wait_batch(stub, reply.correlation_id)
     assert batch.jobs[0].state == pb.JOB_STATE_CANCELED
+    wait_until(lambda: not any(alive(p) for p in pids), what="the job's processes gone")  # type: ignore[union-attr]
+    shutil.rmtree(shared)
 
 
 def test_an_unknown_user_is_refused_at_load(make_server: ServerFactory) -> None:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from jobworker.engine.core import JobWorker
 from jobworker.model import BatchOptions, Caller, JobSpec, frozen_map
@@ -47,3 +52,40 @@ def test_other_identities_batches_are_not_listed(tmp_path: Path) -> None:
     assert [b.cid for b in page.batches] == [mine.cid]
     admin = core.list(Caller("root", "admin"), page_size=0, page_token="", labels={}, states=())
     assert len(admin.batches) == 2
+
+
+class _SlowStore(BatchStore):
+    """A real store whose writes take a while (a slow disk), to catch the caller mid-commit."""
+
+    def persist(self, *args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.3)
+        return super().persist(*args, **kwargs)
+
+
+class _Queue:
+    """Stands in for the engine: these tests are about the core's commit, not running jobs."""
+
+    def __init__(self) -> None:
+        self.submitted: list[str] = []
+
+    def check_capacity(self, jobs: int) -> None:
+        pass
+
+    def submit(self, batch: Any) -> None:
+        self.submitted.append(batch.cid)
+
+
+async def test_a_retry_after_a_cancelled_schedule_finds_the_first_batch(tmp_path: Path) -> None:
+    store, queue = _SlowStore(tmp_path), _Queue()
+    core = JobWorker(store, queue)  # type: ignore[arg-type]
+    options = BatchOptions(idempotency_key="retry-me")
+    specs = (JobSpec("j", ("true",)),)
+    first = asyncio.create_task(core.schedule(ALICE, options, specs))
+    await asyncio.sleep(0.05)  # writing has begun
+    first.cancel()  # the client's deadline passed
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    batch, deduplicated = await core.schedule(ALICE, options, specs)
+    assert deduplicated
+    assert len(store) == 1
+    assert queue.submitted == [batch.cid]

@@ -46,18 +46,28 @@ class JobWorker:
         """Store and queue a validated batch; (batch, deduplicated)."""
         if not caller.can_schedule:
             raise PermissionDenied(f"role {caller.role!r} of {caller.identity!r} may not schedule")
+        # Shielded as a whole: once past the checks, the batch is committed in memory and
+        # queued even if the caller goes away, and the lock is held until it is, so a
+        # retry with the same idempotency key finds it (what is on disk is what runs).
+        task = asyncio.ensure_future(self._schedule(caller.identity, options, specs))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(_log_orphan_failure)
+            raise
+
+    async def _schedule(
+        self, owner: str, options: BatchOptions, specs: tuple[JobSpec, ...]
+    ) -> tuple[BatchRecord, bool]:
         # One batch at a time from the idempotency check to register(): two retries of one
         # batch cannot both get past the check while the first is being written.
         async with self._lock:
             if options.idempotency_key:
-                earlier = self.store.find_idempotent(caller.identity, options.idempotency_key)
+                earlier = self.store.find_idempotent(owner, options.idempotency_key)
                 if earlier is not None:
                     return earlier, True
             self.engine.check_capacity(len(specs))
-            # Shielded: once writing has begun, the batch is committed in memory and queued
-            # even if the caller goes away, so what is on disk is always what runs.
-            batch = await asyncio.shield(self._commit(caller.identity, options, specs))
-        return batch, False
+            return await self._commit(owner, options, specs), False
 
     async def _commit(
         self, owner: str, options: BatchOptions, specs: tuple[JobSpec, ...]
@@ -139,7 +149,10 @@ class JobWorker:
         trash = []
         for batch in old:
             log.info("batch_expired", correlation_id=batch.cid, identity=batch.owner)
-            trash.append(self.store.delete(batch))
+            try:
+                trash.append(self.store.delete(batch))
+            except OSError as exc:  # removed by hand, say: forgotten all the same
+                log.warning("batch_delete_failed", correlation_id=batch.cid, error=str(exc))
         for path in trash:  # thousands of files for a big batch: not on the event loop
             await asyncio.to_thread(shutil.rmtree, path, True)
         return len(old)
@@ -148,6 +161,12 @@ class JobWorker:
     def _require_reader(caller: Caller) -> None:
         if caller.role == "none":
             raise PermissionDenied(f"identity {caller.identity!r} has role 'none'")
+
+
+def _log_orphan_failure(task: asyncio.Future[tuple[BatchRecord, bool]]) -> None:
+    """A schedule whose caller went away failed on its own: say so, once."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("schedule_failed_after_cancel", error=repr(task.exception()))
 
 
 def _summary_size(batch: BatchRecord) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal as signals
 import time
 from collections import deque
@@ -266,6 +267,10 @@ class Engine:
         run.timeout = spec.timeout or self.settings.default_timeout
         run.user = self.settings.unix_user_for(batch.owner)
         try:
+            lost = _lost_stdin(batch, i)
+            if lost:
+                self._finish_run(br, run, JobState.FAILED, message=lost)
+                return
             try:
                 process = await self.supervisor.spawn(
                     spec, limits, batch.job_dir(i), f"{batch.cid}-{i}", run.user
@@ -450,6 +455,21 @@ class Engine:
         self.store.append(batch, event)
         for listener in self.listeners:
             listener(batch, event)
+
+
+def _lost_stdin(batch: BatchRecord, index: int) -> str:
+    """Why job `index` cannot get the stdin it was scheduled with, or "" when it can."""
+    expected = batch.stdin_sizes[index]
+    if not expected:
+        return ""
+    path = batch.job_dir(index) / "stdin"
+    try:
+        size = os.stat(path).st_size
+    except FileNotFoundError:
+        size = -1
+    if size == expected:
+        return ""
+    return f"stdin lost: {path} should hold {expected} bytes (was the data_dir changed?)"
 
 
 async def _stop_quietly(process: Process, grace: float) -> None:

@@ -389,13 +389,19 @@ class App:
     async def _flush_loop(self) -> None:
         while True:
             await asyncio.sleep(FLUSH_INTERVAL)
-            self.store.retry_pending()
-            await asyncio.to_thread(self.store.sync)
+            try:
+                self.store.retry_pending()
+                await asyncio.to_thread(self.store.sync)
+            except Exception:  # the group commit must go on
+                log.exception("journal_flush_failed")
 
     async def _sweep_loop(self) -> None:
         while True:
             max_age = self.config.retention.max_age
-            await self.core.sweep(max_age)
+            try:
+                await self.core.sweep(max_age)
+            except Exception:  # retention must go on
+                log.exception("retention_sweep_failed")
             await asyncio.sleep(min(SWEEP_INTERVAL, max(0.1, max_age / 10)))
 
     async def _watch_config(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 from google.protobuf.duration_pb2 import Duration
@@ -171,10 +172,11 @@ def batch_to_pb(
             job.ClearField("spec")
         size = out.ByteSize()
     stdin = sum(batch.stdin_sizes[i] for i in chosen)
-    if stdin and size + stdin + 8 * len(chosen) <= budget:
+    if strict and stdin and size + stdin + 8 * len(chosen) <= budget:
         for i, job in zip(chosen, out.jobs, strict=True):
             if batch.stdin_sizes[i]:
-                job.spec.stdin = (batch.job_dir(i) / "stdin").read_bytes()
+                with contextlib.suppress(FileNotFoundError):  # lost: the job said so
+                    job.spec.stdin = (batch.job_dir(i) / "stdin").read_bytes()
         size = out.ByteSize()
     if tail_limit and chosen:
         # Each tail also costs a tag and length bytes in its own and the enclosing messages.

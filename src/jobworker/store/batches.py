@@ -302,6 +302,9 @@ class BatchStore:
                 if spec.stdin:
                     (path / "jobs" / str(i)).mkdir(parents=True)
                     _write_synced(path / "jobs" / str(i) / STDIN, spec.stdin)
+                    _fsync_dir(path / "jobs" / str(i))
+            if any(spec.stdin for spec in specs):
+                _fsync_dir(path / "jobs")
             _write_atomic(path / META, json.dumps(meta, separators=(",", ":")).encode())
         except OSError as exc:
             shutil.rmtree(path, ignore_errors=True)
@@ -373,13 +376,15 @@ class BatchStore:
         """fsync the journals written since the last call, and close finished ones.
 
         Runs in a worker thread (group commit); the event loop only hands fds over."""
-        with self._lock:
+        with self._lock:  # only the hand-over; the slow part runs without it
             dirty, self._dirty = self._dirty, set()
             closing, self._closing = self._closing, []
-            for fd in dirty | set(closing):
-                with contextlib.suppress(OSError):
-                    os.fsync(fd)
-            for fd in closing:
+        # Only this method closes journal fds, so every fd taken above stays valid here.
+        for fd in dirty | set(closing):
+            with contextlib.suppress(OSError):
+                os.fsync(fd)
+        for fd in closing:
+            with contextlib.suppress(OSError):
                 os.close(fd)
 
     def delete(self, batch: BatchRecord) -> Path:
@@ -430,7 +435,9 @@ class BatchStore:
 
     def load(self) -> list[BatchRecord]:
         """Load every batch from disk, oldest first; incomplete folders are removed."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Jobs may run as several Unix users: none of them reads another's logs here.
+        os.chmod(self.root, 0o700)
         loaded: list[BatchRecord] = []
         for path in self.root.iterdir():
             if path.name.startswith(TRASH):
@@ -453,6 +460,8 @@ class BatchStore:
 
     def _load_one(self, path: Path) -> BatchRecord:
         meta = json.loads((path / META).read_bytes())
+        if meta.get("version") != FORMAT_VERSION:
+            raise ValueError(f"format version {meta.get('version')}, not {FORMAT_VERSION}")
         batch = BatchRecord(
             cid=meta["correlation_id"],
             owner=meta["owner"],
@@ -462,35 +471,48 @@ class BatchStore:
             path=path,
             stdin_sizes=[j.get("stdin_bytes", 0) for j in meta["jobs"]],
         )
-        for event in _read_journal(path / JOURNAL):
+        for event, offset in _read_journal(path / JOURNAL):
             if event.seq != len(batch.events) or not 0 <= event.index < len(batch.specs):
-                log.error("journal_out_of_order", path=str(path), seq=event.seq)
+                cut_journal(path / JOURNAL, offset, f"event {event.seq} out of order")
                 break
             batch._apply(event)
         return batch
 
 
-def _read_journal(path: Path) -> list[JobEvent]:
-    """The journal's events. A torn last line (a crash mid-append) is dropped and cut off;
-    a bad line before the last is reported and reading stops there, but nothing is cut."""
+def _read_journal(path: Path) -> list[tuple[JobEvent, int]]:
+    """The journal's events, each with the offset where its line starts.
+
+    A torn last line (a crash mid-append) is dropped and cut off. A damaged line before
+    the last is not skipped (what follows cannot be trusted in order): the file is kept
+    aside for a person, and the journal cut back to the good lines before it, so that
+    events appended from now on are read at the next start.
+    """
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         return []
-    events: list[JobEvent] = []
+    events: list[tuple[JobEvent, int]] = []
     good = 0
     lines = data.splitlines(keepends=True)
     for n, line in enumerate(lines):
         try:
             if not line.endswith(b"\n"):
                 raise ValueError("unterminated")
-            events.append(_event_from_line(line))
+            events.append((_event_from_line(line), good))
         except (ValueError, KeyError, TypeError, IndexError):
             if n == len(lines) - 1:
                 log.warning("journal_tail_dropped", path=str(path), bytes=len(data) - good)
                 os.truncate(path, good)
             else:
-                log.error("journal_corrupt", path=str(path), line=n + 1)
+                cut_journal(path, good, f"damaged line {n + 1}")
             break
         good += len(line)
     return events
+
+
+def cut_journal(path: Path, size: int, why: str) -> None:
+    """Keep a copy of a damaged journal aside, then cut the journal to its first `size` bytes."""
+    aside = path.with_name(f"{path.name}.damaged-{int(time.time())}")
+    shutil.copyfile(path, aside)
+    os.truncate(path, size)
+    log.error("journal_damaged", path=str(path), why=why, kept=str(aside), kept_bytes=size)

@@ -59,7 +59,7 @@ def test_a_torn_last_line_is_dropped_and_cut_off(tmp_path: Path) -> None:
     assert journal.read_bytes() == good
 
 
-def test_a_bad_line_in_the_middle_cuts_nothing(tmp_path: Path) -> None:
+def test_a_damaged_line_is_kept_aside_and_later_events_survive(tmp_path: Path) -> None:
     store = BatchStore(tmp_path)
     batch = store.create("alice", BatchOptions(), SPECS)
     _run_all(store, batch)
@@ -68,9 +68,29 @@ def test_a_bad_line_in_the_middle_cuts_nothing(tmp_path: Path) -> None:
     lines = journal.read_bytes().splitlines(keepends=True)
     damaged = lines[0] + b"garbage\n" + b"".join(lines[1:])
     journal.write_bytes(damaged)
-    (loaded,) = BatchStore(tmp_path).load()
+
+    first = BatchStore(tmp_path)
+    (loaded,) = first.load()
     assert loaded.statuses[0].state is JobState.RUNNING  # what came before the damage
-    assert journal.read_bytes() == damaged  # kept for a person to look at
+    (aside,) = batch.path.glob("journal.damaged-*")
+    assert aside.read_bytes() == damaged  # kept for a person to look at
+    # The restarted server goes on writing; the next restart must see it.
+    first.append(loaded, _event(first, loaded, 0, JobState.SUCCEEDED))
+    first.close()
+    (again,) = BatchStore(tmp_path).load()
+    assert again.statuses[0].state is JobState.SUCCEEDED
+
+
+def test_stdin_is_kept_in_the_jobs_folder_not_in_memory(tmp_path: Path) -> None:
+    store = BatchStore(tmp_path)
+    specs = (JobSpec("a", ("cat",), stdin=b"in\0put"), JobSpec("b", ("true",)))
+    batch = store.create("alice", BatchOptions(), specs)
+    assert [s.stdin for s in batch.specs] == [b"", b""]
+    assert batch.stdin_sizes == [6, 0]
+    assert (batch.job_dir(0) / "stdin").read_bytes() == b"in\0put"
+    store.close()
+    (loaded,) = BatchStore(tmp_path).load()
+    assert loaded.stdin_sizes == [6, 0]
 
 
 def test_a_deleted_batch_never_comes_back(tmp_path: Path) -> None:
