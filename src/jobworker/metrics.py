@@ -136,11 +136,9 @@ class Metrics:
         self.build_info.labels(__version__, platform.python_version()).set(1)
         # Every known label value exists from the start, so rate() and alerts see a 0
         # rather than nothing until the first event.
-        for state in JobState:
-            if state.ended:
-                self.jobs_ended.labels(state.name)
-        for stream in STREAMS:
-            self.output_bytes.labels(stream)
+        # The labelled children, made once: they are used at every job's end.
+        self._ended = {s: self.jobs_ended.labels(s.name) for s in JobState if s.ended}
+        self._output = {stream: self.output_bytes.labels(stream) for stream in STREAMS}
         for outcome in ("success", "failure"):
             self.config_reloads.labels(outcome)
         for method in METHODS:
@@ -183,16 +181,16 @@ class Metrics:
             return
         if not event.state.ended:
             return
-        self.jobs_ended.labels(event.state.name).inc()
+        self._ended[event.state].inc()
         started = batch.statuses[event.index].start_time
         if started is None:
             return  # never ran: no process, no output
         if event.state is not JobState.LOST:  # LOST ends at the restart: downtime, not run time
             self.job_duration.observe(max(0.0, event.time - started))
-        folder = batch.job_dir(event.index)
-        for stream in STREAMS:
+        folder = os.fspath(batch.job_dir(event.index))
+        for stream, counter in self._output.items():
             with contextlib.suppress(OSError):
-                self.output_bytes.labels(stream).inc(os.stat(folder / stream).st_size)
+                counter.inc(os.stat(os.path.join(folder, stream)).st_size)
 
     def config_loaded(self) -> None:
         """The config was loaded (at start) or reloaded successfully."""

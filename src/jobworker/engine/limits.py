@@ -56,12 +56,17 @@ def _write(path: str | Path, value: str) -> None:
 
 
 def _read(path: str | Path) -> str:
-    """A control file's contents, or "" when it is gone."""
+    """A control file's contents, or "" when it is gone (unbuffered: read at every job end)."""
     try:
-        with open(path) as f:
-            return f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return ""
+    try:
+        return os.read(fd, 65536).decode()
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
 
 
 def _keyed(text: str) -> dict[str, int]:
@@ -118,6 +123,13 @@ class JobCgroup:
         self._dirs = {h.kind: str(path) for h, path in self.groups}
         self._memory_v2 = any(h.v2 and "memory" in h.controllers for h, _ in self.groups)
 
+    def populated(self) -> bool:
+        """True while a process is left in the job's tracking group (one read, at job end)."""
+        tracker = self._dirs.get("unified") or self._dirs.get("freezer")
+        if tracker is None:
+            return bool(self.pids())
+        return bool(_read(tracker + "/cgroup.procs").strip())
+
     def pids(self) -> list[int]:
         """Every pid in any of the job's groups."""
         seen: set[int] = set()
@@ -157,6 +169,8 @@ class JobCgroup:
 
     def oom_killed(self) -> bool:
         """True when the kernel OOM-killed a process of the job for its memory limit."""
+        if not self.enforced.memory_bytes:  # an accounting-only group is never OOM-killed
+            return False
         memory = self._dirs.get("memory")
         if memory is not None:
             return _keyed(_read(memory + "/memory.oom_control")).get("oom_kill", 0) > 0

@@ -126,10 +126,15 @@ class ExitInfo:
 def process_start_ticks(pid: int) -> int | None:
     """Start time of `pid` in clock ticks since boot (field 22 of /proc/<pid>/stat), or None."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
+    try:
+        data = os.read(fd, 4096)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     try:
         return int(data.rsplit(b")", 1)[1].split()[19])
     except (IndexError, ValueError):
@@ -249,7 +254,7 @@ class Process:
         """Once the cgroup is empty (or after a timeout): usage, OOM, resolve, then remove."""
         self._timer = None
         # An empty cgroup stays empty (nothing can join it but by our writes): no kill needed.
-        if self.cgroup.pids() and time.monotonic() < self._deadline:
+        if self.cgroup.populated() and time.monotonic() < self._deadline:
             self.cgroup.kill()
             self._timer = self._loop.call_later(_LEFTOVER_POLL, self._finish)
             return

@@ -61,6 +61,7 @@ class BatchRecord:
     changed: Notifier = field(default_factory=Notifier)
     stdin_sizes: list[int] = field(default_factory=list)  # bytes in jobs/<i>/stdin
     journal_fd: int = -1
+    _job_dirs: list[Path] = field(default_factory=list, repr=False)
     journal_size: int = 0  # bytes of whole lines in the journal
     pending: list[bytes] = field(default_factory=list)  # lines not written yet (disk full)
 
@@ -93,7 +94,10 @@ class BatchRecord:
 
     def job_dir(self, index: int) -> Path:
         """The folder of job `index`: its stdout and stderr live there."""
-        return self.path / "jobs" / str(index)
+        if not self._job_dirs:  # made once: it is asked for several times a job
+            jobs = self.path / "jobs"
+            self._job_dirs = [jobs / str(i) for i in range(len(self.specs))]
+        return self._job_dirs[index]
 
     def select(self, names: Iterable[str]) -> list[int]:
         """Job indexes for `names` (every job when empty); NotFound names the unknown one."""
