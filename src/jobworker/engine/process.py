@@ -180,6 +180,8 @@ class Process:
         self._loop = asyncio.get_running_loop()
         self._done: asyncio.Future[ExitInfo] = self._loop.create_future()
         self._released: asyncio.Future[None] = self._loop.create_future()
+        _RELEASING.add(self._released)
+        self._released.add_done_callback(_RELEASING.discard)
         self._reaped = False
         self._status: tuple[int | None, int, float] = (None, 0, 0.0)  # exit code, signal, end
         self._rusage: tuple[float, float, int] = (0.0, 0.0, 0)  # user, system, max rss
@@ -406,6 +408,14 @@ class Supervisor:
             raise SpawnError(failed.strip())
         return process
 
+    async def drain(self) -> None:
+        """Wait until every ended job's cgroups are removed (or given up on): at shutdown,
+        before the backend removes its parent groups."""
+        loop = asyncio.get_running_loop()
+        pending = [f for f in _RELEASING | _ABANDONED if f.get_loop() is loop]
+        if pending:
+            await asyncio.wait(pending)
+
     def close(self) -> None:
         """Stop the spawn threads (at shutdown, once no job is being started)."""
         self._pool.shutdown(wait=True)
@@ -548,6 +558,8 @@ def _abandon_launched(
 
 # Cleanups of cancelled spawns, held here so that they run to their end.
 _ABANDONED: set[asyncio.Future[None]] = set()
+# Jobs whose cgroups are still being removed (Supervisor.drain waits for them).
+_RELEASING: set[asyncio.Future[None]] = set()
 
 
 def _why(exc: OSError) -> str:

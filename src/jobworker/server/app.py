@@ -294,6 +294,7 @@ class App:
         if store is not None:
             store.close()
         if (supervisor := getattr(self, "supervisor", None)) is not None:
+            await supervisor.drain()
             await asyncio.to_thread(supervisor.close)
             supervisor.backend.close()
         if (inotify := getattr(self, "inotify", None)) is not None:
