@@ -153,8 +153,6 @@ class Follower:
             while True:
                 if self.closing():
                     raise Unavailable("server is shutting down")
-                if follow:  # watch before reading, so no write between the two is missed
-                    self._sync_watches()
                 waiter = self.batch.changed.waiter()
                 progressed = short = False
                 for index in list(self.cursor.offsets):
@@ -167,15 +165,21 @@ class Follower:
                     yield item
                 if self._done():
                     return
-                if not progressed:
-                    if not follow:
-                        return
+                if progressed:
+                    await self._after_progress(coalesce=short and follow)
+                elif not follow:
+                    return
+                elif not self._sync_watches():  # a watch added just now: look once more
                     await asyncio.wait([waiter])
-                elif short and follow:
-                    # A writer we caught up with: many tiny messages cost more than 1 ms.
-                    await asyncio.sleep(COALESCE)
         finally:
             self._release()
+
+    async def _after_progress(self, *, coalesce: bool) -> None:
+        # Data is flowing: no wake-ups are needed meanwhile, and a busy writer's inotify
+        # events would cost the event loop more than the reads.
+        self._drop_watches()
+        if coalesce:  # a writer we caught up with: many tiny messages cost more than 1 ms
+            await asyncio.sleep(COALESCE)
 
     def _done(self) -> bool:
         seq = self.cursor.seq
@@ -230,16 +234,20 @@ class Follower:
             size = min(CHUNK, end - offset)
         return os.pread(fd, size, offset) if size > 0 else b""
 
-    def _sync_watches(self) -> None:
+    def _sync_watches(self) -> bool:
+        """Watch the folders of the running jobs; True when a watch was added just now."""
         if self.inotify is None:
-            return
+            return False
+        added = False
         for index in self.cursor.offsets:
             if index not in self._watches:
                 folder = self.batch.job_dir(index)
                 with contextlib.suppress(FileNotFoundError, NotADirectoryError):
                     self._watches[index] = self.inotify.watch(folder, self.batch.changed)
+                    added = True
         for index in [i for i in self._watches if i not in self.cursor.offsets]:
             self.inotify.unwatch(self.batch.job_dir(index), self._watches.pop(index))
+        return added
 
     def _close_files(self, index: int) -> None:
         for k in range(len(STREAMS)):
