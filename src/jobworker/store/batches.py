@@ -121,6 +121,7 @@ class BatchRecord:
         self.events.append(event)
         if JobState.QUEUED not in self.counts and JobState.RUNNING not in self.counts:
             self.end_time = event.time
+            self._job_dirs = []  # an ended batch is rarely read: keep its memory small
         else:
             self.end_time = None
 
