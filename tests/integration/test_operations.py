@@ -122,19 +122,25 @@ def run_three_short_jobs(server: Server) -> pb.Batch:
     return batch
 
 
-def three_run_together(server: Server, tmp_path: Path) -> None:
-    """Three jobs are running at the same moment (each waits until all three have started)."""
-    tmp_path.mkdir(parents=True, exist_ok=True)
+def schedule_gated(stub: object, tmp_path: Path) -> tuple[str, list[Path], Path]:
+    """Three jobs that each mark when they start, then wait for the file `go`."""
     go = tmp_path / "go"
     marks = [tmp_path / f"started-{i}" for i in range(3)]
-    stub = server.stub("alice")
     cid = schedule(
-        stub,
+        stub,  # type: ignore[arg-type]
         *(
             job("/bin/sh", "-c", WAIT_FOR_GO, "sh", str(marks[i]), str(go), name=f"p{i}")
             for i in range(3)
         ),
     ).correlation_id
+    return cid, marks, go
+
+
+def three_run_together(server: Server, tmp_path: Path) -> None:
+    """Three jobs are running at the same moment (each waits until all three have started)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    stub = server.stub("alice")
+    cid, marks, go = schedule_gated(stub, tmp_path)
     try:
         wait_until(lambda: all(m.exists() for m in marks), 60, "three jobs running together")
     finally:
@@ -225,16 +231,8 @@ def test_raising_max_concurrent_starts_queued_jobs_at_once(
 ) -> None:
     data = tmp_path / "data"
     server = make_server(data, jobs={"max_concurrent": 1})
-    go = tmp_path / "go"
-    marks = [tmp_path / f"started-{i}" for i in range(3)]
     stub = server.stub("alice")
-    cid = schedule(
-        stub,
-        *(
-            job("/bin/sh", "-c", WAIT_FOR_GO, "sh", str(marks[i]), str(go), name=f"p{i}")
-            for i in range(3)
-        ),
-    ).correlation_id
+    cid, marks, go = schedule_gated(stub, tmp_path)
     try:
         wait_until(marks[0].exists, 60, "the first job running")
         # Two wait in the queue behind the one running; raising the limit starts them now,

@@ -16,7 +16,7 @@ import structlog
 
 from jobworker.engine.process import ExitInfo, Process, SpawnError, Supervisor, kill_stale
 from jobworker.errors import ResourceExhausted, Unavailable
-from jobworker.model import JobEvent, JobState, Limits
+from jobworker.model import JobEvent, JobState, Limits, Usage
 from jobworker.store.batches import BatchRecord, BatchStore
 from jobworker.units import format_duration, format_size
 
@@ -438,7 +438,7 @@ class Engine:
         time_: float | None = None,
         pid: int = 0,
         pid_start: int = 0,
-        usage: Any = None,
+        usage: Usage | None = None,
     ) -> None:
         event = JobEvent(
             seq=self.store.next_seq(batch),
