@@ -6,7 +6,9 @@ import contextlib
 import errno
 import os
 import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +22,9 @@ _CGROUP_ROOT = Path("/sys/fs/cgroup")
 PRLIMIT = "/usr/bin/prlimit"
 
 # v1 hierarchies the backend uses, by the controller mounted there, and the limit each enforces.
-_V1_CONTROLLERS = ("cpu", "memory", "pids", "blkio", "freezer")
+# cpuacct enforces nothing: it counts a job's CPU time (the whole tree's, not only what
+# wait4 sees); freezer tracks the job's processes and stops them for a kill.
+_V1_CONTROLLERS = ("cpu", "cpuacct", "memory", "pids", "blkio", "freezer")
 _LIMIT_OF = {"cpu": "cpu", "memory": "memory", "pids": "pids", "blkio": "io", "io": "io"}
 _V2_CONTROLLERS = ("cpu", "memory", "pids", "io")
 
@@ -36,9 +40,11 @@ _SKIPPED_BLOCK_PREFIXES = ("loop", "ram")
 class Hierarchy:
     """One mounted cgroup hierarchy the backend makes job groups in."""
 
-    kind: str  # "unified" or the v1 controller name (cpu, memory, pids, blkio, freezer)
+    kind: str  # "unified" or the v1 controller name (cpu, cpuacct, memory, pids, ...)
     parent: Path  # the directory job groups are created in
     controllers: frozenset[str] = frozenset()  # limits it enforces: cpu, memory, pids, io
+    mount: Path | None = None  # the hierarchy's root (where a thread's own group is found)
+    names: frozenset[str] = frozenset()  # v1: every controller mounted there (cpu,cpuacct)
 
     @property
     def v2(self) -> bool:
@@ -46,24 +52,29 @@ class Hierarchy:
         return self.kind == "unified"
 
 
-def _write(path: str | Path, value: str) -> None:
+def _write(path: str | Path, value: str | bytes) -> None:
     """Write one value to a cgroup control file in one write(2)."""
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
-        os.write(fd, value.encode())
+        os.write(fd, value.encode() if isinstance(value, str) else value)
     finally:
         os.close(fd)
 
 
-def _read(path: str | Path) -> str:
-    """A control file's contents, or "" when it is gone (unbuffered: read at every job end)."""
+def _read(path: str | Path, *, strict: bool = False) -> str:
+    """A control file's contents, or "" when it is gone (unbuffered: read at every job end);
+    `strict`: OSError instead of ""."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
+        if strict:
+            raise
         return ""
     try:
         return os.read(fd, 65536).decode()
     except OSError:
+        if strict:
+            raise
         return ""
     finally:
         os.close(fd)
@@ -117,6 +128,9 @@ class JobCgroup:
     _pending: list[str] | None = field(init=False, repr=False, default=None)  # not yet removed
     # The backend's keys of groups made and not yet removed (None outside a backend).
     _live: set[str] | None = field(default=None, repr=False, kw_only=True)
+    # True when every group is v1 and none limits pids: the job can be born in its groups
+    # by forking from a thread moved into them (thread_joined), without a join step.
+    by_thread: bool = field(default=False, kw_only=True)
 
     def __post_init__(self) -> None:
         self.procs_files = tuple(path / "cgroup.procs" for _, path in self.groups)
@@ -192,12 +206,55 @@ class JobCgroup:
     def cpu_seconds(self) -> tuple[float, float] | None:
         """(user, system) CPU seconds of every process that ran in the group, when known."""
         unified = self._dirs.get("unified")
-        if unified is None:
+        if unified is not None:
+            stat = _keyed(_read(unified + "/cpu.stat"))
+            if "user_usec" not in stat:
+                return None
+            return stat["user_usec"] / 1e6, stat.get("system_usec", 0) / 1e6
+        acct = next((str(p) for h, p in self.groups if "cpuacct" in h.names), None)
+        if acct is None:
             return None
-        stat = _keyed(_read(unified + "/cpu.stat"))
-        if "user_usec" not in stat:
+        user, system = _read(acct + "/cpuacct.usage_user"), _read(acct + "/cpuacct.usage_sys")
+        if not (user.strip().isdigit() and system.strip().isdigit()):
             return None
-        return stat["user_usec"] / 1e6, stat.get("system_usec", 0) / 1e6
+        return int(user) / 1e9, int(system) / 1e9
+
+    @contextlib.contextmanager
+    def thread_joined(self) -> Iterator[None]:
+        """Move the calling thread, and only it, into the job's (v1) groups for the block.
+
+        A process the thread forks meanwhile (subprocess's vfork+exec) is born in the
+        job's groups, so the job runs no instruction outside them and no join step is
+        needed. Only for by_thread groups: cgroup v2 moves whole processes, and a thread
+        in a pids group would count against the job's pids.max. Afterwards the thread goes
+        back to the server's own group in each hierarchy (read from /proc/self/cgroup,
+        the main thread's), or to the hierarchy's root if that fails. OSError when the
+        thread cannot join (the thread is back home then): the way home is opened first,
+        so that going back needs no new file descriptor.
+        """
+        tid = str(threading.get_native_id()).encode()
+        own = _own_cgroups(strict=True)
+        homes: list[int] = []
+        try:
+            for hierarchy, _ in self.groups:
+                homes.append(_open_home(hierarchy, own))
+            joined = 0
+            try:
+                for path in self._dirs.values():
+                    _write(path + "/tasks", tid)
+                    joined += 1
+                yield
+            finally:
+                for (hierarchy, _), home in zip(self.groups[:joined], homes, strict=False):
+                    try:
+                        os.write(home, tid)
+                    except OSError as exc:  # the group went away meanwhile: the root then
+                        _log.error("spawn_thread_not_home", kind=hierarchy.kind, error=str(exc))
+                        with contextlib.suppress(OSError):
+                            _write(_mount(hierarchy) / "tasks", tid)
+        finally:
+            for home in homes:
+                os.close(home)
 
     def remove(self) -> tuple[str, ...]:
         """Try once to remove every group not removed yet; the paths still busy (EBUSY).
@@ -288,17 +345,18 @@ class CgroupBackend:
             if parent is not None:
                 enabled = set(_read(parent / "cgroup.subtree_control").split())
                 controllers = frozenset(_LIMIT_OF[c] for c in wanted if c in enabled)
-                hierarchies.append(Hierarchy("unified", parent, controllers))
+                hierarchies.append(Hierarchy("unified", parent, controllers, unified_mount))
+        used: set[Path] = set()
         for controller in _V1_CONTROLLERS:
             mount = mounts.get(controller)
-            if mount is None:
+            if mount is None or mount in used:  # co-mounted (cpu,cpuacct): one hierarchy
                 continue
+            used.add(mount)
+            names = frozenset(c for c, m in mounts.items() if m == mount)
             parent = _make_parent(mount, own.get(controller), root_name, [])
             if parent is not None:
-                limit = _LIMIT_OF.get(controller)
-                hierarchies.append(
-                    Hierarchy(controller, parent, frozenset({limit} if limit else ()))
-                )
+                limits = frozenset(_LIMIT_OF[c] for c in names if c in _LIMIT_OF)
+                hierarchies.append(Hierarchy(controller, parent, limits, mount, names))
         if not hierarchies:
             return None
         v2_controllers = hierarchies[0].controllers if hierarchies[0].v2 else frozenset()
@@ -322,14 +380,36 @@ class CgroupBackend:
             how = "memory as a per-process address-space rlimit" if self.rlimits else "nothing"
             return f"none: no usable cgroups (needs root); enforces {how}; no tree tracking"
         groups = ", ".join(f"{h.kind}={h.parent}" for h in self.hierarchies)
-        track = "cgroup.kill" if self._unified() else "pid-by-pid SIGKILL"
+        tracker = self._tracker()
+        if tracker.v2:
+            track = "cgroup.kill"
+        elif tracker.kind == "freezer":
+            track = "freezer and SIGKILL"
+        else:
+            track = "pid-by-pid SIGKILL"
+        spawn = "forked in place" if not tracker.v2 else "a join shell"
         return (
             f"{self.name}: enforces {', '.join(enforced) or 'no limits'}; "
-            f"kill via {track}; groups under {groups}"
+            f"kill via {track}; jobs enter their groups by {spawn}; groups under {groups}"
         )
 
     def _unified(self) -> Hierarchy | None:
         return next((h for h in self.hierarchies if h.v2), None)
+
+    def _tracker(self) -> Hierarchy:
+        """The hierarchy every job has a group in, to find and kill its processes.
+
+        cgroup2 when it carries the limits (cgroup.kill); on a v1 host the freezer, even
+        when a controller-less cgroup2 is mounted too (hybrid): then every group of a job
+        is v1 and the job can be forked straight into them (JobCgroup.thread_joined).
+        """
+        unified = self._unified()
+        if unified is not None and (self.name == "cgroup-v2" or not self._v1("freezer")):
+            return unified
+        return self._v1("freezer") or unified or self.hierarchies[0]
+
+    def _v1(self, name: str) -> Hierarchy | None:
+        return next((h for h in self.hierarchies if not h.v2 and name in h.names), None)
 
     # ---- job groups --------------------------------------------------------------------------
 
@@ -362,6 +442,7 @@ class CgroupBackend:
                 self._live.discard(key)
             raise
         enforced = _only(limits, enforced_names)
+        by_thread = all(not h.v2 for h, _ in groups) and not enforced.pids_max
         unenforced = tuple(sorted(name for name in wanted if name not in enforced_names))
         rlimit_args: tuple[str, ...] = ()
         if "memory" in unenforced and self.rlimits:  # approximate with the address space
@@ -371,7 +452,13 @@ class CgroupBackend:
         if unenforced:
             _log.warning("limits_not_enforced", key=key, limits=list(unenforced))
         return JobCgroup(
-            key, tuple(groups), enforced, rlimit_args, _field_names(unenforced), _live=self._live
+            key,
+            tuple(groups),
+            enforced,
+            rlimit_args,
+            _field_names(unenforced),
+            _live=self._live,
+            by_thread=by_thread,
         )
 
     def _rlimits_only(self, key: str, limits: Limits) -> JobCgroup:
@@ -388,11 +475,8 @@ class CgroupBackend:
 
     def _choose(self, wanted: set[str]) -> list[Hierarchy]:
         """The tracking hierarchy plus, per wanted limit, the first one that enforces it."""
-        chosen: list[Hierarchy] = []
-        tracker = self._unified() or next(
-            (h for h in self.hierarchies if h.kind == "freezer"), self.hierarchies[0]
-        )
-        chosen.append(tracker)
+        tracker = self._tracker()
+        chosen = [tracker]
         # Memory is always accounted where it can be: wait4's max RSS of a child starts at
         # the server's own (see process.py), so the group's peak is the only honest figure.
         for name in sorted(wanted | {"memory"}):
@@ -401,6 +485,10 @@ class CgroupBackend:
             match = next((h for h in self.hierarchies if name in h.controllers), None)
             if match is not None:
                 chosen.append(match)
+        # So is CPU time (cgroup2's cpu.stat is always there): it counts the whole tree.
+        acct = self._v1("cpuacct")
+        if not tracker.v2 and acct is not None and acct not in chosen:
+            chosen.append(acct)
         return chosen
 
     def _apply(
@@ -458,6 +546,21 @@ class CgroupBackend:
         for hierarchy in self.hierarchies:
             with contextlib.suppress(OSError):
                 hierarchy.parent.rmdir()
+
+
+def _mount(hierarchy: Hierarchy) -> Path:
+    return hierarchy.mount or hierarchy.parent.parent
+
+
+def _open_home(hierarchy: Hierarchy, own: dict[str, str]) -> int:
+    """An fd for the `tasks` file of the server's own group in `hierarchy` (its root when
+    that group is gone); OSError when neither opens."""
+    group = next((own[n] for n in hierarchy.names if n in own), "/")
+    mount = str(_mount(hierarchy))
+    try:
+        return os.open(f"{mount}{group.rstrip('/')}/tasks", os.O_WRONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return os.open(f"{mount}/tasks", os.O_WRONLY | os.O_CLOEXEC)
 
 
 def _check_key(key: str) -> None:
@@ -569,10 +672,12 @@ def _cgroup_mounts() -> dict[str, Path]:
     return mounts
 
 
-def _own_cgroups() -> dict[str, str]:
-    """This process's group per controller ("" for cgroup2), from /proc/self/cgroup."""
+def _own_cgroups(*, strict: bool = False) -> dict[str, str]:
+    """This process's group per controller ("" for cgroup2), from /proc/self/cgroup (the
+    main thread's); `strict`: OSError when it cannot be read, else {}."""
     own: dict[str, str] = {}
-    for line in _read(Path("/proc/self/cgroup")).splitlines():
+    text = _read("/proc/self/cgroup", strict=strict)
+    for line in text.splitlines():
         _, controllers, path = line.split(":", 2)
         for controller in controllers.split(",") if controllers else [""]:
             own[controller] = path

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import threading
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -243,12 +244,16 @@ class App:
             pid=os.getpid(),
         )
 
-    async def run(self) -> None:
-        """Serve until SIGTERM or SIGINT; SIGHUP reloads the config."""
+    async def run(self, *, signals: bool = True) -> None:
+        """Serve until SIGTERM or SIGINT; SIGHUP reloads the config.
+
+        `signals`: install the handlers on this loop (it must run on the main thread);
+        else the caller delivers them with on_signal() (serve() does, from the main thread).
+        """
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stop.set)
-        loop.add_signal_handler(signal.SIGHUP, self._sighup)
+        if signals:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.add_signal_handler(sig, self.on_signal, sig)
         try:
             await self.start()
             await self._stop.wait()
@@ -256,11 +261,15 @@ class App:
             # The handlers stay while draining: a second SIGTERM (an impatient operator)
             # must not kill the server with its jobs half stopped.
             await self.shutdown()
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.remove_signal_handler(sig)
+            if signals:
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    loop.remove_signal_handler(sig)
 
-    def _sighup(self) -> None:
-        if not self.closing:
+    def on_signal(self, sig: int) -> None:
+        """SIGHUP reloads; SIGTERM and SIGINT stop. Call on the loop's thread."""
+        if sig != signal.SIGHUP:
+            self._stop.set()
+        elif not self.closing:
             self._own(self.reload("SIGHUP"), "reload")
 
     def stop(self) -> None:
@@ -429,9 +438,34 @@ class App:
 
 
 def serve(config_path: Path | None) -> None:
-    """Run a server in the foreground until SIGTERM or SIGINT (the `serve` command)."""
+    """Run a server in the foreground until SIGTERM or SIGINT (the `serve` command).
+
+    The event loop runs on a thread of its own ("jobworker-loop"); the main thread only
+    waits and hands signals over. The loop's thread forks jobs, and moves for that moment
+    into a job's cgroup v1 groups (engine/process.py): cgroup v1 charges the memory of the
+    whole process to the memory group of its main thread, which must therefore never move.
+    """
     config = load_config(config_path)
     jwlogging.setup(config.logging.level, config.logging.format)
     app = App(config)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(app.run())
+    loop = asyncio.new_event_loop()
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with asyncio.Runner(loop_factory=lambda: loop) as runner:
+                runner.run(app.run(signals=False))
+        except BaseException as exc:  # noqa: BLE001 - raised again on the main thread
+            failure.append(exc)
+
+    def deliver(sig: int, _frame: object) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the server has ended
+            loop.call_soon_threadsafe(app.on_signal, sig)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, deliver)
+    thread = threading.Thread(target=run, name="jobworker-loop")
+    thread.start()
+    thread.join()  # signal handlers run meanwhile (the main thread wakes for them)
+    if failure:
+        raise failure[0]

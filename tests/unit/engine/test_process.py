@@ -11,6 +11,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -316,16 +317,55 @@ async def test_cgroups_are_removed_after_each_job(
     assert not any(path.parent.exists() for path in process.cgroup.procs_files)
 
 
+# Two ways in: a job with a pids limit (or on cgroup v2) goes through the join shell; any
+# other job on a v1 host is forked by a spawn thread that sits in the job's groups.
+JOIN_SHELL = Limits(pids_max=50)
+
+
+def _thread_groups(tid: int) -> str:
+    return Path(f"/proc/self/task/{tid}/cgroup").read_text()
+
+
+@pytest.mark.parametrize("limits", [NO_LIMITS, JOIN_SHELL], ids=["forked-in-place", "shell"])
 async def test_the_job_is_in_its_cgroups(
-    sup: Supervisor, backend: CgroupBackend, tmp_path: Path
+    sup: Supervisor, backend: CgroupBackend, tmp_path: Path, limits: Limits
 ) -> None:
     _needs_cgroup(backend)
     key = _key()
-    process = await sup.spawn(_spec("cat", "/proc/self/cgroup"), Limits(pids_max=50), tmp_path, key)
+    process = await sup.spawn(_spec("cat", "/proc/self/cgroup"), limits, tmp_path, key)
     await process.wait()
     lines = (tmp_path / "stdout").read_text().splitlines()
     joined = [line for line in lines if line.endswith(f"/{key}")]
     assert len(joined) == len(process.cgroup.procs_files) >= 1
+    if backend.name == "cgroup-v1":
+        assert process.cgroup.by_thread == (limits is NO_LIMITS)
+    # Every spawn thread is back in the server's own groups.
+    own = Path("/proc/self/cgroup").read_text()
+    spawners = [t for t in threading.enumerate() if t.name.startswith("jobworker-spawn")]
+    assert spawners
+    for thread in spawners:
+        assert thread.native_id is not None
+        assert _thread_groups(thread.native_id) == own
+
+
+async def test_cpu_time_counts_the_whole_tree(
+    sup: Supervisor, backend: CgroupBackend, tmp_path: Path
+) -> None:
+    """A detached grandchild's CPU is in no rusage the server sees; the group counts it."""
+    _needs_cgroup(backend)
+    if backend.name == "cgroup-v2" and not Path("/sys/fs/cgroup/cpu.stat").exists():
+        pytest.skip("no cpu.stat on this cgroup2")
+    mark = tmp_path / "mark"
+    burn = "i=0; while [ $i -lt 400000 ]; do i=$((i+1)); done"
+    # The grandchild is orphaned at once (its parent subshell exits): nobody waits for it.
+    script = f"(setsid sh -c '{burn}; echo done > \"$0\"' {mark} &); "
+    script += f"while [ ! -s {mark} ]; do sleep 0.05; done"
+    start = time.process_time()
+    _, info = await _run(sup, _spec("sh", "-c", script), tmp_path / "j")
+    assert info.exit_code == 0
+    assert mark.read_text() == "done\n"
+    assert info.usage.user_cpu + info.usage.system_cpu >= 0.1, info.usage
+    assert time.process_time() - start < 0.1  # the server (this process) did not burn it
 
 
 @pytest.mark.skipif(PYTHON3 is None, reason="needs python3 to allocate memory")
@@ -407,6 +447,35 @@ async def test_failing_to_join_the_cgroup_runs_nothing(tmp_path: Path) -> None:
         await sup.spawn(_spec("touch", str(marker)), Limits(), tmp_path, _key())
     assert not marker.exists()
     assert (tmp_path / "stderr").read_bytes() == b""
+
+
+@pytest.mark.skipif(not ROOT, reason="cgroups need root")
+async def test_a_spawn_thread_that_cannot_join_runs_nothing_and_goes_home(
+    backend: CgroupBackend, tmp_path: Path
+) -> None:
+    """The second v1 group vanishes before the thread joins it: nothing runs, and the
+    thread leaves the first group it had joined."""
+    v1 = [h for h in backend.hierarchies if not h.v2]
+    if len(v1) < 2:
+        pytest.skip("needs two cgroup v1 hierarchies")
+    key = _key()
+    first = v1[0].parent / key
+    first.mkdir()
+    gone = v1[1].parent / key
+
+    class _Vanishing(CgroupBackend):
+        def create(self, key: str, limits: Limits) -> JobCgroup:
+            return JobCgroup(key, ((v1[0], first), (v1[1], gone)), by_thread=True)
+
+    sup = Supervisor(_Vanishing("cgroup-v1"))
+    marker = tmp_path / "ran"
+    try:
+        with pytest.raises(SpawnError, match=f"cannot join cgroup {key}: No such file"):
+            await sup.spawn(_spec("touch", str(marker)), Limits(), tmp_path, key)
+        assert not marker.exists()
+        assert not first.exists()  # removed: the thread had left it (else EBUSY)
+    finally:
+        sup.close()
 
 
 @pytest.mark.skipif(not ROOT, reason="cgroups need root")
@@ -504,22 +573,36 @@ def _only_free_fds(free: int) -> Iterator[None]:
 
 
 @pytest.mark.parametrize(
-    ("free", "message"),
+    ("limits", "free", "message"),
     [
-        (3, "cannot create a pipe for the job: Too many open files"),  # stdio takes all 3
-        (5, "cannot start the job: Too many open files"),  # Popen's own pipe fails
+        # stdio takes 3, writing pids.max 1 (and then closes it): the gate pipe fails
+        (JOIN_SHELL, 4, "cannot create a pipe for the job: Too many open files"),
+        (JOIN_SHELL, 6, "cannot start the job: Too many open files"),  # Popen's own pipe
+        # stdio takes 3: the spawn thread cannot read its way home, so it never leaves
+        (NO_LIMITS, 3, "cannot join cgroup {key}: Too many open files"),
+        # stdio 3, the way home one per group, one to join: Popen's own pipe fails
+        (NO_LIMITS, -1, "cannot start the job: Too many open files"),
     ],
 )
 async def test_emfile_after_the_cgroup_is_made_leaves_nothing(
-    sup: Supervisor, backend: CgroupBackend, tmp_path: Path, free: int, message: str
+    sup: Supervisor,
+    backend: CgroupBackend,
+    tmp_path: Path,
+    limits: Limits,
+    free: int,
+    message: str,
 ) -> None:
     _needs_cgroup(backend)
-    await _run(sup, _spec("true"), tmp_path / "warm")  # the executor's thread exists
+    if limits is NO_LIMITS and backend.name != "cgroup-v1":
+        pytest.skip("jobs are forked in place only on a cgroup v1 host")
+    process, _ = await _run(sup, _spec("true"), tmp_path / "warm")  # the thread exists
+    if free < 0:
+        free = 3 + len(process.cgroup.groups) + 1
     key = _key()
     before = _open_fds()
     with _only_free_fds(free), pytest.raises(SpawnError) as caught:
-        await sup.spawn(_spec("touch", str(tmp_path / "ran")), Limits(), tmp_path, key)
-    assert caught.value.message == message
+        await sup.spawn(_spec("touch", str(tmp_path / "ran")), limits, tmp_path, key)
+    assert caught.value.message == message.format(key=key)
     assert backend.open(key) is None
     assert _open_fds() == before
     assert not (tmp_path / "ran").exists()
@@ -590,7 +673,7 @@ async def test_unopenable_job_files_are_spawn_errors_naming_them(
     before = _open_fds()
     with pytest.raises(SpawnError) as caught:
         await sup.spawn(_spec("true"), Limits(), job_dir, key)
-    assert caught.value.message == message
+    assert caught.value.message == message.format(key=key)
     assert backend.open(key) is None
     assert _open_fds() == before
 
@@ -668,12 +751,12 @@ async def test_a_non_dash_join_shell_never_sees_the_jobs_environment(
     }
     unsafe = Supervisor(backend, shell=(BASH, True))
     only_function = {"BASH_FUNC_echo%%": env["BASH_FUNC_echo%%"]}
-    await _run(unsafe, _spec("true", env=only_function), tmp_path / "unsafe")
+    await _run(unsafe, _spec("true", env=only_function), tmp_path / "unsafe", JOIN_SHELL)
     assert marker.exists()  # the hazard is real: the function ran and nothing joined
     marker.unlink()
 
     safe = Supervisor(backend, shell=(BASH, False))
-    _, info = await _run(safe, _spec("env", env=env), tmp_path / "env")
+    _, info = await _run(safe, _spec("env", env=env), tmp_path / "env", JOIN_SHELL)
     assert info.exit_code == 0
     assert not marker.exists()
     assert (tmp_path / "env" / "stderr").read_bytes() == b""  # no xtrace either
@@ -702,5 +785,5 @@ async def test_without_dash_an_env_name_env1_would_misread_is_refused(
     key = _key()
     safe = Supervisor(backend, shell=(BASH, False))
     with pytest.raises(SpawnError, match="invalid argv or environment"):
-        await safe.spawn(_spec("true", env={"": "x"}), Limits(), tmp_path, key)
+        await safe.spawn(_spec("true", env={"": "x"}), JOIN_SHELL, tmp_path, key)
     assert backend.open(key) is None
