@@ -74,23 +74,29 @@ async def _schedule_once(
 ) -> dict[str, float]:
     """One batch of `n` `true` jobs: jobs/s from ScheduleBatch to the batch's end.
 
-    The end is seen by following the batch's stream (event driven), or with `poll` by
-    asking ListBatches for running batches ten times a second (cheaper for the server:
-    the stream sends three events a job). Also where the CPU went meanwhile.
+    With `poll`: the end is the batch's end_time as the server recorded it (same host,
+    same clock), found by asking ListBatches ten times a second: no observer in the way,
+    and no polling delay in the figure. Without: the end is the end of a StreamBatchLogs
+    follower of the batch, which also makes the server send three events a job. Also
+    where the CPU went meanwhile.
     """
     async with aio_channel(server.address, ctx.pki) as channel:
         client = stub(channel)
         await channel.channel_ready()
         cpu0, children0 = cpu_seconds(server.pid)
         ticks0, me0 = _machine_ticks(), os.times()
-        start = time.perf_counter()
+        start, wall = time.perf_counter(), time.time()
         cid = await schedule(client, [pb.JobSpec(argv=["true"]) for _ in range(n)])
         scheduled = time.perf_counter()
         if poll:
             await wait_batches_ended(client, timeout=600, interval=0.1)
+            page = await client.ListBatches(pb.ListBatchesRequest(page_size=1), timeout=30)
+            (summary,) = page.batches
+            assert summary.correlation_id == cid
+            elapsed = summary.end_time.ToNanoseconds() / 1e9 - wall
         else:
             await follow_to_end(client, cid, timeout=600)
-        elapsed = time.perf_counter() - start
+            elapsed = time.perf_counter() - start
         cpu1, children1 = cpu_seconds(server.pid)
         ticks1, me1 = _machine_ticks(), os.times()
     total, idle = ticks1[0] - ticks0[0], ticks1[1] - ticks0[1]
@@ -103,7 +109,7 @@ async def _schedule_once(
         "machine_busy": (total - idle) / total if total else float("nan"),
     }
     ctx.log(
-        f"jobworker{' (poll)' if poll else '       '}: {figures['jobs_per_s']:7.1f} jobs/s  "
+        f"jobworker{'         ' if poll else ' (follow)'}: {figures['jobs_per_s']:7.1f} jobs/s  "
         f"(CPU per job: server {figures['server_cpu_ms_per_job']:.2f} ms, job processes "
         f"{figures['jobs_cpu_ms_per_job']:.2f} ms, bench {figures['bench_cpu_ms_per_job']:.2f}"
         f" ms; machine {figures['machine_busy']:.0%} busy)"
@@ -147,7 +153,7 @@ def schedule_throughput(ctx: Context) -> Result:
             polled.append(asyncio.run(_schedule_once(server, ctx, n, poll=True)))
     finally:
         server.stop()
-    runs = [f["jobs_per_s"] for f in streamed]
+    runs = [f["jobs_per_s"] for f in polled]
     base = [f["processes_per_s"] for f in loops]
     ratio = median(runs) / median(base)
 
@@ -157,20 +163,21 @@ def schedule_throughput(ctx: Context) -> Result:
     return Result(
         name="schedule_throughput",
         metric=f"jobs/s, {n} `true` jobs in one batch, max_concurrent {WIDTH}, "
-        "end seen by a StreamBatchLogs follower",
+        "ScheduleBatch to the batch's recorded end",
         runs=runs,
         baseline_metric=f"processes/s, Python Popen+pidfd+wait4 loop, {WIDTH} in flight",
         baseline_runs=base,
         aim="ratio >= 0.5",
         met=ratio >= 0.5,
         extra={
-            "poll_jobs_per_s": [f["jobs_per_s"] for f in polled],
-            "poll_ratio": med(polled, "jobs_per_s") / median(base),
-            "server_cpu_ms_per_job": med(streamed, "server_cpu_ms_per_job"),
-            "server_cpu_ms_per_job_poll": med(polled, "server_cpu_ms_per_job"),
-            "jobs_cpu_ms_per_job": med(streamed, "jobs_cpu_ms_per_job"),
-            "bench_cpu_ms_per_job": med(streamed, "bench_cpu_ms_per_job"),
-            "machine_busy": med(streamed, "machine_busy"),
+            "followed_jobs_per_s": [f["jobs_per_s"] for f in streamed],
+            "followed_ratio": med(streamed, "jobs_per_s") / median(base),
+            "server_cpu_ms_per_job": med(polled, "server_cpu_ms_per_job"),
+            "server_cpu_ms_per_job_followed": med(streamed, "server_cpu_ms_per_job"),
+            "jobs_cpu_ms_per_job": med(polled, "jobs_cpu_ms_per_job"),
+            "bench_cpu_ms_per_job": med(polled, "bench_cpu_ms_per_job"),
+            "bench_cpu_ms_per_job_followed": med(streamed, "bench_cpu_ms_per_job"),
+            "machine_busy": med(polled, "machine_busy"),
             "baseline_loop_cpu_ms_per_process": med(loops, "loop_cpu_ms_per_process"),
             "baseline_processes_cpu_ms_per_process": med(loops, "processes_cpu_ms_per_process"),
             "baseline_machine_busy": med(loops, "machine_busy"),

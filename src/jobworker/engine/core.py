@@ -76,6 +76,7 @@ class JobWorker:
         batch = await asyncio.to_thread(self.store.persist, owner, options, specs)
         self.store.register(batch)
         log.info("batch_scheduled", correlation_id=batch.cid, identity=owner, jobs=len(specs))
+        self.store.make_folders(batch)
         self.engine.submit(batch)
         return batch
 

@@ -430,7 +430,7 @@ class CgroupBackend:
         try:
             for hierarchy in chosen:
                 path = hierarchy.parent / key
-                path.mkdir()
+                os.mkdir(path)
                 groups.append((hierarchy, path))
             enforced_names: set[str] = set()
             for hierarchy, path in groups:

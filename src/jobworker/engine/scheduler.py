@@ -291,16 +291,13 @@ class Engine:
             bound.info("job_started", pid=process.pid, unix_user=run.user or None)
             if run.reason is not None:  # cancelled while it was being spawned
                 self._stop(run, run.reason, run.message, run.grace)
+            # A timer rather than asyncio.wait_for: one handle instead of a task's worth of
+            # futures and callbacks, on the path every job takes.
+            timer = asyncio.get_running_loop().call_later(run.timeout, self._time_out, run)
             try:
-                info = await asyncio.wait_for(asyncio.shield(process.wait()), run.timeout)
-            except TimeoutError:
-                self._stop(
-                    run,
-                    JobState.TIMED_OUT,
-                    f"timed out after {format_duration(run.timeout)}",
-                    self.settings.kill_grace,
-                )
                 info = await process.wait()
+            finally:
+                timer.cancel()
             state, message = self._outcome(run, info, limits)
             self._finish_run(
                 br,
@@ -335,6 +332,10 @@ class Engine:
         if info.exit_code is not None:
             return JobState.FAILED, f"exited with status {info.exit_code}"
         return JobState.FAILED, f"killed by signal {_signal_name(info.signal)}"
+
+    def _time_out(self, run: _Run) -> None:
+        message = f"timed out after {format_duration(run.timeout)}"
+        self._stop(run, JobState.TIMED_OUT, message, self.settings.kill_grace)
 
     def _stop(self, run: _Run, reason: JobState, message: str, grace: float) -> None:
         """Ask a running job to stop; the first reason given is the one recorded."""

@@ -13,6 +13,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -209,6 +210,24 @@ def _event_from_line(line: bytes) -> JobEvent:
     )
 
 
+def _make_folders(jobs: Path, count: int, stop: threading.Event) -> None:
+    """BatchStore.make_folders, on its thread: stops at the first failure or at `stop`."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+    try:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(jobs)
+        for i in range(count):
+            if stop.is_set():
+                return
+            folder = f"{jobs}/{i}"
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(folder)
+            for name in ("stdout", "stderr"):  # the contract's log files
+                os.close(os.open(f"{folder}/{name}", flags, 0o644))
+    except OSError as exc:  # gone (deleted), or a full disk: the job's start reports it
+        log.debug("job_folders_stopped", path=str(jobs), error=str(exc))
+
+
 def _write_synced(path: Path, data: bytes) -> None:
     """Write `data` to a new file `path` and fsync it."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -252,6 +271,9 @@ class BatchStore:
         self._dirty: set[int] = set()
         self._closing: list[int] = []
         self._retry: set[BatchRecord] = set()
+        # Makes job folders and empty log files ahead of the jobs (make_folders).
+        self._folders = ThreadPoolExecutor(1, thread_name_prefix="jobworker-folders")
+        self._folders_stop = threading.Event()
 
     # -- queries
 
@@ -333,6 +355,19 @@ class BatchStore:
         """Make a persisted batch known (event loop only)."""
         self._add(batch)
 
+    def make_folders(self, batch: BatchRecord) -> Future[None]:
+        """Make the folders and empty stdout/stderr files of `batch`'s jobs, in job order,
+        on a thread of the store's, while the jobs run.
+
+        Creating an inode is a costly system call on some file systems (ext4 spends ~0.2 ms
+        of CPU per file searching its inode bitmaps after many deletions): done here, on
+        the other core, it leaves the event loop only opening existing files when a job
+        starts. Best effort and never required: the job's start makes whatever is missing
+        (and reports what cannot be made). Never re-makes a batch folder that is gone.
+        """
+        jobs, count = batch.path / "jobs", len(batch.specs)
+        return self._folders.submit(_make_folders, jobs, count, self._folders_stop)
+
     def append(self, batch: BatchRecord, event: JobEvent) -> None:
         """Apply `event` to `batch` and append it to the batch's journal."""
         batch._apply(event)
@@ -408,6 +443,8 @@ class BatchStore:
 
     def close(self) -> None:
         """Write what can be written, flush and close every open journal."""
+        self._folders_stop.set()
+        self._folders.shutdown(wait=True, cancel_futures=True)
         self.retry_pending()
         for batch in self._batches.values():
             self._close_journal(batch)

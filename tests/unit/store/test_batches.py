@@ -106,6 +106,27 @@ def test_a_deleted_batch_never_comes_back(tmp_path: Path) -> None:
     assert again.find_idempotent("alice", "k") is None
 
 
+def test_job_folders_and_empty_logs_are_made_ahead_of_the_jobs(tmp_path: Path) -> None:
+    store = BatchStore(tmp_path)
+    specs = tuple(JobSpec(f"j{i}", ("true",)) for i in range(50))
+    batch = store.create("alice", BatchOptions(), specs)
+    store.make_folders(batch).result(timeout=30)
+    for i in range(len(specs)):
+        for name in ("stdout", "stderr"):
+            log = batch.path / "jobs" / str(i) / name
+            assert log.read_bytes() == b""
+            assert log.stat().st_mode & 0o777 == 0o644
+
+
+def test_job_folders_never_bring_a_deleted_batch_back(tmp_path: Path) -> None:
+    store = BatchStore(tmp_path)
+    batch = store.create("alice", BatchOptions(), SPECS)
+    trash = store.delete(batch)
+    store.make_folders(batch).result(timeout=30)
+    assert not batch.path.exists()
+    assert not (trash / "jobs").exists()
+
+
 def test_a_folder_without_metadata_is_removed(tmp_path: Path) -> None:
     (tmp_path / "batches" / "half-made").mkdir(parents=True)
     assert BatchStore(tmp_path).load() == []
