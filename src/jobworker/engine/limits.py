@@ -387,10 +387,10 @@ class CgroupBackend:
             track = "freezer and SIGKILL"
         else:
             track = "pid-by-pid SIGKILL"
-        spawn = "forked in place" if not tracker.v2 else "a join shell"
+        spawn = "forked straight into" if not tracker.v2 else "moved by a join shell into"
         return (
             f"{self.name}: enforces {', '.join(enforced) or 'no limits'}; "
-            f"kill via {track}; jobs enter their groups by {spawn}; groups under {groups}"
+            f"kill via {track}; jobs are {spawn} their groups; groups under {groups}"
         )
 
     def _unified(self) -> Hierarchy | None:
