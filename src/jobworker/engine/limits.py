@@ -171,7 +171,10 @@ class JobCgroup:
             if freezer is not None:
                 with contextlib.suppress(OSError):
                     _write(freezer + "/freezer.state", "FROZEN")
-            pids = self.pids()
+            # Never the server: while a thread of it forks a job it is in the job's groups.
+            # (Nor is that thread ever frozen here: a group is killed only once the fork
+            # that made it returned, and kills run on the event loop's thread.)
+            pids = [pid for pid in self.pids() if pid != os.getpid()]
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGKILL)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -299,3 +300,54 @@ def _wait_for(condition: object, timeout: float = 5.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(0.01)
+
+
+@needs_root
+def test_a_kill_never_signals_the_server_while_one_of_its_threads_is_in_the_group() -> None:
+    """A thread that forks a job sits in the job's groups for that moment, so the group's
+    cgroup.procs lists the server itself. Run in a child process: were the server
+    signalled, the child would die of SIGKILL instead of printing."""
+    name = f"jobworker-test-self-{os.getpid()}"
+    script = f"""
+import threading
+from jobworker.engine.limits import CgroupBackend
+from jobworker.model import Limits
+backend = CgroupBackend.detect({name!r})
+group = backend.create("self-1", Limits())
+if not group.by_thread:
+    print("no v1 groups")
+    raise SystemExit(0)
+inside, done = threading.Event(), threading.Event()
+def hold():
+    with group.thread_joined():
+        inside.set()
+        done.wait(10)
+thread = threading.Thread(target=hold)
+thread.start()
+inside.wait(10)
+group.kill()
+done.set()
+thread.join()
+assert group.remove_blocking(1.0)
+backend.close()
+print("alive")
+"""
+    child = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        out, err = child.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        # It signalled itself while its thread sat frozen: thaw it so that it can die.
+        for state in Path("/sys/fs/cgroup/freezer").glob(f"{name}/*/freezer.state"):
+            state.write_text("THAWED")
+        child.kill()
+        out, err = child.communicate(timeout=30)
+    finally:
+        for hierarchy in Path("/sys/fs/cgroup").iterdir():
+            for group in (hierarchy / name / "self-1", hierarchy / name):
+                with contextlib.suppress(OSError):
+                    group.rmdir()
+    if out == "no v1 groups\n":
+        pytest.skip("jobs are forked into their groups only on a cgroup v1 host")
+    assert (child.returncode, out) == (0, "alive\n"), err
