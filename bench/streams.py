@@ -153,6 +153,9 @@ def follow_throughput(ctx: Context) -> Result:
     replay: list[float] = []
     try:
         for _ in range(ctx.sizes.reps):
+            # Start with no dirty data of earlier benchmarks (or repetitions) being written
+            # back meanwhile: the live run should compete only with its own writer.
+            os.sync()
             got, cid = asyncio.run(_follow_once(server, ctx, nbytes))
             rss.append(read_rss(server.pid) / MiB)
             path = stdout_file(server, cid)
