@@ -217,10 +217,17 @@ class JobCgroup:
         acct = next((str(p) for h, p in self.groups if "cpuacct" in h.names), None)
         if acct is None:
             return None
-        user, system = _read(acct + "/cpuacct.usage_user"), _read(acct + "/cpuacct.usage_sys")
-        if not (user.strip().isdigit() and system.strip().isdigit()):
+        # "cpu user system" per CPU, in ns: one read instead of usage_user and usage_sys.
+        text, user, system = _read(acct + "/cpuacct.usage_all"), 0, 0
+        if not text:
             return None
-        return int(user) / 1e9, int(system) / 1e9
+        try:
+            for line in text.splitlines()[1:]:
+                _, u, s = line.split()
+                user, system = user + int(u), system + int(s)
+        except ValueError:
+            return None
+        return user / 1e9, system / 1e9
 
     @contextlib.contextmanager
     def thread_joined(self) -> Iterator[None]:
@@ -230,34 +237,25 @@ class JobCgroup:
         job's groups, so the job runs no instruction outside them and no join step is
         needed. Only for by_thread groups: cgroup v2 moves whole processes, and a thread
         in a pids group would count against the job's pids.max. Afterwards the thread goes
-        back to the server's own group in each hierarchy (read from /proc/self/cgroup,
-        the main thread's), or to the hierarchy's root if that fails. OSError when the
-        thread cannot join (the thread is back home then): the way home is opened first,
-        so that going back needs no new file descriptor.
+        back to the server's own group in each hierarchy (_HOMES), or to the hierarchy's
+        root if that fails. OSError when the thread cannot join (it is back home then).
         """
         tid = str(threading.get_native_id()).encode()
-        own = _own_cgroups(strict=True)
-        homes: list[int] = []
+        homes = _HOMES.get([h for h, _ in self.groups])
+        joined = 0
         try:
-            for hierarchy, _ in self.groups:
-                homes.append(_open_home(hierarchy, own))
-            joined = 0
-            try:
-                for path in self._dirs.values():
-                    _write(path + "/tasks", tid)
-                    joined += 1
-                yield
-            finally:
-                for (hierarchy, _), home in zip(self.groups[:joined], homes, strict=False):
-                    try:
-                        os.write(home, tid)
-                    except OSError as exc:  # the group went away meanwhile: the root then
-                        _log.error("spawn_thread_not_home", kind=hierarchy.kind, error=str(exc))
-                        with contextlib.suppress(OSError):
-                            _write(_mount(hierarchy) / "tasks", tid)
+            for path in self._dirs.values():
+                _write(path + "/tasks", tid)
+                joined += 1
+            yield
         finally:
-            for home in homes:
-                os.close(home)
+            for (hierarchy, _), home in zip(self.groups[:joined], homes, strict=False):
+                try:
+                    os.write(home, tid)
+                except OSError as exc:  # the group went away meanwhile: the root then
+                    _log.error("spawn_thread_not_home", kind=hierarchy.kind, error=str(exc))
+                    with contextlib.suppress(OSError):
+                        _write(_mount(hierarchy) / "tasks", tid)
 
     def remove(self) -> tuple[str, ...]:
         """Try once to remove every group not removed yet; the paths still busy (EBUSY).
@@ -555,11 +553,51 @@ def _mount(hierarchy: Hierarchy) -> Path:
     return hierarchy.mount or hierarchy.parent.parent
 
 
-def _open_home(hierarchy: Hierarchy, own: dict[str, str]) -> int:
-    """An fd for the `tasks` file of the server's own group in `hierarchy` (its root when
-    that group is gone); OSError when neither opens."""
-    group = next((own[n] for n in hierarchy.names if n in own), "/")
-    mount = str(_mount(hierarchy))
+class _Homes:
+    """Open `tasks` files of the server's own group in each v1 hierarchy, where a thread
+    that forked a job goes back to (JobCgroup.thread_joined).
+
+    Kept open, so that going home needs no new file descriptor (EMFILE cannot strand a
+    thread in a job's group) and no path walk; /proc/self/cgroup (the main thread's
+    groups: ~35 us to read) is read again at most once a second, so a server moved to
+    other groups (by an administrator, systemd) sends its threads home there soon after.
+    """
+
+    REFRESH = 1.0  # seconds
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._own: dict[str, str] = {}
+        self._read_at = -self.REFRESH
+        self._fds: dict[Path, tuple[str, int]] = {}  # mount -> (the group, an fd of its tasks)
+
+    def get(self, hierarchies: list[Hierarchy]) -> list[int]:
+        """An fd per hierarchy; OSError when one cannot be opened (nothing joined yet)."""
+        with self._lock:
+            now = time.monotonic()
+            if now - self._read_at >= self.REFRESH:
+                self._own = _own_cgroups(strict=True)
+                self._read_at = now
+            fds = []
+            for hierarchy in hierarchies:
+                group = next((self._own[n] for n in hierarchy.names if n in self._own), "/")
+                mount = _mount(hierarchy)
+                held = self._fds.get(mount)
+                if held is None or held[0] != group:
+                    fd = _open_home(mount, group)
+                    if held is not None:
+                        os.close(held[1])
+                    held = self._fds[mount] = (group, fd)
+                fds.append(held[1])
+            return fds
+
+
+_HOMES = _Homes()
+
+
+def _open_home(mount: Path, group: str) -> int:
+    """An fd for the `tasks` file of `group` under `mount` (the root's when that group is
+    gone); OSError when neither opens."""
     try:
         return os.open(f"{mount}{group.rstrip('/')}/tasks", os.O_WRONLY | os.O_CLOEXEC)
     except FileNotFoundError:

@@ -687,7 +687,8 @@ def _open_stdio(job_dir: Path, stdin: bytes) -> tuple[int, int, int]:
     SpawnError naming the path when one cannot be made; nothing is left open then.
     """
     try:
-        job_dir.mkdir(parents=True, exist_ok=True)
+        if not os.path.isdir(job_dir):  # usually made ahead by the store (make_folders)
+            job_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise SpawnError(f"cannot create the job directory {job_dir}: {_why(exc)}") from exc
     fds: list[int] = []
@@ -698,7 +699,7 @@ def _open_stdio(job_dir: Path, stdin: bytes) -> tuple[int, int, int]:
             # The store writes a batch's stdin files when it commits the batch; a job
             # without one reads /dev/null.
             source = job_dir / "stdin"
-            if not source.exists():
+            if not os.path.exists(source):
                 source = Path(os.devnull)
             try:
                 fds.append(os.open(source, os.O_RDONLY | os.O_CLOEXEC))

@@ -351,3 +351,61 @@ print("alive")
     if out == "no v1 groups\n":
         pytest.skip("jobs are forked into their groups only on a cgroup v1 host")
     assert (child.returncode, out) == (0, "alive\n"), err
+
+
+@needs_root
+def test_a_forking_thread_goes_home_to_where_the_server_was_moved() -> None:
+    """An administrator moves the server to other groups: a thread that forks a job after
+    that goes back there, not to the server's old groups. In a child process."""
+    name = f"jobworker-test-home-{os.getpid()}"
+    script = f"""
+import os, threading, time
+from pathlib import Path
+from jobworker.engine.limits import CgroupBackend, _Homes
+from jobworker.model import Limits
+backend = CgroupBackend.detect({name!r})
+freezer = next((h for h in backend.hierarchies if h.kind == "freezer"), None)
+group = backend.create("home-1", Limits())
+if freezer is None or not group.by_thread:
+    print("no v1 groups")
+    raise SystemExit(0)
+def fork_once(result):
+    with group.thread_joined():
+        pass
+    lines = Path("/proc/thread-self/cgroup").read_text().splitlines()
+    result.append([x for x in lines if ":freezer:" in x][0].split(":", 2)[2])
+def in_a_thread():
+    result = []
+    thread = threading.Thread(target=fork_once, args=(result,))
+    thread.start()
+    thread.join()
+    return result[0]
+before = in_a_thread()
+moved = freezer.parent / "moved-here"
+moved.mkdir()
+(moved / "cgroup.procs").write_text(str(os.getpid()))
+time.sleep(_Homes.REFRESH + 0.1)
+after = in_a_thread()
+(freezer.mount / "cgroup.procs").write_text(str(os.getpid()))
+moved.rmdir()
+assert group.remove_blocking(1.0)
+backend.close()
+print(before, after)
+"""
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+        )
+    finally:
+        for hierarchy in Path("/sys/fs/cgroup").iterdir():
+            for group in (hierarchy / name / "moved-here", hierarchy / name / "home-1"):
+                with contextlib.suppress(OSError):
+                    group.rmdir()
+            with contextlib.suppress(OSError):
+                (hierarchy / name).rmdir()
+    if out.stdout == "no v1 groups\n":
+        pytest.skip("jobs are forked into their groups only on a cgroup v1 host")
+    assert out.returncode == 0, out.stderr
+    before, after = out.stdout.split()
+    assert before != after
+    assert after == f"/{name}/moved-here"

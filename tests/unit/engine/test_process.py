@@ -578,10 +578,11 @@ def _only_free_fds(free: int) -> Iterator[None]:
         # stdio takes 3, writing pids.max 1 (and then closes it): the gate pipe fails
         (JOIN_SHELL, 4, "cannot create a pipe for the job: Too many open files"),
         (JOIN_SHELL, 6, "cannot start the job: Too many open files"),  # Popen's own pipe
-        # stdio takes 3: the spawn thread cannot read its way home, so it never leaves
+        # stdio takes 3: the thread cannot open a group's tasks file (its way home is
+        # held open), so it never left
         (NO_LIMITS, 3, "cannot join cgroup {key}: Too many open files"),
-        # stdio 3, the way home one per group, one to join: Popen's own pipe fails
-        (NO_LIMITS, -1, "cannot start the job: Too many open files"),
+        # stdio 3, one at a time to join: then Popen's own pipe (two) fails
+        (NO_LIMITS, 4, "cannot start the job: Too many open files"),
     ],
 )
 async def test_emfile_after_the_cgroup_is_made_leaves_nothing(
@@ -595,9 +596,7 @@ async def test_emfile_after_the_cgroup_is_made_leaves_nothing(
     _needs_cgroup(backend)
     if limits is NO_LIMITS and backend.name != "cgroup-v1":
         pytest.skip("jobs are forked in place only on a cgroup v1 host")
-    process, _ = await _run(sup, _spec("true"), tmp_path / "warm")  # the thread exists
-    if free < 0:
-        free = 3 + len(process.cgroup.groups) + 1
+    await _run(sup, _spec("true"), tmp_path / "warm")  # the thread and its way home exist
     key = _key()
     before = _open_fds()
     with _only_free_fds(free), pytest.raises(SpawnError) as caught:
