@@ -3,7 +3,7 @@
 `python -m bench.baseline_server PKI_DIR` listens on a free loopback port with the same
 mutual TLS as jobworker (require_client_auth, the same CA and server certificate), prints
 `{"address": ...}` on stdout, and serves one server-streaming method: the request is a file
-path; the answer is the file in reads of jobworker's own CHUNK size (256 KiB), each wrapped
+path; the answer is the file in reads of jobworker's own CHUNK size (512 KiB), each wrapped
 as jobworker wraps its chunks (a StreamBatchLogsResponse holding a LogChunk and a cursor),
 so every message has the size and shape of jobworker's. No store, no inotify, no engine.
 """

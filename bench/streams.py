@@ -25,6 +25,7 @@ from bench.harness import (
     stub,
 )
 from bench.result import Result
+from jobworker.store.logs import CHUNK
 from jobworker.v1 import jobworker_pb2 as pb
 
 MB = 1_000_000  # throughput is in MB/s (10^6 bytes a second)
@@ -179,7 +180,8 @@ def follow_throughput(ctx: Context) -> Result:
         name="follow_throughput",
         metric=f"MB/s, one follower of a job writing {nbytes // MiB} MiB (first to last byte)",
         runs=runs,
-        baseline_metric="MB/s, plain grpc.aio stream of the same file, same mTLS, 256 KiB messages",
+        baseline_metric="MB/s, plain grpc.aio stream of the same file, same mTLS, "
+        f"{CHUNK // 1024} KiB messages",
         baseline_runs=base_runs,
         aim="ratio >= 0.7",
         met=ratio >= 0.7,

@@ -16,7 +16,7 @@ from jobworker.model import JobEvent, JobState
 from jobworker.store.batches import BatchRecord
 from jobworker.store.inotify import Inotify
 
-CHUNK = 256 * 1024  # per message: large enough for throughput, far under gRPC's 4 MiB
+CHUNK = 512 * 1024  # per message: large enough for throughput, far under gRPC's 4 MiB
 ROUND = 4  # full chunks of one stream sent in a row before the others get a turn
 COALESCE = 0.001  # after a short read of a live job, let it write a little more first
 STREAMS = ("stdout", "stderr")
