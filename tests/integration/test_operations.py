@@ -552,3 +552,42 @@ def test_a_busy_metrics_port_stops_the_start_with_a_clear_message(
     assert result.returncode != 0
     assert f"cannot serve metrics on {taken}" in result.stderr
     assert "server_ready" not in result.stderr
+
+
+def _serve_expecting_failure(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "jobworker", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_a_second_server_on_the_same_data_dir_refuses_to_start(
+    make_server: ServerFactory, tmp_path: Path, pki: Path
+) -> None:
+    first = make_server()
+    assert first.proc is not None
+    config = write_config(tmp_path / "second.toml", pki, tmp_path / "data")
+    result = _serve_expecting_failure(config)
+    assert result.returncode != 0
+    assert f"data_dir {tmp_path / 'data'} is in use by another jobworker server" in result.stderr
+    assert f"(pid {first.proc.pid})" in result.stderr
+    assert "server_ready" not in result.stderr
+    first.stop()  # the lock goes with the server: the next one starts
+    make_server()
+
+
+def test_a_second_server_on_the_same_port_refuses_to_start(
+    make_server: ServerFactory, tmp_path: Path, pki: Path
+) -> None:
+    first = make_server()
+    taken = f"127.0.0.1:{first.port}"
+    config = write_config(
+        tmp_path / "second.toml", pki, tmp_path / "other-data", server={"listen": taken}
+    )
+    result = _serve_expecting_failure(config)
+    assert result.returncode != 0
+    assert f"cannot listen on {taken}" in result.stderr
+    assert "server_ready" not in result.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import signal
 import threading
@@ -138,6 +139,7 @@ class App:
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._reload_lock = asyncio.Lock()
+        self._data_lock: int | None = None  # fd of data_dir/server.lock while serving
         self.metrics = Metrics()
         self._file_stamp = self._config_stamp()  # the config file as last read
         # Called after each reload with the config applied, or None when it failed.
@@ -162,6 +164,7 @@ class App:
         self.tls = TlsFiles(cfg)
         data_dir = cfg.server.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
+        self._data_lock = lock_data_dir(data_dir)
         self.store = BatchStore(data_dir, min_free_disk=cfg.jobs.min_free_disk)
         jwlogging.set_enricher(self._add_owner)
         batches = self.store.load()
@@ -196,6 +199,9 @@ class App:
                 ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
                 ("grpc.http2.max_ping_strikes", 0),
                 ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+                # gRPC sets SO_REUSEPORT by default: a second server on the same port would
+                # start and share its connections. It must fail to listen instead.
+                ("grpc.so_reuseport", 0),
             ],
         )
         self.service = JobWorkerService(
@@ -214,9 +220,15 @@ class App:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
-        self.port = self.server.add_secure_port(cfg.server.listen, self.tls.credentials())
+        try:
+            self.port = self.server.add_secure_port(cfg.server.listen, self.tls.credentials())
+        except RuntimeError:  # grpcio's "Failed to bind": in use, or not an address of ours
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot listen on {cfg.server.listen}")
+            raise OSError(
+                f"cannot listen on {cfg.server.listen}: the port is in use or the address "
+                "is not one of this host's"
+            )
         if cfg.metrics.listen:
             # Before server_ready: whoever waits for that line can scrape at once.
             try:
@@ -309,6 +321,9 @@ class App:
         if (inotify := getattr(self, "inotify", None)) is not None:
             inotify.close()
         await asyncio.to_thread(self.metrics.close)  # last: a final scrape sees the end
+        if self._data_lock is not None:
+            os.close(self._data_lock)  # another server may use the data_dir from now on
+            self._data_lock = None
         jwlogging.set_enricher(None)
         log.info("server_stopped")
 
@@ -435,6 +450,35 @@ class App:
         ):
             if changes or self._config_stamp() != self._file_stamp:
                 await self.reload("file changed")
+
+
+DATA_DIR_LOCK = "server.lock"
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Hold `data_dir`/server.lock (an flock) for as long as this server runs; its fd.
+
+    Two servers on one data_dir would both run its queued jobs and write its journals. The
+    lock goes with the process, even on kill -9, so a crash never leaves it stale. OSError
+    naming the other server's pid when it holds the lock.
+    """
+    path = data_dir / DATA_DIR_LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise OSError(
+            f"data_dir {data_dir} is in use by another jobworker server (pid {holder}); "
+            "each server needs a data_dir of its own"
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def serve(config_path: Path | None) -> None:
