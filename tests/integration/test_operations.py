@@ -591,3 +591,26 @@ def test_a_second_server_on_the_same_port_refuses_to_start(
     assert result.returncode != 0
     assert f"cannot listen on {taken}" in result.stderr
     assert "server_ready" not in result.stderr
+
+
+SYS_TGKILL = {"x86_64": 234, "aarch64": 131}.get(os.uname().machine)
+
+
+@pytest.mark.skipif(
+    SYS_TGKILL is None, reason="tgkill's syscall number is known here only for x86_64 and aarch64"
+)
+def test_a_sigterm_delivered_to_any_thread_stops_the_server(make_server: ServerFactory) -> None:
+    """The kernel may hand a process-wide signal to any thread. Sent here straight to a
+    thread that is not the main one (tgkill), it must still stop the server."""
+    import ctypes
+
+    server = make_server()
+    assert server.proc is not None
+    pid = server.proc.pid
+    others = [int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid]
+    assert others
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.syscall(SYS_TGKILL, pid, others[0], int(signal.SIGTERM)) == 0
+    assert server.proc.wait(timeout=30) == 0
+    assert server.stop() == 0  # already ended: only closes the log pipe
+    assert server.events("server_stopped")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import signal
 import threading
@@ -167,20 +168,23 @@ class JobCgroup:
     def _kill_one_by_one(self) -> None:
         """Freeze (when the freezer is there), SIGKILL each pid, thaw; a few rounds for forkers."""
         freezer = self._dirs.get("freezer")
+        me = os.getpid()
         for _ in range(10):
-            if freezer is not None:
+            # Never the server itself: while one of its threads forks a job, that thread is
+            # in the job's groups. A group is killed only once its fork returned, but should
+            # a thread ever be stranded there (spawn_thread_not_home), freezing the group
+            # would freeze the server: then the pids are killed unfrozen.
+            freeze = freezer is not None and me not in self.pids()
+            if freeze:
                 with contextlib.suppress(OSError):
-                    _write(freezer + "/freezer.state", "FROZEN")
-            # Never the server: while a thread of it forks a job it is in the job's groups.
-            # (Nor is that thread ever frozen here: a group is killed only once the fork
-            # that made it returned, and kills run on the event loop's thread.)
-            pids = [pid for pid in self.pids() if pid != os.getpid()]
+                    _write(f"{freezer}/freezer.state", "FROZEN")
+            pids = [pid for pid in self.pids() if pid != me]
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGKILL)
-            if freezer is not None:
+            if freeze:
                 with contextlib.suppress(OSError):
-                    _write(freezer + "/freezer.state", "THAWED")
+                    _write(f"{freezer}/freezer.state", "THAWED")
             if not pids:
                 return
 
@@ -315,15 +319,19 @@ class CgroupBackend:
         self.devices = devices
         # Keys of the groups this server made and has not removed yet: never "stale".
         self._live: set[str] = set()
+        self._lock: int | None = None  # an flock on a parent group: one server per root
 
     # ---- detection -------------------------------------------------------------------------
 
     @classmethod
     def detect(cls, root_name: str = "jobworker") -> CgroupBackend:
-        """Probe which cgroup hierarchies work here (root, mkdir); never raises: else "none"."""
+        """Probe which cgroup hierarchies work here (root, mkdir); else "none". Raises only
+        CgroupRootInUse (another server holds `root_name`)."""
         rlimits = os.access(PRLIMIT, os.X_OK)
         try:
             backend = cls._probe(root_name, rlimits)
+        except CgroupRootInUse:
+            raise
         except Exception as exc:  # noqa: BLE001 - a failed probe must not stop the server
             _log.warning("cgroup_probe_failed", error=repr(exc))
             backend = None
@@ -360,10 +368,13 @@ class CgroupBackend:
                 hierarchies.append(Hierarchy(controller, parent, limits, mount, names))
         if not hierarchies:
             return None
+        lock = _lock_root(hierarchies[0].parent)
         v2_controllers = hierarchies[0].controllers if hierarchies[0].v2 else frozenset()
         has_v1 = any(not h.v2 for h in hierarchies)
         name = "cgroup-v2" if v2_controllers or not has_v1 else "cgroup-v1"
-        return cls(name, tuple(hierarchies), rlimits=rlimits, devices=block_devices())
+        backend = cls(name, tuple(hierarchies), rlimits=rlimits, devices=block_devices())
+        backend._lock = lock
+        return backend
 
     def enforceable(self) -> frozenset[str]:
         """The limits (cpu, memory, pids, io) some hierarchy enforces."""
@@ -388,10 +399,14 @@ class CgroupBackend:
             track = "freezer and SIGKILL"
         else:
             track = "pid-by-pid SIGKILL"
-        spawn = "forked straight into" if not tracker.v2 else "moved by a join shell into"
+        if tracker.v2:
+            spawn = "jobs join their groups through a shell"
+        else:
+            spawn = "jobs without cpu, memory or pids limits are forked straight into their "
+            spawn += "groups, others join through a shell"
         return (
             f"{self.name}: enforces {', '.join(enforced) or 'no limits'}; "
-            f"kill via {track}; jobs are {spawn} their groups; groups under {groups}"
+            f"kill via {track}; {spawn}; groups under {groups}"
         )
 
     def _unified(self) -> Hierarchy | None:
@@ -443,7 +458,13 @@ class CgroupBackend:
                 self._live.discard(key)
             raise
         enforced = _only(limits, enforced_names)
-        by_thread = all(not h.v2 for h, _ in groups) and not enforced.pids_max
+        # Forked straight into its groups only when no group can stop or throttle the forking
+        # thread: a cpu quota would throttle the event loop, pids.max would count it, and
+        # under a memory limit an OOM during the exec may (on kernels that scan threads)
+        # pick the server. Jobs with those limits join through the shell.
+        by_thread = all(not h.v2 for h, _ in groups) and not (
+            enforced.cpu_millis or enforced.pids_max or enforced.memory_bytes
+        )
         unenforced = tuple(sorted(name for name in wanted if name not in enforced_names))
         rlimit_args: tuple[str, ...] = ()
         if "memory" in unenforced and self.rlimits:  # approximate with the address space
@@ -486,9 +507,11 @@ class CgroupBackend:
             match = next((h for h in self.hierarchies if name in h.controllers), None)
             if match is not None:
                 chosen.append(match)
-        # So is CPU time (cgroup2's cpu.stat is always there): it counts the whole tree.
+        # So is CPU time (cgroup2's cpu.stat is always there): it counts the whole tree. On
+        # v1 only where cpuacct is mounted on its own: co-mounted with cpu, a group of its
+        # own would also change the job's CPU weight (it would leave the server's cpu group).
         acct = self._v1("cpuacct")
-        if not tracker.v2 and acct is not None and acct not in chosen:
+        if not tracker.v2 and acct is not None and acct not in chosen and "cpu" not in acct.names:
             chosen.append(acct)
         return chosen
 
@@ -547,6 +570,28 @@ class CgroupBackend:
         for hierarchy in self.hierarchies:
             with contextlib.suppress(OSError):
                 hierarchy.parent.rmdir()
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+
+class CgroupRootInUse(OSError):
+    """Another server makes its job groups under the same cgroup_root."""
+
+
+def _lock_root(parent: Path) -> int:
+    """An flock on a parent group, held while the server runs: two servers on one
+    cgroup_root would take each other's groups for stale ones and remove them."""
+    fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise CgroupRootInUse(
+            f"cgroup_root {parent.name!r} is in use by another jobworker server "
+            f"({parent}); give each server its own server.cgroup_root"
+        ) from None
+    return fd
 
 
 def _mount(hierarchy: Hierarchy) -> Path:
@@ -584,10 +629,9 @@ class _Homes:
                 mount = _mount(hierarchy)
                 held = self._fds.get(mount)
                 if held is None or held[0] != group:
-                    fd = _open_home(mount, group)
-                    if held is not None:
-                        os.close(held[1])
-                    held = self._fds[mount] = (group, fd)
+                    # A replaced fd stays open: another thread may be on its way home with
+                    # it, and a reused fd number would take its tid somewhere else.
+                    held = self._fds[mount] = (group, _open_home(mount, group))
                 fds.append(held[1])
             return fds
 

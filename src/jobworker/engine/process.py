@@ -8,9 +8,11 @@ Forked in place (cgroup v1, the usual case there): the thread that forks moves i
 only itself, into the job's v1 groups (write its tid to each `tasks` file), forks, and moves
 back (JobCgroup.thread_joined). A child is born in its parent thread's groups, so the job
 never runs outside them, and there is no extra exec. Not for cgroup v2 (it moves whole
-processes), nor for a job with a pids limit (the thread would count against pids.max):
+processes), nor for a job with a cpu, memory or pids limit: the forking thread would be
+throttled by the quota, counted against pids.max, or (on kernels whose memory-cgroup OOM
+killer scans threads) mistaken for the culprit of an OOM during the exec.
 
-Through a join shell (cgroup v2, pids limits): a short exec chain
+Through a join shell (cgroup v2; cpu, memory or pids limits): a short exec chain
 
     /bin/sh -c JOIN jobworker-job <stderr file> <cgroup.procs files...> -- [prlimit ARGS --] argv
 
@@ -213,6 +215,11 @@ class Process:
             os.close(self._pidfd)
             raise
 
+    @property
+    def ended(self) -> bool:
+        """True once the job's result is known (what wait() returns)."""
+        return self._done.done()
+
     async def wait(self) -> ExitInfo:
         """The job's end, once it has ended and nothing of it is left; same result for all."""
         return await asyncio.shield(self._done)
@@ -395,9 +402,10 @@ class Supervisor:
         failure nothing is left: no fd, no cgroup, no process.
         """
         loop = asyncio.get_running_loop()
-        if not spec.stdin and threading.get_native_id() != os.getpid():
+        if not spec.stdin and not user and threading.get_native_id() != os.getpid():
             # On the loop's own thread (module doc, "Where a job is forked"): a few file
-            # system calls and a vfork, cheaper than handing the work to a thread.
+            # system calls and a vfork, cheaper than handing the work to a thread. (Not
+            # with stdin bytes to write, nor a user to look up: NSS may be slow.)
             popen, cgroup, gate = self._start(spec, limits, job_dir, key, user)
         else:
             launched = loop.run_in_executor(
@@ -487,7 +495,10 @@ class Supervisor:
             try:
                 popen, gate = self._popen_joining(spec, cgroup, prepared)
             except BaseException:
-                cgroup.remove()  # nothing ever joined it: never busy
+                if cgroup.by_thread:  # a child was born in it and failed to exec (reaped):
+                    cgroup.remove_blocking(timeout=1.0)  # v1 may say busy for a moment
+                else:
+                    cgroup.remove()  # nothing ever joined it: never busy
                 raise
             return popen, cgroup, gate
         finally:

@@ -334,6 +334,8 @@ class Engine:
         return JobState.FAILED, f"killed by signal {_signal_name(info.signal)}"
 
     def _time_out(self, run: _Run) -> None:
+        if run.process is not None and run.process.ended:
+            return  # it ended in the same loop turn: its own result stands (as wait_for's)
         message = f"timed out after {format_duration(run.timeout)}"
         self._stop(run, JobState.TIMED_OUT, message, self.settings.kill_grace)
 

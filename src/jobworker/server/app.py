@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import fcntl
 import os
+import select
 import signal
 import threading
 from collections.abc import Callable, Coroutine
@@ -186,6 +187,9 @@ class App:
         # queued jobs in new ones: what is left then is empty groups of older runs.
         if removed := await asyncio.to_thread(backend.cleanup_stale):
             log.info("stale_cgroups_removed", count=removed)
+        for batch in batches:
+            if not batch.ended:  # folders for the jobs still to run, as at scheduling
+                self.store.make_folders(batch)
         await self.engine.recover(batches)
         self.inotify = Inotify()
 
@@ -226,8 +230,8 @@ class App:
             self.port = 0
         if self.port == 0:
             raise OSError(
-                f"cannot listen on {cfg.server.listen}: the port is in use or the address "
-                "is not one of this host's"
+                f"cannot listen on {cfg.server.listen}: gRPC could not bind it (the port is "
+                "in use, or the address is not one of this host's)"
             )
         if cfg.metrics.listen:
             # Before server_ready: whoever waits for that line can scrape at once.
@@ -476,8 +480,12 @@ def lock_data_dir(data_dir: Path) -> int:
     except BaseException:
         os.close(fd)
         raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError:
+        os.close(fd)
+        raise
     return fd
 
 
@@ -506,10 +514,34 @@ def serve(config_path: Path | None) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is closed: the server has ended
             loop.call_soon_threadsafe(app.on_signal, sig)
 
+    # The kernel may hand a signal to any thread; CPython then runs the handler on the main
+    # thread, but only once that thread wakes up. A wake-up fd makes sure it does: the main
+    # thread sleeps in select() on it, not in a join() nothing would interrupt.
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    old_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, deliver)
-    thread = threading.Thread(target=run, name="jobworker-loop")
-    thread.start()
-    thread.join()  # signal handlers run meanwhile (the main thread wakes for them)
+
+    finished = threading.Event()
+
+    def run_then_wake() -> None:
+        try:
+            run()
+        finally:
+            finished.set()
+            os.write(wake_w, b"\0")
+
+    thread = threading.Thread(target=run_then_wake, name="jobworker-loop")
+    try:
+        thread.start()
+        while not finished.is_set():
+            select.select([wake_r], [], [])
+            with contextlib.suppress(BlockingIOError):
+                os.read(wake_r, 512)  # handlers run as the main thread comes back here
+        thread.join()
+    finally:
+        signal.set_wakeup_fd(old_wakeup)
+        os.close(wake_r)
+        os.close(wake_w)
     if failure:
         raise failure[0]

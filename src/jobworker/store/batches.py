@@ -366,7 +366,12 @@ class BatchStore:
         (and reports what cannot be made). Never re-makes a batch folder that is gone.
         """
         jobs, count = batch.path / "jobs", len(batch.specs)
-        return self._folders.submit(_make_folders, jobs, count, self._folders_stop)
+        try:
+            return self._folders.submit(_make_folders, jobs, count, self._folders_stop)
+        except RuntimeError:  # the store is closing: the jobs' starts make them
+            done: Future[None] = Future()
+            done.set_result(None)
+            return done
 
     def append(self, batch: BatchRecord, event: JobEvent) -> None:
         """Apply `event` to `batch` and append it to the batch's journal."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from jobworker.engine.limits import CgroupBackend, Hierarchy, JobCgroup, _cfs
+from jobworker.engine.limits import CgroupBackend, CgroupRootInUse, Hierarchy, JobCgroup, _cfs
 from jobworker.model import Limits
 
 ROOT = os.geteuid() == 0
@@ -226,7 +226,10 @@ def test_cleanup_stale_removes_empty_groups_and_keeps_busy_ones() -> None:
         )
         try:
             _wait_for(lambda: proc.pid in busy.pids())
-            again = CgroupBackend.detect(name)  # as a restarted server would
+            with pytest.raises(CgroupRootInUse, match=f"cgroup_root '{name}' is in use"):
+                CgroupBackend.detect(name)  # a second server on the same root
+            backend.close()  # the first server ends (its groups stay)...
+            again = CgroupBackend.detect(name)  # ...and a restarted one takes the root
             assert again.cleanup_stale() == 1
             assert again.open("old-1") is None
             reopened = again.open("old-2")
@@ -268,23 +271,31 @@ def test_remove_never_sleeps_and_names_the_busy_groups(backend: CgroupBackend) -
 
 
 @needs_root
-def test_cleanup_stale_spares_groups_this_backend_made(backend: CgroupBackend) -> None:
+def test_cleanup_stale_spares_groups_this_backend_made() -> None:
     """An empty group of this run may be a job's whose join shell has not joined yet."""
+    name = f"jobworker-test-spare-{os.getpid()}"
+    gen = _own_backend(name)
+    backend = next(gen)
     if backend.name == "none":
         pytest.skip("no usable cgroups here")
-    group = backend.create("live-1", Limits())
     try:
-        backend.cleanup_stale()
-        assert backend.open("live-1") is not None
+        group = backend.create("live-1", Limits())
+        try:
+            backend.cleanup_stale()
+            assert backend.open("live-1") is not None
+        finally:
+            assert group.remove_blocking()
+        backend.create("live-2", Limits())
+        reopened = backend.open("live-2")
+        assert reopened is not None
+        assert reopened.remove_blocking()  # removed by any handle: no longer this run's
+        backend.create("live-2", Limits())
+        backend.close()  # as if it had crashed: a restarted server finds the group stale
+        assert CgroupBackend.detect(name).cleanup_stale() == 1
+        assert backend.cleanup_stale() == 0  # the group is gone: nothing left to spare
     finally:
-        assert group.remove_blocking()
-    backend.create("live-2", Limits())
-    reopened = backend.open("live-2")
-    assert reopened is not None
-    assert reopened.remove_blocking()  # removed by any handle: no longer this run's
-    backend.create("live-2", Limits())
-    assert CgroupBackend.detect(backend.hierarchies[0].parent.name).cleanup_stale() == 1
-    assert backend.cleanup_stale() == 0  # the group is gone: nothing left to spare
+        for _ in gen:
+            pass
 
 
 def test_hierarchy_v2_flag() -> None:
