@@ -129,8 +129,8 @@ class JobCgroup:
     _pending: list[str] | None = field(init=False, repr=False, default=None)  # not yet removed
     # The backend's keys of groups made and not yet removed (None outside a backend).
     _live: set[str] | None = field(default=None, repr=False, kw_only=True)
-    # True when every group is v1 and none limits pids: the job can be born in its groups
-    # by forking from a thread moved into them (thread_joined), without a join step.
+    # True when every group is v1 and the job has no cpu, memory or pids limit: it can be
+    # born in its groups by forking from a thread moved into them (thread_joined).
     by_thread: bool = field(default=False, kw_only=True)
 
     def __post_init__(self) -> None:
@@ -239,10 +239,10 @@ class JobCgroup:
 
         A process the thread forks meanwhile (subprocess's vfork+exec) is born in the
         job's groups, so the job runs no instruction outside them and no join step is
-        needed. Only for by_thread groups: cgroup v2 moves whole processes, and a thread
-        in a pids group would count against the job's pids.max. Afterwards the thread goes
-        back to the server's own group in each hierarchy (_HOMES), or to the hierarchy's
-        root if that fails. OSError when the thread cannot join (it is back home then).
+        needed. Only for by_thread groups (CgroupBackend.create says why). Afterwards the
+        thread goes back to the server's own group in each hierarchy (_HOMES), or to the
+        hierarchy's root if that fails. OSError when the thread cannot join (it is back
+        home then).
         """
         tid = str(threading.get_native_id()).encode()
         homes = _HOMES.get([h for h, _ in self.groups])
@@ -613,7 +613,7 @@ class _Homes:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._own: dict[str, str] = {}
-        self._read_at = -self.REFRESH
+        self._read_at = float("-inf")
         self._fds: dict[Path, tuple[str, int]] = {}  # mount -> (the group, an fd of its tasks)
 
     def get(self, hierarchies: list[Hierarchy]) -> list[int]:

@@ -55,8 +55,9 @@ move. The checks, file opens, cgroup mkdirs and the vfork (the loop waits until 
 has exec'd, ~0.1-0.3 ms) cost less there than handing them to a thread: each GIL handover
 between threads is a futex wake and two context switches, and they cost more than the work
 (measured: server CPU per job 2.1 ms inline against 3.3 ms through the spawn threads). A
-loop on the main thread (tests, embedders), or a job with stdin bytes to write first, uses
-the spawn threads.
+loop on the main thread (tests, embedders), a job with stdin bytes to write first, and a
+job that runs as another Unix user (its name is looked up, and NSS may be slow) use the
+spawn threads.
 
 Reaping uses a pidfd watched by the event loop (no threads, no asyncio child watcher);
 os.wait4 gives the status and rusage. The job's result does not wait for its cgroups to be

@@ -529,7 +529,8 @@ def serve(config_path: Path | None) -> None:
             run()
         finally:
             finished.set()
-            os.write(wake_w, b"\0")
+            with contextlib.suppress(BlockingIOError):  # full: the main thread wakes anyway
+                os.write(wake_w, b"\0")
 
     thread = threading.Thread(target=run_then_wake, name="jobworker-loop")
     try:
