@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -313,3 +315,42 @@ def test_fail_fast_holds_for_a_job_lost_in_a_crash(
     assert batch.state == pb.BATCH_STATE_FAILED
     assert not marker.exists()
     _wait_gone(pids)
+
+
+def test_a_start_that_cannot_listen_touches_no_job(
+    make_server: ServerFactory, tmp_path: Path, pki: Path
+) -> None:
+    """The port is taken: the server stops before recovery, so the job that was running
+    is not recorded LOST (nor killed) and the queued one does not run."""
+    srv = make_server(jobs={"max_concurrent": 1})
+    stub = srv.stub("alice")
+    pidfile = tmp_path / "pids"
+    marker = tmp_path / "queued-ran"
+    batch = schedule(stub, _runner(pidfile), job("touch", str(marker), name="queued"))
+    pids = _wait_pids(pidfile)
+    try:
+        wait_job(stub, batch.correlation_id, "runner", pb.JOB_STATE_RUNNING)
+        srv.kill()
+        journal = data_dir_of(srv) / "batches" / batch.correlation_id / "journal"
+        before = journal.read_bytes()
+        holder = make_server(data_dir=tmp_path / "other")
+        config = write_config(
+            tmp_path / "busy-port.toml",
+            pki,
+            data_dir_of(srv),
+            server={"listen": f"127.0.0.1:{holder.port}"},
+        )
+        result = subprocess.run(
+            [sys.executable, "-m", "jobworker", "serve", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode != 0
+        assert f"cannot listen on 127.0.0.1:{holder.port}" in result.stderr
+        assert journal.read_bytes() == before
+        assert not marker.exists()
+        assert all(alive(p) for p in pids)
+    finally:
+        kill_pids(pids)

@@ -166,6 +166,39 @@ class App:
         data_dir = cfg.server.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         self._data_lock = lock_data_dir(data_dir)
+        # Listen before anything else: a port in use stops the start before recovery, which
+        # would start queued jobs only for the failed start to stop them and record them LOST.
+        keepalive_ms = int(cfg.server.keepalive_interval * 1000)
+        self.server = aio.server(
+            interceptors=[AuthInterceptor(self.role_of, [self.metrics.observe_rpc])],
+            options=[
+                ("grpc.keepalive_time_ms", keepalive_ms),
+                ("grpc.keepalive_timeout_ms", 10_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+                ("grpc.http2.max_ping_strikes", 0),
+                ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+                # gRPC sets SO_REUSEPORT by default: a second server on the same port would
+                # start and share its connections. It must fail to listen instead.
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        try:
+            self.port = self.server.add_secure_port(cfg.server.listen, self.tls.credentials())
+        except RuntimeError:  # grpcio's "Failed to bind": in use, or not an address of ours
+            self.port = 0
+        if self.port == 0:
+            raise OSError(
+                f"cannot listen on {cfg.server.listen}: gRPC could not bind it (the port is "
+                "in use, or the address is not one of this host's)"
+            )
+        if cfg.metrics.listen:
+            # Before server_ready: whoever waits for that line can scrape at once.
+            try:
+                self.metrics_address = self.metrics.serve(cfg.metrics.listen)
+            except OSError as exc:
+                raise OSError(f"cannot serve metrics on {cfg.metrics.listen}: {exc}") from exc
+            log.info("metrics_ready", address=self.metrics_address, path="/metrics")
         self.store = BatchStore(data_dir, min_free_disk=cfg.jobs.min_free_disk)
         jwlogging.set_enricher(self._add_owner)
         batches = self.store.load()
@@ -193,21 +226,6 @@ class App:
         await self.engine.recover(batches)
         self.inotify = Inotify()
 
-        keepalive_ms = int(cfg.server.keepalive_interval * 1000)
-        self.server = aio.server(
-            interceptors=[AuthInterceptor(self.role_of, [self.metrics.observe_rpc])],
-            options=[
-                ("grpc.keepalive_time_ms", keepalive_ms),
-                ("grpc.keepalive_timeout_ms", 10_000),
-                ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
-                ("grpc.http2.max_ping_strikes", 0),
-                ("grpc.max_receive_message_length", 4 * 1024 * 1024),
-                # gRPC sets SO_REUSEPORT by default: a second server on the same port would
-                # start and share its connections. It must fail to listen instead.
-                ("grpc.so_reuseport", 0),
-            ],
-        )
         self.service = JobWorkerService(
             self.core,
             self.settings,
@@ -224,22 +242,6 @@ class App:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
-        try:
-            self.port = self.server.add_secure_port(cfg.server.listen, self.tls.credentials())
-        except RuntimeError:  # grpcio's "Failed to bind": in use, or not an address of ours
-            self.port = 0
-        if self.port == 0:
-            raise OSError(
-                f"cannot listen on {cfg.server.listen}: gRPC could not bind it (the port is "
-                "in use, or the address is not one of this host's)"
-            )
-        if cfg.metrics.listen:
-            # Before server_ready: whoever waits for that line can scrape at once.
-            try:
-                self.metrics_address = self.metrics.serve(cfg.metrics.listen)
-            except OSError as exc:
-                raise OSError(f"cannot serve metrics on {cfg.metrics.listen}: {exc}") from exc
-            log.info("metrics_ready", address=self.metrics_address, path="/metrics")
         await self.server.start()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
