@@ -244,6 +244,17 @@ def alive(pid: int) -> bool:
 PY = sys.executable  # an absolute python for jobs: their PATH is the server's minimal one
 
 
+def serve_expecting_failure(config: Path) -> subprocess.CompletedProcess[str]:
+    """`jobworker serve` with `config`, for a start that must fail; what it printed."""
+    return subprocess.run(
+        [sys.executable, "-m", "jobworker", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def data_dir_of(server: Server) -> Path:
     """The data_dir a test server was configured with."""
     import tomllib

@@ -10,8 +10,6 @@ import shutil
 import signal
 import socket
 import ssl
-import subprocess
-import sys
 import threading
 import tomllib
 import urllib.request
@@ -34,6 +32,7 @@ from .conftest import (
     job,
     rpc_error,
     schedule,
+    serve_expecting_failure,
     wait_batch,
     wait_until,
     write_config,
@@ -542,26 +541,10 @@ def test_a_busy_metrics_port_stops_the_start_with_a_clear_message(
         config = write_config(
             tmp_path / "jobworker.toml", pki, tmp_path / "data", metrics={"listen": taken}
         )
-        result = subprocess.run(
-            [sys.executable, "-m", "jobworker", "serve", "--config", str(config)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        result = serve_expecting_failure(config)
     assert result.returncode != 0
     assert f"cannot serve metrics on {taken}" in result.stderr
     assert "server_ready" not in result.stderr
-
-
-def _serve_expecting_failure(config: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "jobworker", "serve", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def test_a_second_server_on_the_same_data_dir_refuses_to_start(
@@ -570,7 +553,7 @@ def test_a_second_server_on_the_same_data_dir_refuses_to_start(
     first = make_server()
     assert first.proc is not None
     config = write_config(tmp_path / "second.toml", pki, tmp_path / "data")
-    result = _serve_expecting_failure(config)
+    result = serve_expecting_failure(config)
     assert result.returncode != 0
     assert f"data_dir {tmp_path / 'data'} is in use by another jobworker server" in result.stderr
     assert f"(pid {first.proc.pid})" in result.stderr
@@ -587,7 +570,7 @@ def test_a_second_server_on_the_same_port_refuses_to_start(
     config = write_config(
         tmp_path / "second.toml", pki, tmp_path / "other-data", server={"listen": taken}
     )
-    result = _serve_expecting_failure(config)
+    result = serve_expecting_failure(config)
     assert result.returncode != 0
     assert f"cannot listen on {taken}" in result.stderr
     assert "server_ready" not in result.stderr

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from tests.integration.conftest import (
     read_pids,
     rpc_error,
     schedule,
+    serve_expecting_failure,
     wait_batch,
     wait_job,
     wait_until,
@@ -340,13 +339,7 @@ def test_a_start_that_cannot_listen_touches_no_job(
             data_dir_of(srv),
             server={"listen": f"127.0.0.1:{holder.port}"},
         )
-        result = subprocess.run(
-            [sys.executable, "-m", "jobworker", "serve", "--config", str(config)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        result = serve_expecting_failure(config)
         assert result.returncode != 0
         assert f"cannot listen on 127.0.0.1:{holder.port}" in result.stderr
         assert journal.read_bytes() == before
