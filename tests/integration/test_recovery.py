@@ -347,3 +347,4 @@ def test_a_start_that_cannot_listen_touches_no_job(
         assert all(alive(p) for p in pids)
     finally:
         kill_pids(pids)
+        srv.start()  # recovery removes the killed server's job groups; the fixture stops it
