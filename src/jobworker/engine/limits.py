@@ -72,7 +72,10 @@ def _read(path: str | Path, *, strict: bool = False) -> str:
             raise
         return ""
     try:
-        return os.read(fd, 65536).decode()
+        chunks = [os.read(fd, 65536)]
+        while len(chunks[-1]) == 65536:  # a long file (cpuacct.usage_all on many CPUs)
+            chunks.append(os.read(fd, 65536))
+        return b"".join(chunks).decode()
     except OSError:
         if strict:
             raise

@@ -420,3 +420,13 @@ print(before, after)
     before, after = out.stdout.split()
     assert before != after
     assert after == f"/{name}/moved-here"
+
+
+def test_a_control_file_longer_than_one_read_is_read_whole(tmp_path: Path) -> None:
+    """cpuacct.usage_all has a line per CPU: past ~1,400 CPUs it is longer than 64 KiB."""
+    from jobworker.engine.limits import _read
+
+    lines = "cpu user system\n" + "".join(f"{i} {i * 7} {i * 3}\n" for i in range(5000))
+    (tmp_path / "usage_all").write_text(lines)
+    assert len(lines) > 65536
+    assert _read(tmp_path / "usage_all") == lines
