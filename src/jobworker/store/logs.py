@@ -151,17 +151,18 @@ class Follower:
             self._end_size = {}
         try:
             while True:
-                if self.closing():
-                    raise Unavailable("server is shutting down")
+                self._check_open()
                 waiter = self.batch.changed.waiter()
                 progressed = short = False
                 for index in list(self.cursor.offsets):
                     async for chunk in self._read(index, drain=False):
                         progressed = True
                         short = short or len(chunk.data) < CHUNK
+                        self._check_open()
                         yield chunk
                 async for item in self._events():
                     progressed = True
+                    self._check_open()  # not the jobs the shutdown stops: the stream ends first
                     yield item
                 if self._done():
                     return
@@ -173,6 +174,12 @@ class Follower:
                     await asyncio.wait([waiter])
         finally:
             self._release()
+
+    def _check_open(self) -> None:
+        """Unavailable once the server is shutting down: checked before every item, since a
+        follower is often mid-way (waiting for its last write) when the shutdown begins."""
+        if self.closing():
+            raise Unavailable("server is shutting down")
 
     async def _after_progress(self, *, coalesce: bool) -> None:
         # Data is flowing: no wake-ups are needed meanwhile, and a busy writer's inotify
