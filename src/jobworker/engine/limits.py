@@ -397,14 +397,9 @@ class CgroupBackend:
         groups = ", ".join(f"{h.kind}={h.parent}" for h in self.hierarchies)
         tracker = self._tracker()
         if tracker.v2:
-            track = "cgroup.kill"
-        elif tracker.kind == "freezer":
-            track = "freezer and SIGKILL"
+            track, spawn = "cgroup.kill", "jobs join their groups through a shell"
         else:
-            track = "pid-by-pid SIGKILL"
-        if tracker.v2:
-            spawn = "jobs join their groups through a shell"
-        else:
+            track = "freezer and SIGKILL" if tracker.kind == "freezer" else "pid-by-pid SIGKILL"
             spawn = "jobs without cpu, memory or pids limits are forked straight into their "
             spawn += "groups, others join through a shell"
         return (

@@ -514,16 +514,16 @@ class Supervisor:
         argv0 = resolved if spec.argv[0].startswith("-") else spec.argv[0]
         prefix = [PRLIMIT, *cgroup.rlimit_args, "--"] if cgroup.rlimit_args else []
         prefix += prepared.drop
-        if not cgroup.procs_files or cgroup.by_thread:
+        if not cgroup.procs_files or cgroup.by_thread:  # no join step
             argv = [*prefix, argv0, *spec.argv[1:]]
             executable = prefix[0] if prefix else resolved
-            if not cgroup.procs_files:
-                return _popen(argv, executable, cwd, env, stdio), -1
-            try:
-                with cgroup.thread_joined():  # the child is born in the job's groups
-                    return _popen(argv, executable, cwd, env, stdio), -1
-            except OSError as exc:  # the thread could not join: nothing was started
-                raise SpawnError(f"cannot join cgroup {cgroup.key}: {_why(exc)}") from exc
+            if cgroup.by_thread:
+                try:
+                    with cgroup.thread_joined():  # the child is born in the job's groups
+                        return _popen(argv, executable, cwd, env, stdio), -1
+                except OSError as exc:  # the thread could not join: nothing was started
+                    raise SpawnError(f"cannot join cgroup {cgroup.key}: {_why(exc)}") from exc
+            return _popen(argv, executable, cwd, env, stdio), -1
         shell_env = env
         if not self.shell_sees_env:  # no dash here: env(1) hands the job's over (module doc)
             if "=" in argv0:  # env(1) would take it for an assignment

@@ -23,15 +23,27 @@ def _own_backend(name: str) -> Iterator[CgroupBackend]:
     backend = CgroupBackend.detect(name)
     yield backend
     backend.cleanup_stale()
-    for hierarchy in backend.hierarchies:
-        with contextlib.suppress(OSError):
-            hierarchy.parent.rmdir()
+    backend.close()  # removes the parent groups once empty, lets go of the root's lock
 
 
 @pytest.fixture(scope="module")
 def backend() -> Iterator[CgroupBackend]:
     """A backend with its own parent groups, so parallel test runs never meet."""
     yield from _own_backend(f"jobworker-test-limits-{os.getpid()}")
+
+
+@pytest.fixture
+def fresh_backend(request: pytest.FixtureRequest) -> Iterator[CgroupBackend]:
+    """A backend of this test's own, for tests that end it and detect it again as a
+    restarted server would; skips where there are no usable cgroups."""
+    test = request.node.name.removeprefix("test_")[:24]
+    own = _own_backend(f"jobworker-test-{test}-{os.getpid()}")
+    backend = next(own)
+    if backend.name == "none":
+        pytest.skip("no usable cgroups here")
+    yield backend
+    for _ in own:  # its teardown
+        pass
 
 
 def _needs(backend: CgroupBackend, limit: str) -> None:
@@ -212,38 +224,33 @@ def test_kill_without_cgroup_kill_uses_freezer_and_pids(backend: CgroupBackend) 
 
 
 @needs_root
-def test_cleanup_stale_removes_empty_groups_and_keeps_busy_ones() -> None:
-    name = f"jobworker-test-stale-{os.getpid()}"
-    gen = _own_backend(name)
-    backend = next(gen)
-    if backend.name == "none":
-        pytest.skip("no usable cgroups here")
+def test_cleanup_stale_removes_empty_groups_and_keeps_busy_ones(
+    fresh_backend: CgroupBackend,
+) -> None:
+    backend, name = fresh_backend, fresh_backend.hierarchies[0].parent.name
+    backend.create("old-1", Limits(pids_max=5))
+    busy = backend.create("old-2", Limits())
+    proc = subprocess.Popen(
+        ["sh", "-c", 'echo $$ > "$1"; exec sleep 1000', "sh", str(busy.procs_files[0])]
+    )
     try:
-        backend.create("old-1", Limits(pids_max=5))
-        busy = backend.create("old-2", Limits())
-        proc = subprocess.Popen(
-            ["sh", "-c", 'echo $$ > "$1"; exec sleep 1000', "sh", str(busy.procs_files[0])]
-        )
-        try:
-            _wait_for(lambda: proc.pid in busy.pids())
-            with pytest.raises(CgroupRootInUse, match=f"cgroup_root '{name}' is in use"):
-                CgroupBackend.detect(name)  # a second server on the same root
-            backend.close()  # the first server ends (its groups stay)...
-            again = CgroupBackend.detect(name)  # ...and a restarted one takes the root
-            assert again.cleanup_stale() == 1
-            assert again.open("old-1") is None
-            reopened = again.open("old-2")
-            assert reopened is not None
-            reopened.kill()
-            proc.wait(timeout=5)
-            _wait_for(lambda: not reopened.pids())
-            assert again.cleanup_stale() == 1
-        finally:
-            proc.kill()
-            proc.wait()
+        _wait_for(lambda: proc.pid in busy.pids())
+        with pytest.raises(CgroupRootInUse, match=f"cgroup_root '{name}' is in use"):
+            CgroupBackend.detect(name)  # a second server on the same root
+        backend.close()  # the first server ends (its groups stay)...
+        again = CgroupBackend.detect(name)  # ...and a restarted one takes the root
+        assert again.cleanup_stale() == 1
+        assert again.open("old-1") is None
+        reopened = again.open("old-2")
+        assert reopened is not None
+        reopened.kill()
+        proc.wait(timeout=5)
+        _wait_for(lambda: not reopened.pids())
+        assert again.cleanup_stale() == 1
+        again.close()
     finally:
-        for _ in gen:
-            pass
+        proc.kill()
+        proc.wait()
 
 
 @needs_root
@@ -271,31 +278,25 @@ def test_remove_never_sleeps_and_names_the_busy_groups(backend: CgroupBackend) -
 
 
 @needs_root
-def test_cleanup_stale_spares_groups_this_backend_made() -> None:
+def test_cleanup_stale_spares_groups_this_backend_made(fresh_backend: CgroupBackend) -> None:
     """An empty group of this run may be a job's whose join shell has not joined yet."""
-    name = f"jobworker-test-spare-{os.getpid()}"
-    gen = _own_backend(name)
-    backend = next(gen)
-    if backend.name == "none":
-        pytest.skip("no usable cgroups here")
+    backend = fresh_backend
+    group = backend.create("live-1", Limits())
     try:
-        group = backend.create("live-1", Limits())
-        try:
-            backend.cleanup_stale()
-            assert backend.open("live-1") is not None
-        finally:
-            assert group.remove_blocking()
-        backend.create("live-2", Limits())
-        reopened = backend.open("live-2")
-        assert reopened is not None
-        assert reopened.remove_blocking()  # removed by any handle: no longer this run's
-        backend.create("live-2", Limits())
-        backend.close()  # as if it had crashed: a restarted server finds the group stale
-        assert CgroupBackend.detect(name).cleanup_stale() == 1
-        assert backend.cleanup_stale() == 0  # the group is gone: nothing left to spare
+        backend.cleanup_stale()
+        assert backend.open("live-1") is not None
     finally:
-        for _ in gen:
-            pass
+        assert group.remove_blocking()
+    backend.create("live-2", Limits())
+    reopened = backend.open("live-2")
+    assert reopened is not None
+    assert reopened.remove_blocking()  # removed by any handle: no longer this run's
+    backend.create("live-2", Limits())
+    backend.close()  # as if it had crashed: a restarted server finds the group stale
+    again = CgroupBackend.detect(backend.hierarchies[0].parent.name)
+    assert again.cleanup_stale() == 1
+    again.close()
+    assert backend.cleanup_stale() == 0  # the group is gone: nothing left to spare
 
 
 def test_hierarchy_v2_flag() -> None:
