@@ -104,6 +104,11 @@ _JOIN_SCRIPT = (
     'shift; exec "$@" 2>>"$e"'
 )
 SPAWN_THREADS = 4  # jobs started at once when not forked on the loop's thread (module doc)
+# How long _prepare trusts a working directory it checked and a command it resolved. A
+# directory or command gone meanwhile fails the exec instead: the job is FAILED all the
+# same, with "cannot execute PATH: No such file or directory" (the message names it too).
+_CHECK_TTL = 1.0
+_CHECK_CACHE_SIZE = 1024
 _LEFTOVER_POLL = 0.005  # seconds between checks that a killed job's cgroup emptied
 _LEFTOVER_TIMEOUT = 5.0
 _REMOVE_FIRST_RETRY = 0.005  # seconds until a busy cgroup's removal is retried, doubling...
@@ -143,6 +148,9 @@ class ExitInfo:
     usage: Usage
     end_time: float
     oom_killed: bool
+
+
+_TICK_NS = 1_000_000_000 // os.sysconf("SC_CLK_TCK")  # /proc/<pid>/stat's start time unit
 
 
 def process_start_ticks(pid: int) -> int | None:
@@ -187,15 +195,34 @@ def kill_stale(pid: int, pid_start: int, cgroup_key: str | None, backend: Cgroup
     return killed
 
 
+def _ticks_between(before_ns: int, after_ns: int) -> int | None:
+    """The start time /proc/<pid>/stat gives a process forked between two CLOCK_BOOTTIME
+    readings (the kernel's start_boottime in clock ticks, rounded down), when both fall
+    in the same tick; None when a tick boundary lies between them."""
+    tick = before_ns // _TICK_NS
+    return tick if after_ns // _TICK_NS == tick else None
+
+
 class Process:
     """A running job: its main process, its cgroup, and the single result of its end."""
 
     def __init__(
-        self, popen: subprocess.Popen[bytes], cgroup: JobCgroup, start_time: float
+        self,
+        popen: subprocess.Popen[bytes],
+        cgroup: JobCgroup,
+        start_time: float,
+        start_ticks: int | None = None,
     ) -> None:
-        """Watch `popen` through a pidfd; spawn() makes these. On OSError nothing is open."""
+        """Watch `popen` through a pidfd; spawn() makes these. On OSError nothing is open.
+
+        `start_ticks`: the process's start time as /proc/<pid>/stat gives it, when the
+        caller knows it (_popen, from the clock around the fork: a /proc read costs ~40 us
+        on the loop, while the child is still in its exec); else it is read here.
+        """
         self.pid = popen.pid
-        self.pid_start = process_start_ticks(self.pid) or 0
+        if start_ticks is None:
+            start_ticks = process_start_ticks(self.pid) or 0
+        self.pid_start = start_ticks
         self.start_time = start_time
         self.cgroup = cgroup
         self._popen = popen
@@ -356,6 +383,11 @@ def _abandon(
     return done
 
 
+# What _launch started: the child, its cgroup, its start ticks (None: read them from /proc)
+# and the join shell's gate fd (-1 without one).
+_Launched = tuple[subprocess.Popen[bytes], JobCgroup, int | None, int]
+
+
 @dataclass(frozen=True, slots=True)
 class _Prepared:
     """What spawn() checked and opened before making the cgroup."""
@@ -378,14 +410,21 @@ class Supervisor:
         default_working_dir: str = "/",
         base_path: str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         shell: tuple[str, bool] | None = None,
+        check_ttl: float = _CHECK_TTL,
     ) -> None:
-        """A supervisor putting jobs into `backend`'s cgroups; `shell`: see join_shell()."""
+        """A supervisor putting jobs into `backend`'s cgroups; `shell`: see join_shell();
+        `check_ttl`: how long a checked directory or resolved command is trusted."""
         self.backend = backend
         self.default_working_dir = default_working_dir
         self.base_path = base_path
         self.shell, self.shell_sees_env = shell or join_shell()
         self._home = _home()
         self._pool = ThreadPoolExecutor(SPAWN_THREADS, thread_name_prefix="jobworker-spawn")
+        # What _prepare found usable, until when (_CHECK_TTL): a batch of a thousand jobs
+        # of one command checks its directory and searches its PATH once, not 1,000 times.
+        self.check_ttl = check_ttl
+        self._checked: dict[str, float] = {}  # working directory -> until
+        self._resolved: dict[tuple[str, str, str], tuple[str, float]] = {}
 
     def environment(self, spec_env: Mapping[str, str]) -> dict[str, str]:
         """The job's environment: a minimal base (not the server's) plus the spec's."""
@@ -407,18 +446,18 @@ class Supervisor:
             # On the loop's own thread (module doc, "Where a job is forked"): a few file
             # system calls and a vfork, cheaper than handing the work to a thread. (Not
             # with stdin bytes to write, nor a user to look up: NSS may be slow.)
-            popen, cgroup, gate = self._start(spec, limits, job_dir, key, user)
+            popen, cgroup, ticks, gate = self._start(spec, limits, job_dir, key, user)
         else:
             launched = loop.run_in_executor(
                 self._pool, self._start, spec, limits, job_dir, key, user
             )
             try:
-                popen, cgroup, gate = await asyncio.shield(launched)
+                popen, cgroup, ticks, gate = await asyncio.shield(launched)
             except asyncio.CancelledError:
                 launched.add_done_callback(_abandon_launched)
                 raise
         try:
-            process = Process(popen, cgroup, time.time())
+            process = Process(popen, cgroup, time.time(), ticks)
         except BaseException as exc:
             if gate >= 0:
                 os.close(gate)
@@ -454,7 +493,7 @@ class Supervisor:
 
     def _start(
         self, spec: JobSpec, limits: Limits, job_dir: Path, key: str, user: str
-    ) -> tuple[subprocess.Popen[bytes], JobCgroup, int]:
+    ) -> _Launched:
         """prepare and launch, on a spawn thread."""
         return self._launch(spec, limits, key, self._prepare(spec, job_dir, user))
 
@@ -463,7 +502,12 @@ class Supervisor:
         if not spec.argv:
             raise SpawnError("empty argv")
         cwd = os.path.join(self.default_working_dir, spec.working_dir)
-        _check_dir(cwd)
+        now = time.monotonic()
+        if self._checked.get(cwd, 0.0) < now:
+            _check_dir(cwd)
+            if len(self._checked) >= _CHECK_CACHE_SIZE:
+                self._checked.clear()
+            self._checked[cwd] = now + self.check_ttl
         drop: list[str] = []
         if user:  # setpriv drops to the user after the cgroups are joined (as root)
             try:
@@ -476,14 +520,20 @@ class Supervisor:
             env.update(spec.env)
         else:
             env = self.environment(spec.env)
-        resolved = resolve_executable(spec.argv[0], env.get("PATH", ""), cwd)
+        search = (spec.argv[0], env.get("PATH", ""), cwd)
+        found = self._resolved.get(search)
+        if found is None or found[1] < now:
+            if len(self._resolved) >= _CHECK_CACHE_SIZE:
+                self._resolved.clear()
+            found = self._resolved[search] = (resolve_executable(*search), now + self.check_ttl)
+        resolved = found[0]
         job_dir = Path(os.path.abspath(job_dir))  # the exec chain reopens stderr by path
         stdio = _open_stdio(job_dir, spec.stdin)
         return _Prepared(cwd, env, resolved, job_dir, stdio, tuple(drop))
 
     def _launch(
         self, spec: JobSpec, limits: Limits, key: str, prepared: _Prepared
-    ) -> tuple[subprocess.Popen[bytes], JobCgroup, int]:
+    ) -> _Launched:
         """Make the cgroup, Popen; the child, its cgroup and the gate fd (or -1).
 
         Always closes the stdio fds; on failure also removes the cgroup (no child is left).
@@ -494,22 +544,23 @@ class Supervisor:
             except OSError as exc:
                 raise SpawnError(f"cannot create cgroup {key}: {_why(exc)}") from exc
             try:
-                popen, gate = self._popen_joining(spec, cgroup, prepared)
+                popen, ticks, gate = self._popen_joining(spec, cgroup, prepared)
             except BaseException:
                 if cgroup.by_thread:  # a child was born in it and failed to exec (reaped):
                     cgroup.remove_blocking(timeout=1.0)  # v1 may say busy for a moment
                 else:
                     cgroup.remove()  # nothing ever joined it: never busy
                 raise
-            return popen, cgroup, gate
+            return popen, cgroup, ticks, gate
         finally:
             for fd in prepared.stdio:
                 os.close(fd)
 
     def _popen_joining(
         self, spec: JobSpec, cgroup: JobCgroup, prepared: _Prepared
-    ) -> tuple[subprocess.Popen[bytes], int]:
-        """Popen the job (through the join shell when it has cgroups); the gate fd or -1."""
+    ) -> tuple[subprocess.Popen[bytes], int | None, int]:
+        """Popen the job (through the join shell when it has cgroups); its start ticks when
+        known (_popen) and the gate fd or -1."""
         cwd, env, resolved, stdio = prepared.cwd, prepared.env, prepared.resolved, prepared.stdio
         argv0 = resolved if spec.argv[0].startswith("-") else spec.argv[0]
         prefix = [PRLIMIT, *cgroup.rlimit_args, "--"] if cgroup.rlimit_args else []
@@ -520,10 +571,10 @@ class Supervisor:
             if cgroup.by_thread:
                 try:
                     with cgroup.thread_joined():  # the child is born in the job's groups
-                        return _popen(argv, executable, cwd, env, stdio), -1
+                        return *_popen(argv, executable, cwd, env, stdio), -1
                 except OSError as exc:  # the thread could not join: nothing was started
                     raise SpawnError(f"cannot join cgroup {cgroup.key}: {_why(exc)}") from exc
-            return _popen(argv, executable, cwd, env, stdio), -1
+            return *_popen(argv, executable, cwd, env, stdio), -1
         shell_env = env
         if not self.shell_sees_env:  # no dash here: env(1) hands the job's over (module doc)
             if "=" in argv0:  # env(1) would take it for an assignment
@@ -539,13 +590,13 @@ class Supervisor:
             raise SpawnError(f"cannot create a pipe for the job: {_why(exc)}") from exc
         try:
             os.set_blocking(gate_r, False)
-            popen = _popen(args, self.shell, cwd, shell_env, (stdio[0], stdio[1], gate_w))
+            popen, ticks = _popen(args, self.shell, cwd, shell_env, (stdio[0], stdio[1], gate_w))
         except BaseException:
             os.close(gate_r)
             raise
         finally:
             os.close(gate_w)
-        return popen, gate_r
+        return popen, ticks, gate_r
 
 
 def _assignments(env: Mapping[str, str]) -> list[str]:
@@ -562,10 +613,12 @@ def _popen(
     cwd: str,
     env: dict[str, str],
     stdio: tuple[int, int, int],
-) -> subprocess.Popen[bytes]:
-    """Popen the way that keeps CPython on vfork+exec: no preexec_fn, user or groups."""
+) -> tuple[subprocess.Popen[bytes], int | None]:
+    """Popen the way that keeps CPython on vfork+exec: no preexec_fn, user or groups; the
+    child and its start time in clock ticks when the clock tells it (_ticks_between)."""
     try:
-        return subprocess.Popen(
+        before = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+        popen = subprocess.Popen(
             args,
             executable=executable,
             stdin=stdio[0],
@@ -576,21 +629,24 @@ def _popen(
             close_fds=True,
             start_new_session=True,
         )
+        return popen, _ticks_between(before, time.clock_gettime_ns(time.CLOCK_BOOTTIME))
     except OSError as exc:
         if exc.filename is None:  # the parent's side failed (its pipe: EMFILE, ENFILE)
             raise SpawnError(f"cannot start the job: {_why(exc)}") from exc
+        if exc.filename == cwd:  # the child's chdir (the directory went since _prepare)
+            raise SpawnError(f"working directory {cwd}: {_why(exc)}") from exc
         raise SpawnError(f"cannot execute {executable}: {_why(exc)}") from exc
     except ValueError as exc:  # a NUL in argv or env, an "=" in an env name
         raise SpawnError(f"invalid argv or environment: {exc}") from exc
 
 
 def _abandon_launched(
-    launched: asyncio.Future[tuple[subprocess.Popen[bytes], JobCgroup, int]],
+    launched: asyncio.Future[_Launched],
 ) -> None:
     """spawn() was cancelled while its thread started the job: stop what it started."""
     if launched.cancelled() or launched.exception() is not None:
         return  # nothing was left: _launch cleans up its own failures
-    popen, cgroup, gate = launched.result()
+    popen, cgroup, _, gate = launched.result()
     if gate >= 0:
         os.close(gate)
     _ABANDONED.add(abandoned := _abandon(asyncio.get_running_loop(), popen, cgroup))
@@ -694,41 +750,55 @@ def _open_stdio(job_dir: Path, stdin: bytes) -> tuple[int, int, int]:
     """fds 0, 1, 2 for the job: its stdin file or /dev/null, and the appended log files.
 
     `stdin` bytes are written to the job's stdin file first (callers other than the
-    store, which has written the file already, pass them).
+    store, which has written the file already, pass them). The folder is usually made
+    ahead by the store (make_folders); made here when it is not there yet.
 
     SpawnError naming the path when one cannot be made; nothing is left open then.
     """
-    try:
-        if not os.path.isdir(job_dir):  # usually made ahead by the store (make_folders)
-            job_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SpawnError(f"cannot create the job directory {job_dir}: {_why(exc)}") from exc
     fds: list[int] = []
     try:
+        for name in ("stdout", "stderr"):
+            fds.append(_open_log(job_dir, name))
         if stdin:
-            fds.append(_write_stdin(job_dir / "stdin", stdin))
+            fds.insert(0, _write_stdin(job_dir / "stdin", stdin))
         else:
             # The store writes a batch's stdin files when it commits the batch; a job
             # without one reads /dev/null.
-            source = job_dir / "stdin"
-            if not os.path.exists(source):
-                source = Path(os.devnull)
+            source = f"{job_dir}/stdin"
             try:
-                fds.append(os.open(source, os.O_RDONLY | os.O_CLOEXEC))
+                fds.insert(0, os.open(source, os.O_RDONLY | os.O_CLOEXEC))
+            except FileNotFoundError:
+                source = os.devnull
+                try:
+                    fds.insert(0, os.open(source, os.O_RDONLY | os.O_CLOEXEC))
+                except OSError as exc:
+                    raise SpawnError(f"cannot open {source} for the job: {_why(exc)}") from exc
             except OSError as exc:
                 raise SpawnError(f"cannot open {source} for the job: {_why(exc)}") from exc
-        for name in ("stdout", "stderr"):
-            path = job_dir / name
-            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
-            try:
-                fds.append(os.open(path, flags, 0o644))
-            except OSError as exc:
-                raise SpawnError(f"cannot open {name} for the job: {path}: {_why(exc)}") from exc
     except BaseException:
         for fd in fds:
             os.close(fd)
         raise
     return fds[0], fds[1], fds[2]
+
+
+def _open_log(job_dir: Path, name: str) -> int:
+    """The job's log file `name`, opened for appending (its folder made when missing)."""
+    path = f"{job_dir}/{name}"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+    try:
+        return os.open(path, flags, 0o644)
+    except (FileNotFoundError, NotADirectoryError):  # no folder (or a file in the way)
+        try:
+            job_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SpawnError(f"cannot create the job directory {job_dir}: {_why(exc)}") from exc
+    except OSError as exc:
+        raise SpawnError(f"cannot open {name} for the job: {path}: {_why(exc)}") from exc
+    try:
+        return os.open(path, flags, 0o644)
+    except OSError as exc:
+        raise SpawnError(f"cannot open {name} for the job: {path}: {_why(exc)}") from exc
 
 
 def _write_stdin(path: Path, data: bytes) -> int:

@@ -25,6 +25,7 @@ from jobworker.engine.process import (
     Process,
     SpawnError,
     Supervisor,
+    _popen,
     join_shell,
     kill_stale,
     process_start_ticks,
@@ -189,6 +190,31 @@ async def test_spawn_errors_name_the_path(
     assert str(caught.value) == message
 
 
+async def test_a_directory_or_command_gone_since_checked_is_still_named(
+    backend: CgroupBackend, tmp_path: Path
+) -> None:
+    """Checks are trusted for a while (a second by default: a batch of one command checks
+    once): what is gone meanwhile fails the exec, and the message still names it."""
+    sup = Supervisor(backend, check_ttl=3600)
+    work, bin_dir = tmp_path / "work", tmp_path / "bin"
+    work.mkdir()
+    bin_dir.mkdir()
+    tool = bin_dir / "tool"
+    tool.write_text("#!/bin/sh\nexit 3\n")
+    tool.chmod(0o755)
+    env = {"PATH": str(bin_dir)}
+    _, info = await _run(sup, _spec("tool", working_dir=str(work), env=env), tmp_path / "a")
+    assert info.exit_code == 3
+    tool.unlink()
+    with pytest.raises(SpawnError) as caught:
+        await sup.spawn(_spec("tool", working_dir=str(work), env=env), Limits(), tmp_path, _key())
+    assert caught.value.message == f"cannot execute {tool}: No such file or directory"
+    work.rmdir()
+    with pytest.raises(SpawnError) as caught:
+        await sup.spawn(_spec("true", working_dir=str(work)), Limits(), tmp_path, _key())
+    assert caught.value.message == f"working directory {work}: No such file or directory"
+
+
 def test_resolve_searches_path_like_execvp(tmp_path: Path) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -227,6 +253,26 @@ async def test_pid_and_start_time_are_recorded(sup: Supervisor, tmp_path: Path) 
     finally:
         await process.stop(1.0)
     assert process_start_ticks(process.pid) is None or not _alive(process.pid)
+
+
+def test_start_ticks_from_the_clock_match_proc() -> None:
+    """_popen reads the start time from CLOCK_BOOTTIME around the fork instead of /proc
+    when no tick boundary lies between: it must be what /proc/<pid>/stat says, every time."""
+    known = 0
+    for _ in range(200):
+        fds = (os.open(os.devnull, os.O_RDONLY), os.open(os.devnull, os.O_WRONLY))
+        try:
+            popen, ticks = _popen(["true"], "/bin/true", "/", {}, (fds[0], fds[1], fds[1]))
+        finally:
+            for fd in fds:
+                os.close(fd)
+        try:
+            if ticks is not None:
+                known += 1
+                assert ticks == process_start_ticks(popen.pid)
+        finally:
+            popen.wait()
+    assert known > 100  # a fork takes far less than the 10 ms of a tick
 
 
 def test_process_start_ticks_of_missing_pid() -> None:
