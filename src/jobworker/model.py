@@ -140,6 +140,7 @@ class JobEvent:
     pid: int = 0  # RUNNING: the process, with its start time in clock ticks since boot
     pid_start: int = 0
     usage: Usage | None = None  # end states of jobs that ran
+    cgroup: str = ""  # RUNNING: its groups' name when not the job's key (a pooled set)
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +156,7 @@ class JobStatus:
     usage: Usage | None = None
     pid: int = 0
     pid_start: int = 0
+    cgroup: str = ""  # while RUNNING (JobEvent.cgroup): what a restart kills by name
 
     def apply(self, event: JobEvent) -> JobStatus:
         """The status after `event`."""
@@ -166,6 +168,7 @@ class JobStatus:
                 start_time=event.time,
                 pid=event.pid,
                 pid_start=event.pid_start,
+                cgroup=event.cgroup,
             )
         return JobStatus(
             state=event.state,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from pathlib import Path
@@ -28,7 +29,8 @@ from tests.integration.conftest import (
     write_config,
 )
 
-# Writes some output, then the pids of itself and of a child that ignores SIGTERM, then sleeps.
+# Writes some output, then the pids of itself, of a child that ignores SIGTERM and of one in a
+# session of its own (only its cgroup finds it), then sleeps.
 RUNNER = r"""
 import os, subprocess, sys, time
 pidfile = sys.argv[1]
@@ -42,10 +44,11 @@ child = subprocess.Popen([sys.executable, "-c",
     "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
     "open(sys.argv[1], 'w').close()\n"
     "time.sleep(1000)\n", ready])
+escaped = subprocess.Popen(["sleep", "1000"], start_new_session=True)  # not in the group
 while not os.path.exists(ready):
     time.sleep(0.01)
 with open(pidfile + ".tmp", "w") as f:
-    f.write(f"{os.getpid()}\n{child.pid}\n")
+    f.write(f"{os.getpid()}\n{child.pid}\n{escaped.pid}\n")
 os.rename(pidfile + ".tmp", pidfile)
 time.sleep(1000)
 """
@@ -57,6 +60,12 @@ def _runner(pidfile: Path, name: str = "runner") -> pb.ScheduleBatchRequest:
 
 def _wait_pids(pidfile: Path) -> list[int]:
     return wait_until(lambda: read_pids(pidfile), what=f"pids in {pidfile}")  # type: ignore[return-value]
+
+
+def _wait_runner_gone(pids: list[int]) -> None:
+    """The runner's processes are gone: all three where the server has cgroups (root),
+    else the two of its process group (the escaped one only a cgroup finds)."""
+    _wait_gone(pids if os.geteuid() == 0 else pids[:2])
 
 
 def _wait_gone(pids: list[int], timeout: float = 15.0) -> None:
@@ -110,7 +119,7 @@ def test_kill_9_then_restart(make_server: ServerFactory, tmp_path: Path) -> None
         assert "server restarted while it ran" in runner.message
         assert runner.HasField("start_time")
         assert runner.HasField("end_time")
-        _wait_gone(pids)
+        _wait_runner_gone(pids)  # its cgroup, found by the name the journal recorded
 
         done = wait_batch(stub, queued.correlation_id, 60)
         assert done.state == pb.BATCH_STATE_SUCCEEDED
@@ -208,7 +217,7 @@ def test_torn_journal_of_a_running_job(make_server: ServerFactory, tmp_path: Pat
         runner = wait_batch(stub, cid).jobs[0]
         assert runner.state == pb.JOB_STATE_LOST
         assert "server restarted while it ran" in runner.message
-        _wait_gone(pids)
+        _wait_runner_gone(pids)
     finally:
         kill_pids(pids)
 
@@ -224,7 +233,7 @@ def test_sigterm_leaves_no_job_process_behind(make_server: ServerFactory, tmp_pa
     try:
         wait_job(stub, running.correlation_id, "runner", pb.JOB_STATE_RUNNING)
         assert srv.stop() == 0
-        _wait_gone(pids)
+        _wait_runner_gone(pids)
         assert not marker.exists()
 
         srv.start()

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import secrets
 import signal
 import threading
 import time
@@ -32,6 +33,12 @@ _V2_CONTROLLERS = ("cpu", "memory", "pids", "io")
 _CFS_PERIOD_US = 100_000
 _CFS_MIN_QUOTA_US = 1_000
 _CFS_MAX_PERIOD_US = 1_000_000
+
+# Pooled groups (CgroupBackend: jobs without limits reuse them): at most this many kept free,
+# and one is reused only while the memory still charged to it (page cache of files its
+# jobs wrote, kernel objects) stays under this, so that the next job's peak is honest.
+_POOL_MAX_FREE = 64
+_POOL_MAX_LEFTOVER = 2 * 1024 * 1024
 
 # Block devices that never carry a job's files: their throttles would only add noise.
 _SKIPPED_BLOCK_PREFIXES = ("loop", "ram")
@@ -82,6 +89,23 @@ def _read(path: str | Path, *, strict: bool = False) -> str:
         return ""
     finally:
         os.close(fd)
+
+
+def _open(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_CLOEXEC)
+
+
+def _pread(fd: int) -> str:
+    """A control file's contents through an fd held open (from offset 0: read afresh); ""
+    on an error. Not for cgroup.procs or tasks: v1 serves those from a list it keeps for
+    a while per open file."""
+    try:
+        chunks = [os.pread(fd, 65536, 0)]
+        while len(chunks[-1]) == 65536:
+            chunks.append(os.pread(fd, 65536, 65536 * len(chunks)))
+        return b"".join(chunks).decode()
+    except OSError:
+        return ""
 
 
 def _keyed(text: str) -> dict[str, int]:
@@ -135,11 +159,15 @@ class JobCgroup:
     # True when every group is v1 and the job has no cpu, memory or pids limit: it can be
     # born in its groups by forking from a thread moved into them (thread_joined).
     by_thread: bool = field(default=False, kw_only=True)
+    # A pooled set of groups the job borrows (CgroupBackend.create); remove() gives it back.
+    slot: _Slot | None = field(default=None, repr=False, kw_only=True)
+    name: str = field(init=False)  # the groups' directory name: the key, or the slot's
 
     def __post_init__(self) -> None:
         self.procs_files = tuple(path / "cgroup.procs" for _, path in self.groups)
         self._dirs = {h.kind: str(path) for h, path in self.groups}
         self._memory_v2 = any(h.v2 and "memory" in h.controllers for h, _ in self.groups)
+        self.name = self.slot.name if self.slot is not None else self.key
 
     def populated(self) -> bool:
         """True while a process is left in the job's tracking group (one read, at job end)."""
@@ -207,7 +235,9 @@ class JobCgroup:
         """Peak memory charged to the job's group (incl. page cache), when it is accounted."""
         memory = self._dirs.get("memory")
         text = ""
-        if memory is not None:
+        if self.slot is not None and self.slot.peak >= 0:
+            text = _pread(self.slot.peak)
+        elif memory is not None:
             text = _read(memory + "/memory.max_usage_in_bytes")
         elif self._memory_v2:
             text = _read(self._dirs["unified"] + "/memory.peak")
@@ -222,10 +252,14 @@ class JobCgroup:
                 return None
             return stat["user_usec"] / 1e6, stat.get("system_usec", 0) / 1e6
         acct = next((str(p) for h, p in self.groups if "cpuacct" in h.names), None)
-        if acct is None:
+        if acct is None or not self._dirs:
             return None
         # "cpu user system" per CPU, in ns: one read instead of usage_user and usage_sys.
-        text, user, system = _read(acct + "/cpuacct.usage_all"), 0, 0
+        if self.slot is not None and self.slot.acct_all >= 0:
+            text = _pread(self.slot.acct_all)
+        else:
+            text = _read(acct + "/cpuacct.usage_all")
+        user, system = 0, 0
         if not text:
             return None
         try:
@@ -251,9 +285,14 @@ class JobCgroup:
         homes = _HOMES.get([h for h, _ in self.groups])
         joined = 0
         try:
-            for path in self._dirs.values():
-                _write(path + "/tasks", tid)
-                joined += 1
+            if self.slot is not None:  # its tasks files are open already
+                for fd in self.slot.tasks:
+                    os.write(fd, tid)
+                    joined += 1
+            else:
+                for path in self._dirs.values():
+                    _write(path + "/tasks", tid)
+                    joined += 1
             yield
         finally:
             for (hierarchy, _), home in zip(self.groups[:joined], homes, strict=False):
@@ -271,7 +310,19 @@ class JobCgroup:
         a v1 group is often still busy for a moment after its last process exited; the
         caller retries the busy ones later (Process) or uses remove_blocking (in a thread).
         A failure other than EBUSY is logged and not retried.
+
+        A pooled slot goes back to its pool instead (emptied, its counters reset), unless
+        a process is left in it or too much memory stays charged to it: then its groups
+        are removed like any job's. Either way this JobCgroup is done with them: kill(),
+        pids() and the figures see nothing from then on, since the slot may serve another
+        job.
         """
+        if self.slot is not None:
+            slot, self.slot = self.slot, None
+            if not self.populated() and slot.pool.put(slot):
+                self._dirs, self._pending = {}, []
+                return ()
+            slot.close()  # removed below, like any job's groups
         pending = self._pending if self._pending is not None else list(self._dirs.values())
         left: list[str] = []
         for path in pending:
@@ -286,7 +337,7 @@ class JobCgroup:
                     _log.warning("cgroup_remove_failed", path=path, error=str(exc))
         self._pending = left
         if not left and self._live is not None:
-            self._live.discard(self.key)
+            self._live.discard(self.name)
         return tuple(left)
 
     def remove_blocking(self, timeout: float = 0.2) -> bool:
@@ -302,6 +353,84 @@ class JobCgroup:
                 return False
             time.sleep(0.005)
         return True
+
+
+class _Slot:
+    """A set of job groups (one per hierarchy) kept for reuse by jobs without limits: made
+    once, with the files a job's start and end touch held open (CgroupBackend.create).
+
+    A job then costs no mkdir, no rmdir and no path walk: its forking thread writes its
+    tid to the open `tasks` files, and the end reads the counters with pread. Between
+    jobs put() resets the counters (cpuacct.usage, memory.max_usage_in_bytes).
+    """
+
+    def __init__(self, pool: _Pool, name: str, groups: tuple[tuple[Hierarchy, Path], ...]):
+        self.pool = pool
+        self.name = name
+        self.groups = groups
+        self.tasks: list[int] = []
+        self.acct_all = self.acct_reset = self.peak = self.usage = -1
+        try:
+            for hierarchy, path in groups:
+                self.tasks.append(_open(f"{path}/tasks", os.O_WRONLY))
+                if "cpuacct" in hierarchy.names:
+                    self.acct_all = _open(f"{path}/cpuacct.usage_all", os.O_RDONLY)
+                    self.acct_reset = _open(f"{path}/cpuacct.usage", os.O_WRONLY)
+                if hierarchy.kind == "memory":
+                    self.peak = _open(f"{path}/memory.max_usage_in_bytes", os.O_RDWR)
+                    self.usage = _open(f"{path}/memory.usage_in_bytes", os.O_RDONLY)
+        except BaseException:
+            self.close()
+            raise
+
+    def reset(self) -> bool:
+        """Ready the groups for the next job: False when they should not serve one."""
+        try:
+            if self.usage >= 0 and int(_pread(self.usage) or -1) > _POOL_MAX_LEFTOVER:
+                return False  # the next job's peak would start there
+            if self.peak >= 0:
+                os.write(self.peak, b"0")  # v1: the peak starts again from the usage now
+            if self.acct_reset >= 0:
+                os.write(self.acct_reset, b"0")
+        except (OSError, ValueError):
+            return False
+        return True
+
+    def close(self) -> None:
+        """Close the held files (the groups stay)."""
+        for fd in (*self.tasks, self.acct_all, self.acct_reset, self.peak, self.usage):
+            if fd >= 0:
+                os.close(fd)
+        self.tasks, self.acct_all, self.acct_reset, self.peak, self.usage = [], -1, -1, -1, -1
+
+
+class _Pool:
+    """The free slots of a backend, most recently used first."""
+
+    def __init__(self) -> None:
+        self._free: list[_Slot] = []
+        self._lock = threading.Lock()  # jobs start on the loop's thread and spawn threads
+
+    def take(self) -> _Slot | None:
+        with self._lock:
+            return self._free.pop() if self._free else None
+
+    def put(self, slot: _Slot) -> bool:
+        """Keep `slot` for another job once reset; False when it cannot or is not wanted."""
+        with self._lock:
+            if len(self._free) >= _POOL_MAX_FREE:
+                return False
+        if not slot.reset():
+            return False
+        with self._lock:
+            self._free.append(slot)
+        return True
+
+    def drain(self) -> list[_Slot]:
+        """Every free slot, taken out of the pool."""
+        with self._lock:
+            free, self._free = self._free, []
+        return free
 
 
 class CgroupBackend:
@@ -320,9 +449,15 @@ class CgroupBackend:
         self.hierarchies = hierarchies
         self.rlimits = rlimits  # prlimit is there to approximate what cgroups cannot enforce
         self.devices = devices
-        # Keys of the groups this server made and has not removed yet: never "stale".
+        # Names of the groups this server made and has not removed yet: never "stale".
         self._live: set[str] = set()
         self._lock: int | None = None  # an flock on a parent group: one server per root
+        self._pool = _Pool()
+        self.pooling = True  # False: every job gets groups of its own, named by its key
+        # Pooled groups are named pool-<this run's token>-<n>: never a name an earlier run
+        # used, whose record may still name it after a crash (Engine.recover kills by it).
+        self._pool_token = secrets.token_hex(4)
+        self._pool_count = 0
 
     # ---- detection -------------------------------------------------------------------------
 
@@ -401,7 +536,8 @@ class CgroupBackend:
         else:
             track = "freezer and SIGKILL" if tracker.kind == "freezer" else "pid-by-pid SIGKILL"
             spawn = "jobs without cpu, memory or pids limits are forked straight into their "
-            spawn += "groups, others join through a shell"
+            spawn += "groups (pooled and reused by jobs without any limit), others join "
+            spawn += "through a shell"
         return (
             f"{self.name}: enforces {', '.join(enforced) or 'no limits'}; "
             f"kill via {track}; {spawn}; groups under {groups}"
@@ -438,6 +574,10 @@ class CgroupBackend:
             return self._rlimits_only(key, limits)
         wanted = _wanted(limits)
         chosen = self._choose(wanted)
+        if self.pooling and not wanted and all(not h.v2 for h in chosen):
+            # No limit to write and forked in place (by_thread): a pooled set of groups.
+            slot = self._pool.take() or self._new_slot(chosen)
+            return JobCgroup(key, slot.groups, _live=self._live, by_thread=True, slot=slot)
         groups: list[tuple[Hierarchy, Path]] = []
         added = key not in self._live
         self._live.add(key)
@@ -480,6 +620,24 @@ class CgroupBackend:
             _live=self._live,
             by_thread=by_thread,
         )
+
+    def _new_slot(self, chosen: list[Hierarchy]) -> _Slot:
+        """Make a set of groups for the pool; OSError when one cannot be made (none left)."""
+        with self._pool._lock:
+            self._pool_count += 1
+            name = f"pool-{self._pool_token}-{self._pool_count}"
+        groups: list[tuple[Hierarchy, Path]] = []
+        self._live.add(name)
+        try:
+            for hierarchy in chosen:
+                path = hierarchy.parent / name
+                os.mkdir(path)
+                groups.append((hierarchy, path))
+            return _Slot(self._pool, name, tuple(groups))
+        except BaseException:
+            JobCgroup(name, tuple(groups)).remove_blocking()  # never joined: never busy
+            self._live.discard(name)
+            raise
 
     def _rlimits_only(self, key: str, limits: Limits) -> JobCgroup:
         wanted = _wanted(limits)
@@ -564,7 +722,18 @@ class CgroupBackend:
         return removed
 
     def close(self) -> None:
-        """At shutdown: remove this server's parent groups if no job group is left in them."""
+        """At shutdown: remove the pooled groups, then this server's parent groups if no job
+        group is left in them. Sleeps while a group is busy (run it in a thread)."""
+        for slot in self._pool.drain():
+            slot.close()
+            if JobCgroup(slot.name, slot.groups).remove_blocking(timeout=1.0):
+                self._live.discard(slot.name)
+        # A slot never given back (a bug) must not keep the parents: removed when empty.
+        for name in sorted(n for n in self._live if n.startswith("pool-")):
+            group = self.open(name)
+            if group is not None and not group.pids():
+                _log.warning("cgroup_pool_slot_not_returned", name=name)
+                group.remove_blocking(timeout=1.0)
         for hierarchy in self.hierarchies:
             with contextlib.suppress(OSError):
                 hierarchy.parent.rmdir()

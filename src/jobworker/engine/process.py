@@ -531,9 +531,7 @@ class Supervisor:
         stdio = _open_stdio(job_dir, spec.stdin)
         return _Prepared(cwd, env, resolved, job_dir, stdio, tuple(drop))
 
-    def _launch(
-        self, spec: JobSpec, limits: Limits, key: str, prepared: _Prepared
-    ) -> _Launched:
+    def _launch(self, spec: JobSpec, limits: Limits, key: str, prepared: _Prepared) -> _Launched:
         """Make the cgroup, Popen; the child, its cgroup and the gate fd (or -1).
 
         Always closes the stdio fds; on failure also removes the cgroup (no child is left).

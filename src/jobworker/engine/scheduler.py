@@ -202,7 +202,7 @@ class Engine:
                     kill_stale,
                     status.pid,
                     status.pid_start,
-                    f"{batch.cid}-{i}",
+                    status.cgroup or f"{batch.cid}-{i}",
                     self.supervisor.backend,
                 )
                 message = "server restarted while it ran"
@@ -287,6 +287,7 @@ class Engine:
                 time_=process.start_time,
                 pid=process.pid,
                 pid_start=process.pid_start,
+                cgroup=process.cgroup.name if process.cgroup.slot is not None else "",
             )
             bound.info("job_started", pid=process.pid, unix_user=run.user or None)
             if run.reason is not None:  # cancelled while it was being spawned
@@ -442,6 +443,7 @@ class Engine:
         pid: int = 0,
         pid_start: int = 0,
         usage: Usage | None = None,
+        cgroup: str = "",
     ) -> None:
         event = JobEvent(
             seq=self.store.next_seq(batch),
@@ -454,6 +456,7 @@ class Engine:
             pid=pid,
             pid_start=pid_start,
             usage=usage,
+            cgroup=cgroup,
         )
         self.store.append(batch, event)
         for listener in self.listeners:

@@ -323,7 +323,7 @@ class App:
         if (supervisor := getattr(self, "supervisor", None)) is not None:
             await supervisor.drain()
             await asyncio.to_thread(supervisor.close)
-            supervisor.backend.close()
+            await asyncio.to_thread(supervisor.backend.close)  # removes pooled groups
         if (inotify := getattr(self, "inotify", None)) is not None:
             inotify.close()
         await asyncio.to_thread(self.metrics.close)  # last: a final scrape sees the end

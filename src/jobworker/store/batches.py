@@ -188,6 +188,8 @@ def _event_to_line(e: JobEvent) -> bytes:
     if e.pid:
         d["p"] = e.pid
         d["ps"] = e.pid_start
+    if e.cgroup:
+        d["c"] = e.cgroup
     if e.usage is not None:
         d["u"] = [e.usage.user_cpu, e.usage.system_cpu, e.usage.max_rss_bytes]
     return json.dumps(d, separators=(",", ":")).encode() + b"\n"
@@ -207,6 +209,7 @@ def _event_from_line(line: bytes) -> JobEvent:
         pid=d.get("p", 0),
         pid_start=d.get("ps", 0),
         usage=Usage(u[0], u[1], u[2]) if u else None,
+        cgroup=d.get("c", ""),
     )
 
 

@@ -185,7 +185,11 @@ def test_none_backend_without_prlimit_enforces_nothing() -> None:
 def test_kill_and_pids_of_a_group(backend: CgroupBackend) -> None:
     if backend.name == "none":
         pytest.skip("no usable cgroups here")
-    group = backend.create("kill-1", Limits())
+    backend.pooling = False  # a group of its own, removed at the end
+    try:
+        group = backend.create("kill-1", Limits())
+    finally:
+        backend.pooling = True
     procs = group.procs_files[0]
     script = 'echo $$ > "$1"; setsid sleep 1000 & sleep 1000'
     proc = subprocess.Popen(["sh", "-c", script, "sh", str(procs)], start_new_session=True)
@@ -228,6 +232,7 @@ def test_cleanup_stale_removes_empty_groups_and_keeps_busy_ones(
     fresh_backend: CgroupBackend,
 ) -> None:
     backend, name = fresh_backend, fresh_backend.hierarchies[0].parent.name
+    backend.pooling = False
     backend.create("old-1", Limits(pids_max=5))
     busy = backend.create("old-2", Limits())
     proc = subprocess.Popen(
@@ -259,7 +264,11 @@ def test_remove_never_sleeps_and_names_the_busy_groups(backend: CgroupBackend) -
     exit: remove() must try once and report it, not sleep on the caller's event loop."""
     if backend.name == "none":
         pytest.skip("no usable cgroups here")
-    group = backend.create("busy-1", Limits())
+    backend.pooling = False
+    try:
+        group = backend.create("busy-1", Limits())
+    finally:
+        backend.pooling = True
     first = group.procs_files[0].parent
     (first / "sub").mkdir()
     try:
@@ -281,6 +290,7 @@ def test_remove_never_sleeps_and_names_the_busy_groups(backend: CgroupBackend) -
 def test_cleanup_stale_spares_groups_this_backend_made(fresh_backend: CgroupBackend) -> None:
     """An empty group of this run may be a job's whose join shell has not joined yet."""
     backend = fresh_backend
+    backend.pooling = False
     group = backend.create("live-1", Limits())
     try:
         backend.cleanup_stale()
@@ -431,3 +441,100 @@ def test_a_control_file_longer_than_one_read_is_read_whole(tmp_path: Path) -> No
     (tmp_path / "usage_all").write_text(lines)
     assert len(lines) > 65536
     assert _read(tmp_path / "usage_all") == lines
+
+
+# ---- pooled groups: jobs without limits reuse sets of groups ---------------------------------
+
+
+def _pooled(backend: CgroupBackend) -> None:
+    if backend.name != "cgroup-v1":
+        pytest.skip("groups are pooled for jobs forked in place: cgroup v1 hosts only")
+
+
+def _run_in(group: JobCgroup, script: str) -> None:
+    """Run `sh -c script` inside every group of `group` (it joins them first) to its end."""
+    join = 'for f in "$@"; do echo $$ > "$f"; done; '
+    argv = ["sh", "-c", join + script, "sh", *map(str, group.procs_files)]
+    subprocess.run(argv, check=True, timeout=30)
+
+
+@needs_root
+def test_a_pooled_group_is_reused_with_its_counters_reset(backend: CgroupBackend) -> None:
+    _pooled(backend)
+    group = backend.create("pool-a", Limits())
+    assert group.slot is not None and group.by_thread
+    assert group.name.startswith("pool-") and group.name != group.key
+    burn = "i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done; "
+    grow = "x=$(head -c 20000000 /dev/zero | tr '\\0' a); "
+    _run_in(group, burn + grow)
+    cpu, peak = group.cpu_seconds(), group.memory_peak()
+    dirs = [p.parent for p in group.procs_files]
+    if cpu is not None:
+        assert sum(cpu) > 0.05
+    assert peak is not None and peak > 20_000_000
+    assert group.remove() == ()
+    assert all(d.is_dir() for d in dirs)  # kept, empty, for the next job
+    assert group.pids() == [] and group.cpu_seconds() is None  # done with them
+    again = backend.create("pool-b", Limits())
+    try:
+        assert again.name == group.name  # the same groups...
+        cpu, peak = again.cpu_seconds(), again.memory_peak()
+        if cpu is not None:
+            assert sum(cpu) < 0.01  # ...with the counters of the job before gone
+        assert peak is not None and peak < 4 << 20
+    finally:
+        assert again.remove() == ()
+
+
+@needs_root
+def test_a_pooled_group_with_a_process_left_is_removed_not_reused(
+    backend: CgroupBackend,
+) -> None:
+    _pooled(backend)
+    group = backend.create("pool-c", Limits())
+    script = 'for f in "$@"; do echo $$ > "$f"; done; exec sleep 1000'
+    proc = subprocess.Popen(["sh", "-c", script, "sh", *map(str, group.procs_files)])
+    try:
+        _wait_for(lambda: proc.pid in group.pids())
+        busy = group.remove()  # the job's end timed out with a process left: not reused
+        assert busy
+        assert group.pids() == [proc.pid]
+        other = backend.create("pool-d", Limits())
+        assert other.name != group.name
+        assert other.remove() == ()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert group.remove_blocking(timeout=2.0)
+    assert all(not p.parent.exists() for p in group.procs_files)
+    assert backend.open(group.name) is None
+
+
+@needs_root
+def test_a_pooled_group_still_charged_memory_is_removed_not_reused(
+    backend: CgroupBackend, tmp_path: Path
+) -> None:
+    """A job's files in tmpfs stay charged to its memory group after it ends: the next
+    job's peak would start there, so the group is not reused."""
+    _pooled(backend)
+    group = backend.create("pool-e", Limits())
+    if not any(h.kind == "memory" for h, _ in group.groups):
+        group.remove()
+        pytest.skip("no memory hierarchy here")
+    shm = Path("/dev/shm") / f"jobworker-test-{os.getpid()}"
+    try:
+        _run_in(group, f"head -c 8000000 /dev/urandom > {shm}")
+        assert group.remove_blocking(timeout=2.0)
+        assert backend.open(group.name) is None
+    finally:
+        shm.unlink(missing_ok=True)
+
+
+@needs_root
+def test_close_removes_the_pooled_groups(fresh_backend: CgroupBackend) -> None:
+    _pooled(fresh_backend)
+    group = fresh_backend.create("pool-f", Limits())
+    assert group.remove() == ()
+    parents = [h.parent for h in fresh_backend.hierarchies]
+    fresh_backend.close()
+    assert not any(p.exists() for p in parents)

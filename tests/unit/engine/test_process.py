@@ -43,9 +43,16 @@ def backend() -> Iterator[CgroupBackend]:
     backend = CgroupBackend.detect(f"jobworker-test-process-{os.getpid()}")
     yield backend
     backend.cleanup_stale()
-    for hierarchy in backend.hierarchies:
-        with contextlib.suppress(OSError):
-            hierarchy.parent.rmdir()
+    backend.close()  # removes the pooled groups, then the parents
+
+
+@pytest.fixture
+def per_job(backend: CgroupBackend) -> Iterator[CgroupBackend]:
+    """The backend with pooling off: every job gets groups of its own named by its key (as
+    jobs with limits do), for the tests of their making and removal."""
+    backend.pooling = False
+    yield backend
+    backend.pooling = True
 
 
 @pytest.fixture
@@ -301,7 +308,12 @@ async def test_stop_kills_the_whole_tree(
     for pid in [process.pid, *children]:
         assert not _alive(pid), pid
     await asyncio.wait_for(process.released(), 6)
-    assert not any(path.parent.exists() for path in process.cgroup.procs_files)
+    assert _left_in(process.cgroup) == []
+
+
+def _left_in(group: JobCgroup) -> list[str]:
+    """Pids in a released job's groups: they are gone, or (pooled) back in the pool empty."""
+    return [p.read_text() for p in group.procs_files if p.exists() and p.read_text()]
 
 
 async def test_stop_that_terms_in_time(sup: Supervisor, tmp_path: Path) -> None:
@@ -360,7 +372,7 @@ async def test_cgroups_are_removed_after_each_job(
     assert info.exit_code == 0
     assert process.cgroup.procs_files
     await asyncio.wait_for(process.released(), 6)
-    assert not any(path.parent.exists() for path in process.cgroup.procs_files)
+    assert _left_in(process.cgroup) == []
 
 
 # Two ways in: a job with a pids limit (or on cgroup v2) goes through the join shell; any
@@ -381,7 +393,7 @@ async def test_the_job_is_in_its_cgroups(
     process = await sup.spawn(_spec("cat", "/proc/self/cgroup"), limits, tmp_path, key)
     await process.wait()
     lines = (tmp_path / "stdout").read_text().splitlines()
-    joined = [line for line in lines if line.endswith(f"/{key}")]
+    joined = [line for line in lines if line.endswith(f"/{process.cgroup.name}")]
     assert len(joined) == len(process.cgroup.procs_files) >= 1
     if backend.name == "cgroup-v1":
         assert process.cgroup.by_thread == (limits is NO_LIMITS)
@@ -433,6 +445,7 @@ def test_a_loop_on_its_own_thread_forks_its_jobs_itself_and_goes_home(
             await process.wait()
             await asyncio.wait_for(process.released(), 6)
             seen["by_thread"] = process.cgroup.by_thread
+            seen["name"] = process.cgroup.name
             seen["groups"] = len(process.cgroup.procs_files)
             seen["home"] = Path(f"/proc/self/task/{threading.get_native_id()}/cgroup").read_text()
             seen["spawn_threads"] = len(sup._pool._threads)  # none was needed
@@ -445,7 +458,8 @@ def test_a_loop_on_its_own_thread_forks_its_jobs_itself_and_goes_home(
     assert not thread.is_alive()
     assert seen["home"] == own
     assert seen["spawn_threads"] == 0
-    joined = [x for x in (tmp_path / "stdout").read_text().splitlines() if x.endswith(f"/{key}")]
+    lines = (tmp_path / "stdout").read_text().splitlines()
+    joined = [x for x in lines if x.endswith(f"/{seen['name']}")]
     assert len(joined) == seen["groups"] >= 1
     if backend.name == "cgroup-v1":
         assert seen["by_thread"]
@@ -598,12 +612,12 @@ async def test_kill_stale_empties_the_cgroup_of_a_gone_main_process(
     proc = subprocess.Popen(["sh", "-c", script, "sh", str(group.procs_files[0]), str(pidfile)])
     assert proc.wait(timeout=5) == 0
     (orphan,) = await _wait_for_lines(pidfile, 1)
-    assert not kill_stale(proc.pid, 12345, group.key, backend)
+    assert not kill_stale(proc.pid, 12345, group.name, backend)  # a pooled group's name
     deadline = time.monotonic() + 5
     while _alive(orphan) and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
     assert not _alive(orphan)
-    assert backend.open(group.key) is None
+    assert backend.open(group.name) is None
 
 
 async def test_many_concurrent_jobs(sup: Supervisor, tmp_path: Path) -> None:
@@ -656,16 +670,18 @@ def _only_free_fds(free: int) -> Iterator[None]:
 
 
 @pytest.mark.parametrize(
-    ("limits", "free", "message"),
+    ("limits", "pooled", "free", "message"),
     [
         # stdio takes 3, writing pids.max 1 (and then closes it): the gate pipe fails
-        (JOIN_SHELL, 4, "cannot create a pipe for the job: Too many open files"),
-        (JOIN_SHELL, 6, "cannot start the job: Too many open files"),  # Popen's own pipe
+        (JOIN_SHELL, False, 4, "cannot create a pipe for the job: Too many open files"),
+        (JOIN_SHELL, False, 6, "cannot start the job: Too many open files"),  # Popen's pipe
         # stdio takes 3: the thread cannot open a group's tasks file (its way home is
         # held open), so it never left
-        (NO_LIMITS, 3, "cannot join cgroup {key}: Too many open files"),
+        (NO_LIMITS, False, 3, "cannot join cgroup {key}: Too many open files"),
         # stdio 3, one at a time to join: then Popen's own pipe (two) fails
-        (NO_LIMITS, 4, "cannot start the job: Too many open files"),
+        (NO_LIMITS, False, 4, "cannot start the job: Too many open files"),
+        # a pooled group's tasks files are open already: joining needs no fd at all
+        (NO_LIMITS, True, 3, "cannot start the job: Too many open files"),
     ],
 )
 async def test_emfile_after_the_cgroup_is_made_leaves_nothing(
@@ -673,12 +689,23 @@ async def test_emfile_after_the_cgroup_is_made_leaves_nothing(
     backend: CgroupBackend,
     tmp_path: Path,
     limits: Limits,
+    pooled: bool,
     free: int,
     message: str,
 ) -> None:
     _needs_cgroup(backend)
     if limits is NO_LIMITS and backend.name != "cgroup-v1":
         pytest.skip("jobs are forked in place only on a cgroup v1 host")
+    backend.pooling = pooled
+    try:
+        await _emfile_leaves_nothing(sup, backend, tmp_path, limits, free, message)
+    finally:
+        backend.pooling = True
+
+
+async def _emfile_leaves_nothing(
+    sup: Supervisor, backend: CgroupBackend, tmp_path: Path, limits: Limits, free: int, message: str
+) -> None:
     await _run(sup, _spec("true"), tmp_path / "warm")  # the thread and its way home exist
     key = _key()
     before = _open_fds()
@@ -764,13 +791,13 @@ async def test_unopenable_job_files_are_spawn_errors_naming_them(
 
 
 async def test_a_busy_cgroup_neither_blocks_the_loop_nor_delays_the_result(
-    sup: Supervisor, backend: CgroupBackend, tmp_path: Path
+    sup: Supervisor, per_job: CgroupBackend, tmp_path: Path
 ) -> None:
     """The job leaves a child group in its groups: they stay busy (EBUSY) after it ends,
     as a v1 group often is for a moment after its last exit."""
-    _needs_cgroup(backend)
+    _needs_cgroup(per_job)
     key = _key()
-    subs = [h.parent / key / "sub" for h in backend.hierarchies]
+    subs = [h.parent / key / "sub" for h in per_job.hierarchies]
     script = 'for d; do mkdir "$d" 2>/dev/null; done; exit 0'
     gaps: list[float] = []
 
@@ -792,14 +819,14 @@ async def test_a_busy_cgroup_neither_blocks_the_loop_nor_delays_the_result(
         await asyncio.sleep(0.1)  # retries happen meanwhile, never sleeping on the loop
         assert max(gaps) < 0.1, max(gaps)
         assert info.exit_code == 0
-        assert backend.open(key) is not None  # the result came while the group was busy
+        assert per_job.open(key) is not None  # the result came while the group was busy
     finally:
         ticking.cancel()
         for sub in subs:
             with contextlib.suppress(FileNotFoundError):
                 sub.rmdir()
     await asyncio.wait_for(process.released(), 1.0)
-    assert backend.open(key) is None
+    assert per_job.open(key) is None
 
 
 # ---- the join shell never runs the job's environment as code ----------------------------------
