@@ -163,18 +163,32 @@ class JobCgroup:
     slot: _Slot | None = field(default=None, repr=False, kw_only=True)
     name: str = field(init=False)  # the groups' directory name: the key, or the slot's
 
+    _empty: bool = field(init=False, repr=False, default=False)  # populated() said no
+
     def __post_init__(self) -> None:
+        if self.slot is not None:  # worked out once for the slot, not per job
+            self.procs_files, self._dirs = self.slot.procs_files, dict(self.slot.dirs)
+            self._memory_v2, self.name = False, self.slot.name
+            return
         self.procs_files = tuple(path / "cgroup.procs" for _, path in self.groups)
         self._dirs = {h.kind: str(path) for h, path in self.groups}
         self._memory_v2 = any(h.v2 and "memory" in h.controllers for h, _ in self.groups)
-        self.name = self.slot.name if self.slot is not None else self.key
+        self.name = self.key
 
     def populated(self) -> bool:
-        """True while a process is left in the job's tracking group (one read, at job end)."""
+        """True while a process is left in the job's tracking group (one read, at job end).
+
+        Once it says no, it stays no without another read: nothing enters an empty group
+        but by the server's own writes, and those happen only before the job starts."""
+        if self._empty:
+            return False
         tracker = self._dirs.get("unified") or self._dirs.get("freezer")
         if tracker is None:
-            return bool(self.pids())
-        return bool(_read(tracker + "/cgroup.procs").strip())
+            populated = bool(self.pids())
+        else:
+            populated = bool(_read(tracker + "/cgroup.procs").strip())
+        self._empty = not populated
+        return populated
 
     def pids(self) -> list[int]:
         """Every pid in any of the job's groups."""
@@ -282,7 +296,7 @@ class JobCgroup:
         home then).
         """
         tid = str(threading.get_native_id()).encode()
-        homes = _HOMES.get([h for h, _ in self.groups])
+        homes = _HOMES.get(self.slot.hierarchies if self.slot else [h for h, _ in self.groups])
         joined = 0
         try:
             if self.slot is not None:  # its tasks files are open already
@@ -368,6 +382,9 @@ class _Slot:
         self.pool = pool
         self.name = name
         self.groups = groups
+        self.hierarchies = [h for h, _ in groups]
+        self.procs_files = tuple(path / "cgroup.procs" for _, path in groups)
+        self.dirs = {h.kind: str(path) for h, path in groups}
         self.tasks: list[int] = []
         self.acct_all = self.acct_reset = self.peak = self.usage = -1
         try:

@@ -527,7 +527,8 @@ class Supervisor:
                 self._resolved.clear()
             found = self._resolved[search] = (resolve_executable(*search), now + self.check_ttl)
         resolved = found[0]
-        job_dir = Path(os.path.abspath(job_dir))  # the exec chain reopens stderr by path
+        if not job_dir.is_absolute():  # the exec chain reopens stderr by path
+            job_dir = Path(os.path.abspath(job_dir))
         stdio = _open_stdio(job_dir, spec.stdin)
         return _Prepared(cwd, env, resolved, job_dir, stdio, tuple(drop))
 

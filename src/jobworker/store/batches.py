@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,21 +178,27 @@ def _options_from_json(d: Mapping[str, Any]) -> BatchOptions:
 
 
 def _event_to_line(e: JobEvent) -> bytes:
-    d: dict[str, Any] = {"q": e.seq, "i": e.index, "s": e.state.name, "t": e.time}
+    """One journal line: the JSON object json.dumps(..., separators=(",", ":")) would
+    write, formatted by hand (it is written for every state change of every job)."""
+    parts = [f'{{"q":{e.seq},"i":{e.index},"s":"{e.state.name}","t":{e.time!r}']
     if e.exit_code is not None:
-        d["x"] = e.exit_code
+        parts.append(f',"x":{e.exit_code}')
     if e.signal:
-        d["g"] = e.signal
+        parts.append(f',"g":{e.signal}')
     if e.message:
-        d["m"] = e.message
+        parts.append(f',"m":{_json_string(e.message)}')
     if e.pid:
-        d["p"] = e.pid
-        d["ps"] = e.pid_start
+        parts.append(f',"p":{e.pid},"ps":{e.pid_start}')
     if e.cgroup:
-        d["c"] = e.cgroup
+        parts.append(f',"c":{_json_string(e.cgroup)}')
     if e.usage is not None:
-        d["u"] = [e.usage.user_cpu, e.usage.system_cpu, e.usage.max_rss_bytes]
-    return json.dumps(d, separators=(",", ":")).encode() + b"\n"
+        u = e.usage
+        parts.append(f',"u":[{u.user_cpu!r},{u.system_cpu!r},{u.max_rss_bytes}]')
+    parts.append("}\n")
+    return "".join(parts).encode()
+
+
+_json_string: Callable[[str], str] = json.encoder.encode_basestring_ascii
 
 
 def _event_from_line(line: bytes) -> JobEvent:

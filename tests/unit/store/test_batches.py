@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -9,9 +10,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from jobworker.model import BatchOptions, JobEvent, JobSpec, JobState
-from jobworker.store.batches import JOURNAL, BatchStore
+from jobworker.model import BatchOptions, JobEvent, JobSpec, JobState, Usage
+from jobworker.store.batches import JOURNAL, BatchStore, _event_from_line, _event_to_line
 
 SPECS = (JobSpec("a", ("true",)), JobSpec("b", ("true",)))
 
@@ -183,3 +186,56 @@ def test_a_full_disk_refuses_a_new_batch_with_the_limit_named(tiny_disk: Path) -
     with pytest.raises(ResourceExhausted, match="min_free_disk"):
         store.create("alice", BatchOptions(), SPECS)
     assert store.load() == []
+
+
+@given(
+    seq=st.integers(0, 1 << 40),
+    index=st.integers(0, 100_000),
+    state=st.sampled_from(list(JobState)),
+    time_=st.floats(0, 4e9, allow_nan=False),
+    exit_code=st.none() | st.integers(-(1 << 31), 1 << 31),
+    signal=st.integers(0, 64),
+    message=st.text(),
+    pid=st.integers(0, 1 << 22),
+    pid_start=st.integers(0, 1 << 40),
+    cgroup=st.text(),
+    usage=st.none()
+    | st.builds(
+        Usage,
+        st.floats(0, 1e6, allow_nan=False),
+        st.floats(0, 1e6, allow_nan=False),
+        st.integers(0, 1 << 50),
+    ),
+)
+def test_journal_lines_are_the_json_they_say(
+    seq: int,
+    index: int,
+    state: JobState,
+    time_: float,
+    exit_code: int | None,
+    signal: int,
+    message: str,
+    pid: int,
+    pid_start: int,
+    cgroup: str,
+    usage: Usage | None,
+) -> None:
+    """A journal line is formatted by hand (it is written for every state change): it must
+    be one line of valid JSON that reads back as the same event, whatever the message."""
+    event = JobEvent(
+        seq,
+        index,
+        state,
+        time_,
+        exit_code,
+        signal,
+        message,
+        pid,
+        pid_start if pid else 0,
+        usage,
+        cgroup,
+    )
+    line = _event_to_line(event)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    json.loads(line)  # valid JSON on its own
+    assert _event_from_line(line) == event
