@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import threading
 
 import pytest
 import structlog
@@ -110,3 +112,54 @@ def test_the_enricher_adds_fields_and_cannot_break_a_line(
     assert first["identity"] == "alice"
     assert second["identity"] == "admin"
     assert third["event"] == "job_ended" and third["enrich_failed"] is True
+
+
+class _Writes:
+    """A stderr stand-in that records each write(2)-worth: what one flush() hands over."""
+
+    def __init__(self) -> None:
+        self.pending = ""
+        self.flushed: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        return len(text)
+
+    def flush(self) -> None:
+        if self.pending:
+            self.flushed.append(self.pending)
+            self.pending = ""
+
+
+def test_lines_of_one_event_loop_turn_are_written_together(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A thousand jobs a second log two lines each: one write per loop turn, not per line;
+    lines from other threads go out at once, after what was held, in order."""
+    stream = _Writes()
+    monkeypatch.setattr("sys.stderr", stream)
+    jwlogging.setup("info", "json")
+    log = structlog.get_logger("t")
+
+    async def main() -> list[str]:
+        log.info("one")
+        log.info("two")
+        assert stream.flushed == []  # held for the end of this turn
+        await asyncio.sleep(0)
+        after_turn = list(stream.flushed)
+        log.info("three")
+        thread = threading.Thread(target=lambda: log.info("from_thread"))
+        thread.start()
+        thread.join()
+        return after_turn
+
+    after_turn = asyncio.run(main())
+    assert [[json.loads(x)["event"] for x in w.splitlines()] for w in after_turn] == [
+        ["one", "two"]
+    ]
+    assert [json.loads(x)["event"] for x in stream.flushed[1].splitlines()] == [
+        "three",
+        "from_thread",
+    ]
+    log.info("no_loop")  # outside any loop: at once
+    assert json.loads(stream.flushed[-1])["event"] == "no_loop"

@@ -511,6 +511,8 @@ def serve(config_path: Path | None) -> None:
                 runner.run(app.run(signals=False))
         except BaseException as exc:  # noqa: BLE001 - raised again on the main thread
             failure.append(exc)
+        finally:
+            jwlogging.flush()  # lines held for a loop turn that will not come
 
     def deliver(sig: int, _frame: object) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is closed: the server has ended
