@@ -190,7 +190,7 @@ class Metrics:
         folder = os.fspath(batch.job_dir(event.index))
         for stream, counter in self._output.items():
             with contextlib.suppress(OSError):
-                counter.inc(os.stat(os.path.join(folder, stream)).st_size)
+                counter.inc(os.stat(f"{folder}/{stream}").st_size)
 
     def config_loaded(self) -> None:
         """The config was loaded (at start) or reloaded successfully."""

@@ -470,6 +470,7 @@ class CgroupBackend:
         self._live: set[str] = set()
         self._lock: int | None = None  # an flock on a parent group: one server per root
         self._pool = _Pool()
+        self._chosen: dict[frozenset[str], list[Hierarchy]] = {}  # _choose, by wanted limits
         self.pooling = True  # False: every job gets groups of its own, named by its key
         # Pooled groups are named pool-<this run's token>-<n>: never a name an earlier run
         # used, whose record may still name it after a crash (Engine.recover kills by it).
@@ -669,7 +670,15 @@ class CgroupBackend:
         return JobCgroup(key, (), enforced, args, _field_names(unenforced))
 
     def _choose(self, wanted: set[str]) -> list[Hierarchy]:
-        """The tracking hierarchy plus, per wanted limit, the first one that enforces it."""
+        """The tracking hierarchy plus, per wanted limit, the first one that enforces it
+        (worked out once per set of limits: the hierarchies never change)."""
+        key = frozenset(wanted)
+        chosen = self._chosen.get(key)
+        if chosen is None:
+            chosen = self._chosen[key] = self._choose_anew(wanted)
+        return list(chosen)
+
+    def _choose_anew(self, wanted: set[str]) -> list[Hierarchy]:
         tracker = self._tracker()
         chosen = [tracker]
         # Memory is always accounted where it can be: wait4's max RSS of a child starts at
