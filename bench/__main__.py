@@ -28,6 +28,9 @@ BENCHMARKS: dict[str, Callable[[Context], Result]] = {
     "line_latency": streams.line_latency,
 }
 RESULTS = Path(__file__).resolve().parent / "results"
+# Not /tmp: the test suite makes and deletes tens of thousands of files there, and some
+# file systems then charge far more for each new one (docs/benchmarks.md, "Where").
+WORKDIR = Path(__file__).resolve().parent.parent / "var" / "bench"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -42,7 +45,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--reps", type=int, help="repetitions (default: 3, quick: 1)")
     parser.add_argument("--out", type=Path, default=RESULTS / "latest.json", help="JSON file")
-    parser.add_argument("--workdir", type=Path, help="where servers keep data (default: /tmp)")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=WORKDIR,
+        help="where servers keep data (default: var/bench in the checkout, on disk, as the "
+        "server's own var/data)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     return parser.parse_args(argv)
 
@@ -88,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.reps:
         sizes = Sizes(**{**sizes.__dict__, "reps": args.reps})
     names = args.only or list(BENCHMARKS)
+    args.workdir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="jobworker-bench-", dir=args.workdir))
     info: dict[str, Any] = {"machine": machine(), "quick": args.quick, "sizes": sizes.__dict__}
     print(f"machine: {json.dumps(info['machine'])}", flush=True)
