@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -18,6 +19,17 @@ MAX_LABEL_VALUE = 256
 MAX_IDEMPOTENCY_KEY = 256
 MAX_TIMEOUT = 366 * 86400.0
 MIN_MEMORY = 1 << 20
+_CORES_TTL = 10.0  # seconds a count of online CPUs is trusted (os.cpu_count reads /sys)
+_cores_seen: list[float] = [0.0, float("-inf")]  # [count, when]
+
+
+def _cores() -> int:
+    """Online CPUs (os.cpu_count(): a file read each time), counted again every few
+    seconds so that CPUs brought online or offline count soon."""
+    now = time.monotonic()
+    if now - _cores_seen[1] > _CORES_TTL:
+        _cores_seen[:] = [float(os.cpu_count() or 1), now]
+    return int(_cores_seen[0])
 
 
 class BatchLimits(Protocol):
@@ -176,8 +188,10 @@ def _check_env(where: str, env: Mapping[str, str]) -> None:
 
 
 def _check_limits(where: str, spec: JobSpec) -> None:
-    cores = os.cpu_count() or 1
     lim = spec.limits
+    if not lim.cpu_millis and not lim.memory_bytes:
+        return
+    cores = _cores()
     if lim.cpu_millis > cores * 1000:
         raise InvalidArgument(
             f"{where}: limits.cpu_millis {lim.cpu_millis} is more than this host's "
