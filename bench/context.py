@@ -38,6 +38,7 @@ class Context:
 
     work: Path
     sizes: Sizes
+    disk: Path = Path("var/bench")  # a folder on disk (when `work` is on tmpfs)
     verbose: bool = True
     pki: Path = field(init=False)
     record_dir: Path | None = None  # a data_dir holding the finished record batches
