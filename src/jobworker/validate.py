@@ -89,8 +89,7 @@ class BatchBuilder:
             raise InvalidArgument(
                 f"{where}: name duplicates job {self._names[name]}; names must be unique"
             )
-        _check_job(where, spec, self.limits)
-        self._bytes += _spec_bytes(spec)
+        self._bytes += _check_job(where, spec, self.limits)
         if self._bytes > self.limits.max_batch_bytes:
             raise ResourceExhausted(
                 f"{where}: the batch's argv, env and stdin pass jobs.max_batch_bytes "
@@ -136,7 +135,8 @@ def _check_options(o: BatchOptions) -> None:
         )
 
 
-def _check_job(where: str, spec: JobSpec, limits: BatchLimits) -> None:
+def _check_job(where: str, spec: JobSpec, limits: BatchLimits) -> int:
+    """Check one job on its own; the bytes of its argv, env and stdin."""
     if not spec.argv or not spec.argv[0]:
         raise InvalidArgument(f"{where}: argv must not be empty")
     for k, arg in enumerate(spec.argv):
@@ -148,7 +148,8 @@ def _check_job(where: str, spec: JobSpec, limits: BatchLimits) -> None:
             raise InvalidArgument(
                 f"{where}: working_dir {spec.working_dir!r} must be an absolute path"
             )
-    size = _spec_bytes(spec) - len(spec.stdin)
+    total = _spec_bytes(spec)
+    size = total - len(spec.stdin)
     if size > limits.max_argv_bytes:
         raise ResourceExhausted(
             f"{where}: argv and env are {size} bytes, over jobs.max_argv_bytes "
@@ -169,6 +170,7 @@ def _check_job(where: str, spec: JobSpec, limits: BatchLimits) -> None:
             raise InvalidArgument(f"{where}: depends_on names the job itself (a cycle)")
     if len(set(spec.depends_on)) != len(spec.depends_on):
         raise InvalidArgument(f"{where}: depends_on names a job twice")
+    return total
 
 
 def _spec_bytes(spec: JobSpec) -> int:

@@ -36,23 +36,31 @@ def spec_from_pb(index: int, j: pb.JobSpec) -> JobSpec:
         if d.seconds < 0 or d.nanos < 0 or d.nanos >= 1_000_000_000:
             raise InvalidArgument(f"job {index} ({j.name!r}): timeout is not a valid duration")
         timeout = d.seconds + d.nanos / 1e9
-    lim = j.limits
-    return JobSpec(
-        name=j.name,
-        argv=tuple(j.argv),
-        env=frozen_map(j.env),
-        working_dir=j.working_dir,
-        stdin=j.stdin,
-        timeout=timeout,
-        limits=Limits(
+    limits = _NO_LIMITS
+    if j.HasField("limits"):
+        lim = j.limits
+        limits = Limits(
             cpu_millis=lim.cpu_millis,
             memory_bytes=lim.memory_bytes,
             pids_max=lim.pids_max,
             io_read_bytes_per_second=lim.io_read_bytes_per_second,
             io_write_bytes_per_second=lim.io_write_bytes_per_second,
-        ),
+        )
+    return JobSpec(
+        name=j.name,
+        argv=tuple(j.argv),
+        env=frozen_map(j.env) if j.env else _NO_ENV,
+        working_dir=j.working_dir,
+        stdin=j.stdin,
+        timeout=timeout,
+        limits=limits,
         depends_on=tuple(j.depends_on),
     )
+
+
+# Shared by every job that sets none (both immutable): most jobs of a big batch.
+_NO_LIMITS = Limits()
+_NO_ENV = frozen_map()
 
 
 def _ts(seconds: float | None) -> Timestamp | None:
