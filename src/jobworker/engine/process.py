@@ -433,10 +433,18 @@ class Supervisor:
         return env
 
     async def spawn(
-        self, spec: JobSpec, limits: Limits, job_dir: Path, key: str, user: str = ""
+        self,
+        spec: JobSpec,
+        limits: Limits,
+        job_dir: Path,
+        key: str,
+        user: str = "",
+        *,
+        stdin_file: bool = True,
     ) -> Process:
         """Start `spec` in cgroup `key` with its output in `job_dir`, as Unix `user` ("": the
-        server's own); SpawnError if it cannot.
+        server's own); SpawnError if it cannot. `stdin_file`: False when the job's folder
+        holds no stdin file (the store knows): it reads /dev/null without looking.
 
         When this returns, the process is in its cgroups (or never ran user code). On any
         failure nothing is left: no fd, no cgroup, no process.
@@ -446,10 +454,10 @@ class Supervisor:
             # On the loop's own thread (module doc, "Where a job is forked"): a few file
             # system calls and a vfork, cheaper than handing the work to a thread. (Not
             # with stdin bytes to write, nor a user to look up: NSS may be slow.)
-            popen, cgroup, ticks, gate = self._start(spec, limits, job_dir, key, user)
+            popen, cgroup, ticks, gate = self._start(spec, limits, job_dir, key, user, stdin_file)
         else:
             launched = loop.run_in_executor(
-                self._pool, self._start, spec, limits, job_dir, key, user
+                self._pool, self._start, spec, limits, job_dir, key, user, stdin_file
             )
             try:
                 popen, cgroup, ticks, gate = await asyncio.shield(launched)
@@ -492,12 +500,20 @@ class Supervisor:
         self._pool.shutdown(wait=True)
 
     def _start(
-        self, spec: JobSpec, limits: Limits, job_dir: Path, key: str, user: str
+        self,
+        spec: JobSpec,
+        limits: Limits,
+        job_dir: Path,
+        key: str,
+        user: str,
+        stdin_file: bool = True,
     ) -> _Launched:
-        """prepare and launch, on a spawn thread."""
-        return self._launch(spec, limits, key, self._prepare(spec, job_dir, user))
+        """prepare and launch (on the loop's thread or a spawn thread)."""
+        return self._launch(spec, limits, key, self._prepare(spec, job_dir, user, stdin_file))
 
-    def _prepare(self, spec: JobSpec, job_dir: Path, user: str = "") -> _Prepared:
+    def _prepare(
+        self, spec: JobSpec, job_dir: Path, user: str = "", stdin_file: bool = True
+    ) -> _Prepared:
         """Check the command and directory, open the job's files (in a worker thread)."""
         if not spec.argv:
             raise SpawnError("empty argv")
@@ -529,7 +545,7 @@ class Supervisor:
         resolved = found[0]
         if not job_dir.is_absolute():  # the exec chain reopens stderr by path
             job_dir = Path(os.path.abspath(job_dir))
-        stdio = _open_stdio(job_dir, spec.stdin)
+        stdio = _open_stdio(job_dir, spec.stdin, stdin_file)
         return _Prepared(cwd, env, resolved, job_dir, stdio, tuple(drop))
 
     def _launch(self, spec: JobSpec, limits: Limits, key: str, prepared: _Prepared) -> _Launched:
@@ -553,7 +569,8 @@ class Supervisor:
             return popen, cgroup, ticks, gate
         finally:
             for fd in prepared.stdio:
-                os.close(fd)
+                if fd != _DEVNULL.fd:  # shared by every job without stdin, never closed
+                    os.close(fd)
 
     def _popen_joining(
         self, spec: JobSpec, cgroup: JobCgroup, prepared: _Prepared
@@ -745,12 +762,14 @@ def _unexecutable(path: str) -> str:
     return ""
 
 
-def _open_stdio(job_dir: Path, stdin: bytes) -> tuple[int, int, int]:
+def _open_stdio(job_dir: Path, stdin: bytes, stdin_file: bool = True) -> tuple[int, int, int]:
     """fds 0, 1, 2 for the job: its stdin file or /dev/null, and the appended log files.
 
     `stdin` bytes are written to the job's stdin file first (callers other than the
-    store, which has written the file already, pass them). The folder is usually made
-    ahead by the store (make_folders); made here when it is not there yet.
+    store, which has written the file already, pass them); else the stdin file is read
+    if there is one (`stdin_file` False: there is none), else /dev/null (one fd shared
+    by all jobs: _DEVNULL). The folder is usually made ahead by the store (make_folders);
+    made here when it is not there yet.
 
     SpawnError naming the path when one cannot be made; nothing is left open then.
     """
@@ -765,20 +784,43 @@ def _open_stdio(job_dir: Path, stdin: bytes) -> tuple[int, int, int]:
             # without one reads /dev/null.
             source = f"{job_dir}/stdin"
             try:
+                if not stdin_file:
+                    raise FileNotFoundError(source)
                 fds.insert(0, os.open(source, os.O_RDONLY | os.O_CLOEXEC))
             except FileNotFoundError:
-                source = os.devnull
-                try:
-                    fds.insert(0, os.open(source, os.O_RDONLY | os.O_CLOEXEC))
-                except OSError as exc:
-                    raise SpawnError(f"cannot open {source} for the job: {_why(exc)}") from exc
+                fds.insert(0, _DEVNULL.get())
             except OSError as exc:
                 raise SpawnError(f"cannot open {source} for the job: {_why(exc)}") from exc
     except BaseException:
         for fd in fds:
-            os.close(fd)
+            if fd != _DEVNULL.fd:
+                os.close(fd)
         raise
     return fds[0], fds[1], fds[2]
+
+
+class _DevNull:
+    """One read-only fd of /dev/null for this process, opened at first use, never closed:
+    the stdin of every job that has none (one open and close less per job)."""
+
+    def __init__(self) -> None:
+        self.fd = -1
+        self._lock = threading.Lock()
+
+    def get(self) -> int:
+        if self.fd < 0:
+            with self._lock:
+                if self.fd < 0:
+                    try:
+                        self.fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+                    except OSError as exc:
+                        raise SpawnError(
+                            f"cannot open {os.devnull} for the job: {_why(exc)}"
+                        ) from exc
+        return self.fd
+
+
+_DEVNULL = _DevNull()
 
 
 def _open_log(job_dir: Path, name: str) -> int:

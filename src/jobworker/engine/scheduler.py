@@ -273,7 +273,12 @@ class Engine:
                 return
             try:
                 process = await self.supervisor.spawn(
-                    spec, limits, batch.job_dir(i), f"{batch.cid}-{i}", run.user
+                    spec,
+                    limits,
+                    batch.job_dir(i),
+                    f"{batch.cid}-{i}",
+                    run.user,
+                    stdin_file=bool(batch.stdin_sizes[i]),
                 )
             except SpawnError as exc:
                 bound.info("job_spawn_failed", message=exc.message)

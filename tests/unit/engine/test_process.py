@@ -222,6 +222,23 @@ async def test_a_directory_or_command_gone_since_checked_is_still_named(
     assert caught.value.message == f"working directory {work}: No such file or directory"
 
 
+async def test_stdin_is_the_stored_file_or_dev_null(sup: Supervisor, tmp_path: Path) -> None:
+    """The store writes a job's stdin file; a job the engine knows has none reads /dev/null
+    (one fd shared by all such jobs, kept open across spawns) without a look."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "stdin").write_bytes(b"from the file\n")
+    _, info = await _run(sup, _spec("cat"), tmp_path / "a")
+    assert (info.exit_code, (tmp_path / "a" / "stdout").read_bytes()) == (0, b"from the file\n")
+    for name in ("b", "c"):  # twice: the shared /dev/null is not closed after a spawn
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "stdin").write_bytes(b"not read\n")
+        process = await sup.spawn(
+            _spec("cat"), NO_LIMITS, tmp_path / name, _key(), stdin_file=False
+        )
+        assert (await process.wait()).exit_code == 0
+        assert (tmp_path / name / "stdout").read_bytes() == b""
+
+
 def test_resolve_searches_path_like_execvp(tmp_path: Path) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -672,16 +689,17 @@ def _only_free_fds(free: int) -> Iterator[None]:
 @pytest.mark.parametrize(
     ("limits", "pooled", "free", "message"),
     [
-        # stdio takes 3, writing pids.max 1 (and then closes it): the gate pipe fails
-        (JOIN_SHELL, False, 4, "cannot create a pipe for the job: Too many open files"),
-        (JOIN_SHELL, False, 6, "cannot start the job: Too many open files"),  # Popen's pipe
-        # stdio takes 3: the thread cannot open a group's tasks file (its way home is
+        # stdio takes 2 (stdin is the one /dev/null fd all jobs share), writing pids.max 1
+        # (and then closes it): the gate pipe fails
+        (JOIN_SHELL, False, 3, "cannot create a pipe for the job: Too many open files"),
+        (JOIN_SHELL, False, 5, "cannot start the job: Too many open files"),  # Popen's pipe
+        # stdio takes 2: the thread cannot open a group's tasks file (its way home is
         # held open), so it never left
-        (NO_LIMITS, False, 3, "cannot join cgroup {key}: Too many open files"),
-        # stdio 3, one at a time to join: then Popen's own pipe (two) fails
-        (NO_LIMITS, False, 4, "cannot start the job: Too many open files"),
+        (NO_LIMITS, False, 2, "cannot join cgroup {key}: Too many open files"),
+        # stdio 2, one at a time to join: then Popen's own pipe (two) fails
+        (NO_LIMITS, False, 3, "cannot start the job: Too many open files"),
         # a pooled group's tasks files are open already: joining needs no fd at all
-        (NO_LIMITS, True, 3, "cannot start the job: Too many open files"),
+        (NO_LIMITS, True, 2, "cannot start the job: Too many open files"),
     ],
 )
 async def test_emfile_after_the_cgroup_is_made_leaves_nothing(
@@ -710,7 +728,9 @@ async def _emfile_leaves_nothing(
     key = _key()
     before = _open_fds()
     with _only_free_fds(free), pytest.raises(SpawnError) as caught:
-        await sup.spawn(_spec("touch", str(tmp_path / "ran")), limits, tmp_path, key)
+        await sup.spawn(
+            _spec("touch", str(tmp_path / "ran")), limits, tmp_path, key, stdin_file=False
+        )
     assert caught.value.message == message.format(key=key)
     assert backend.open(key) is None
     assert _open_fds() == before
