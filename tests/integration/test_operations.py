@@ -378,7 +378,8 @@ def test_log_lines_are_json_and_name_the_batch_job_and_identity(make_server: Ser
         assert isinstance(json.loads(raw), dict), raw  # every line, the server's and libraries'
     about = [e for e in server.lines if e.get("correlation_id") == cid]
     events = {e["event"] for e in about}
-    assert {"batch_scheduled", "job_started", "job_ended", "rpc"} <= events
+    assert {"batch_scheduled", "job_ended", "rpc"} <= events
+    assert "job_started" not in events  # debug: one info line a job, at its end
     for line in about:
         assert line["identity"] == "bob", line
         assert line["level"] and line["timestamp"], line
@@ -386,6 +387,8 @@ def test_log_lines_are_json_and_name_the_batch_job_and_identity(make_server: Ser
         (e["job_index"], e["job_name"], e.get("state")) for e in about if e["event"] == "job_ended"
     }
     assert jobs == {(0, "first", "SUCCEEDED"), (1, "second", "FAILED")}
+    for ended in (e for e in about if e["event"] == "job_ended"):
+        assert ended["pid"] > 0 and ended["seconds"] >= 0, ended
     (audit,) = [e for e in about if e["event"] == "rpc" and e["method"] == "ScheduleBatch"]
     assert audit["code"] == "OK"
     assert isinstance(audit["duration_ms"], float)

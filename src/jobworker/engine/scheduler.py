@@ -294,7 +294,8 @@ class Engine:
                 pid_start=process.pid_start,
                 cgroup=process.cgroup.name if process.cgroup.slot is not None else "",
             )
-            bound.info("job_started", pid=process.pid, unix_user=run.user or None)
+            # One info line a job, at its end (like an access log); the start is for debugging.
+            bound.debug("job_started", pid=process.pid, unix_user=run.user or None)
             if run.reason is not None:  # cancelled while it was being spawned
                 self._stop(run, run.reason, run.message, run.grace)
             # A timer rather than asyncio.wait_for: one handle instead of a task's worth of
@@ -315,7 +316,15 @@ class Engine:
                 time_=info.end_time,
                 info=info,
             )
-            bound.info("job_ended", state=state.name, exit_code=info.exit_code, signal=info.signal)
+            bound.info(
+                "job_ended",
+                state=state.name,
+                exit_code=info.exit_code,
+                signal=info.signal,
+                pid=process.pid,
+                unix_user=run.user or None,
+                seconds=round(max(0.0, info.end_time - process.start_time), 3),
+            )
         except Exception:  # noqa: BLE001 - one job's bug must not stop the scheduler
             bound.exception("job_supervision_failed")
             if run.process is not None:  # never leave a process behind, whatever failed
