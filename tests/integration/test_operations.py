@@ -259,6 +259,9 @@ def test_a_role_changed_in_the_file_applies_to_the_next_call(
         # The same connection, the next call: refused.
         error = rpc_error(lambda: bob.ListBatches(pb.ListBatchesRequest(), timeout=10))
         assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    # The server writes an RPC's audit line before it answers; this harness reads the
+    # lines on a thread of its own, so wait until it has read both.
+    server.wait_for_log("rpc", count=2)
     audit = [e for e in server.events("rpc") if e["identity"] == "bob"]
     assert [e["code"] for e in audit] == ["OK", "PERMISSION_DENIED"]
 

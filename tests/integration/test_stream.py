@@ -15,7 +15,7 @@ import pytest
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
 
-from .conftest import Server, ServerFactory, job, wait_batch
+from .conftest import Server, ServerFactory, job, wait_batch, wait_until
 
 # A job that writes 4,000 numbered lines over about two seconds, to stdout and stderr.
 WRITER = (
@@ -285,8 +285,13 @@ def test_dropped_streams_leave_nothing_behind(make_server: ServerFactory) -> Non
     assert active == 0  # every stream's handler task has ended
     assert now_fds <= fds
     assert now_watches <= watches
-    streams = [line for line in server.events("rpc") if line["method"] == "StreamBatchLogs"]
-    assert len(streams) >= 100  # every dropped stream was ended (and audited) by the server
+
+    def audited() -> int:
+        return sum(line["method"] == "StreamBatchLogs" for line in server.events("rpc"))
+
+    # Every dropped stream was ended (and audited) by the server; this harness reads the
+    # server's lines on a thread of its own, so they are waited for.
+    wait_until(lambda: audited() >= 100, what="100 StreamBatchLogs audit lines")
     stub.CancelBatch(pb.CancelBatchRequest(correlation_id=cid), timeout=30)
 
 

@@ -13,6 +13,7 @@ import grpc
 import structlog
 from grpc import aio
 
+from jobworker import logging as jwlogging
 from jobworker.errors import (
     InvalidArgument,
     JobWorkerError,
@@ -191,6 +192,9 @@ class AuthInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
             peer=context.peer(),
             **({"error": message} if message else {}),
         )
+        # Written now, with whatever this loop turn holds (jobworker.logging._Sink): an
+        # RPC's audit line is out before its answer is.
+        jwlogging.flush()
         for observe in self.observers:
             observe(name, code.name, seconds)
 
