@@ -10,15 +10,17 @@ import secrets
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import structlog
 
 from jobworker.model import Limits
 
 _log = structlog.get_logger()
+_T = TypeVar("_T")
 
 _CGROUP_ROOT = Path("/sys/fs/cgroup")
 PRLIMIT = "/usr/bin/prlimit"
@@ -596,23 +598,14 @@ class CgroupBackend:
             # No limit to write and forked in place (by_thread): a pooled set of groups.
             slot = self._pool.take() or self._new_slot(chosen)
             return JobCgroup(key, slot.groups, _live=self._live, by_thread=True, slot=slot)
-        groups: list[tuple[Hierarchy, Path]] = []
-        added = key not in self._live
-        self._live.add(key)
-        try:
-            for hierarchy in chosen:
-                path = hierarchy.parent / key
-                os.mkdir(path)
-                groups.append((hierarchy, path))
-            enforced_names: set[str] = set()
-            for hierarchy, path in groups:
-                enforced_names |= self._apply(hierarchy, path, limits, wanted)
-        except BaseException:
-            # Groups nothing ever joined are never busy: this returns at once.
-            JobCgroup(key, tuple(groups)).remove_blocking()
-            if added:
-                self._live.discard(key)
-            raise
+
+        def apply(made: tuple[tuple[Hierarchy, Path], ...]) -> set[str]:
+            names: set[str] = set()
+            for hierarchy, path in made:
+                names |= self._apply(hierarchy, path, limits, wanted)
+            return names
+
+        groups, enforced_names = self._made(key, chosen, apply)
         enforced = _only(limits, enforced_names)
         # Forked straight into its groups only when no group can stop or throttle the forking
         # thread: a cpu quota would throttle the event loop, pids.max would count it, and
@@ -631,7 +624,7 @@ class CgroupBackend:
             _log.warning("limits_not_enforced", key=key, limits=list(unenforced))
         return JobCgroup(
             key,
-            tuple(groups),
+            groups,
             enforced,
             rlimit_args,
             _field_names(unenforced),
@@ -644,17 +637,32 @@ class CgroupBackend:
         with self._pool._lock:
             self._pool_count += 1
             name = f"pool-{self._pool_token}-{self._pool_count}"
-        groups: list[tuple[Hierarchy, Path]] = []
+        _, slot = self._made(name, chosen, lambda made: _Slot(self._pool, name, made))
+        return slot
+
+    def _made(
+        self,
+        name: str,
+        chosen: list[Hierarchy],
+        fill: Callable[[tuple[tuple[Hierarchy, Path], ...]], _T],
+    ) -> tuple[tuple[tuple[Hierarchy, Path], ...], _T]:
+        """Make group `name` in every hierarchy of `chosen` and hand them to `fill`; when
+        either fails, remove what was made (nothing joined it: never busy, so at once) and
+        raise. The name counts as this server's (never stale) from the first mkdir."""
+        added = name not in self._live
         self._live.add(name)
+        made: list[tuple[Hierarchy, Path]] = []
         try:
             for hierarchy in chosen:
                 path = hierarchy.parent / name
                 os.mkdir(path)
-                groups.append((hierarchy, path))
-            return _Slot(self._pool, name, tuple(groups))
+                made.append((hierarchy, path))
+            groups = tuple(made)
+            return groups, fill(groups)
         except BaseException:
-            JobCgroup(name, tuple(groups)).remove_blocking()  # never joined: never busy
-            self._live.discard(name)
+            JobCgroup(name, tuple(made)).remove_blocking()
+            if added:
+                self._live.discard(name)
             raise
 
     def _rlimits_only(self, key: str, limits: Limits) -> JobCgroup:
