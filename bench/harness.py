@@ -213,8 +213,22 @@ async def schedule(
     max_parallel: int = 0,
 ) -> str:
     """ScheduleBatch with these jobs; the correlation id."""
+    return await send_batch(client, batch_requests(jobs, max_parallel))
+
+
+def batch_requests(
+    jobs: Sequence[pb.JobSpec], max_parallel: int = 0
+) -> list[pb.ScheduleBatchRequest]:
+    """The ScheduleBatch stream for these jobs: the options, then a message a job."""
     requests = [pb.ScheduleBatchRequest(options=pb.BatchOptions(max_parallel=max_parallel))]
     requests.extend(pb.ScheduleBatchRequest(job=j) for j in jobs)
+    return requests
+
+
+async def send_batch(
+    client: pb_grpc.JobWorkerServiceStub, requests: Sequence[pb.ScheduleBatchRequest]
+) -> str:
+    """ScheduleBatch with a stream made beforehand; the correlation id."""
     response = await client.ScheduleBatch(iter(requests), timeout=120)
     return str(response.correlation_id)
 
