@@ -816,25 +816,36 @@ class _Homes:
         self._own: dict[str, str] = {}
         self._read_at = float("-inf")
         self._fds: dict[Path, tuple[str, int]] = {}  # mount -> (the group, an fd of its tasks)
+        # The last answer per list of hierarchies, good until the next read of /proc.
+        self._answers: dict[tuple[Hierarchy, ...], list[int]] = {}
 
     def get(self, hierarchies: list[Hierarchy]) -> list[int]:
         """An fd per hierarchy; OSError when one cannot be opened (nothing joined yet)."""
+        key = tuple(hierarchies)
         with self._lock:
             now = time.monotonic()
             if now - self._read_at >= self.REFRESH:
                 self._own = _own_cgroups(strict=True)
                 self._read_at = now
-            fds = []
-            for hierarchy in hierarchies:
-                group = next((self._own[n] for n in hierarchy.names if n in self._own), "/")
-                mount = _mount(hierarchy)
-                held = self._fds.get(mount)
-                if held is None or held[0] != group:
-                    # A replaced fd stays open: another thread may be on its way home with
-                    # it, and a reused fd number would take its tid somewhere else.
-                    held = self._fds[mount] = (group, _open_home(mount, group))
-                fds.append(held[1])
-            return fds
+                self._answers.clear()
+            answer = self._answers.get(key)
+            if answer is None:
+                answer = self._answers[key] = self._fds_for(hierarchies)
+            return answer
+
+    def _fds_for(self, hierarchies: list[Hierarchy]) -> list[int]:
+        """get() without the memo (the lock held)."""
+        fds = []
+        for hierarchy in hierarchies:
+            group = next((self._own[n] for n in hierarchy.names if n in self._own), "/")
+            mount = _mount(hierarchy)
+            held = self._fds.get(mount)
+            if held is None or held[0] != group:
+                # A replaced fd stays open: another thread may be on its way home with
+                # it, and a reused fd number would take its tid somewhere else.
+                held = self._fds[mount] = (group, _open_home(mount, group))
+            fds.append(held[1])
+        return fds
 
 
 _HOMES = _Homes()

@@ -47,7 +47,7 @@ def spec_from_pb(index: int, j: pb.JobSpec) -> JobSpec:
             io_write_bytes_per_second=lim.io_write_bytes_per_second,
         )
     return JobSpec(
-        name=j.name,
+        name=j.name or f"job-{index}",  # the default name (validate.BatchBuilder.add_job)
         argv=tuple(j.argv),
         env=frozen_map(j.env) if j.env else _NO_ENV,
         working_dir=j.working_dir,
