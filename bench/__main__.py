@@ -31,8 +31,9 @@ BENCHMARKS: dict[str, Callable[[Context], Result]] = {
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 # Where servers keep their data: tmpfs when there is one, so that the figures are
-# jobworker's and not the disk's (on this project's ext4 a new file costs 0.02-0.6 ms of
-# CPU depending on what was deleted in the last minutes; docs/benchmarks.md, "Where").
+# jobworker's and not the disk's (on this machine's ext4 a job's folder and log files cost
+# 0.04-1.4 ms of CPU, depending on what was deleted in the last minutes; docs/benchmarks.md,
+# "Where the data goes").
 # schedule_throughput also runs on the disk, in DISK (the checkout's var/, as `make run`).
 DISK = Path(__file__).resolve().parent.parent / "var" / "bench"
 SHM = Path("/dev/shm")

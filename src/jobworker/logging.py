@@ -79,9 +79,9 @@ def flush() -> None:
 class _Sink:
     """Where log lines go: stderr, one write for all the lines of an event-loop turn.
 
-    A job's start and end are a line each; written one by one, at a thousand jobs a second
-    the writes (and the wake-ups of whatever reads stderr: journald, a pipe) cost more
-    than making the lines. Lines logged on a thread running an event loop are held until
+    Every job's end is a line (its start too, at debug); written one by one, at a thousand
+    jobs a second the writes (and the wake-ups of whatever reads stderr: journald, a pipe)
+    cost more than making the lines. Lines logged on a thread running an event loop are held until
     that turn of the loop is over (call_soon), then written together; lines from any
     other thread are written at once, after whatever is held, so the order stays. A crash
     loses at most the lines of the turn it happened in.
