@@ -120,13 +120,13 @@ def _usage_to_pb(u: Usage | None) -> pb.ResourceUsage | None:
     )
 
 
-def _tail_to_pb(t: Tail) -> pb.LogTail:
-    return pb.LogTail(data=t.data, total_bytes=t.total, truncated=t.truncated)
+def _set_tail(field: pb.LogTail, t: Tail) -> None:
+    field.data, field.total_bytes, field.truncated = t.data, t.total, t.truncated
 
 
-def job_to_pb(batch: BatchRecord, index: int, status: JobStatus) -> pb.Job:
-    """The wire Job with the sizes of its logs (batch_to_pb fills in tails)."""
-    folder = batch.job_dir(index)
+def job_to_pb(batch: BatchRecord, index: int, status: JobStatus, *, sizes: bool = True) -> pb.Job:
+    """The wire Job with the sizes of its logs (`sizes` False: without; batch_to_pb reads
+    the tails then, which tell the sizes too)."""
     job = pb.Job(
         index=index,
         spec=spec_to_pb(batch.specs[index]),
@@ -139,9 +139,11 @@ def job_to_pb(batch: BatchRecord, index: int, status: JobStatus) -> pb.Job:
     )
     if status.exit_code is not None:
         job.exit_code = status.exit_code
-    for name, fld in (("stdout", job.stdout), ("stderr", job.stderr)):
-        size = log_size(folder / name)
-        fld.CopyFrom(pb.LogTail(total_bytes=size, truncated=size > 0))
+    if sizes:
+        folder = batch.job_dir(index)
+        for name, fld in (("stdout", job.stdout), ("stderr", job.stderr)):
+            size = log_size(f"{folder}/{name}")
+            fld.total_bytes, fld.truncated = size, size > 0
     return job
 
 
@@ -159,6 +161,7 @@ def batch_to_pb(
     otherwise the specs are left out (CancelBatch must answer once it has cancelled).
     """
     chosen = list(range(len(batch.specs)) if indexes is None else indexes)
+    tails = bool(tail_limit and chosen)  # every chosen job's tails: they tell the sizes
     out = pb.Batch(
         correlation_id=batch.cid,
         owner=batch.owner,
@@ -166,7 +169,7 @@ def batch_to_pb(
         options=options_to_pb(batch.options),
         create_time=_ts(batch.create_time),
         end_time=_ts(batch.end_time),
-        jobs=[job_to_pb(batch, i, batch.statuses[i]) for i in chosen],
+        jobs=[job_to_pb(batch, i, batch.statuses[i], sizes=not tails) for i in chosen],
     )
     budget = MESSAGE_LIMIT - MESSAGE_MARGIN
     size = out.ByteSize()
@@ -186,14 +189,15 @@ def batch_to_pb(
                 with contextlib.suppress(FileNotFoundError):  # lost: the job said so
                     job.spec.stdin = (batch.job_dir(i) / "stdin").read_bytes()
         size = out.ByteSize()
-    if tail_limit and chosen:
+    if tail_limit and chosen:  # (tails)
         # Each tail also costs a tag and length bytes in its own and the enclosing messages.
+        # (The sizes are not in `size` yet: a varint each, within the 16 bytes a job.)
         limit = min(tail_limit, max(0, (budget - size) // (2 * len(chosen)) - 16))
         while True:
             for i, job in zip(chosen, out.jobs, strict=True):
                 folder = batch.job_dir(i)
-                job.stdout.CopyFrom(_tail_to_pb(read_tail(folder / "stdout", limit)))
-                job.stderr.CopyFrom(_tail_to_pb(read_tail(folder / "stderr", limit)))
+                _set_tail(job.stdout, read_tail(f"{folder}/stdout", limit))
+                _set_tail(job.stderr, read_tail(f"{folder}/stderr", limit))
             if limit == 0 or out.ByteSize() <= budget:
                 break
             limit //= 2

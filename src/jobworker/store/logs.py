@@ -31,7 +31,7 @@ class Tail:
     truncated: bool
 
 
-def read_tail(path: Path, limit: int) -> Tail:
+def read_tail(path: str | Path, limit: int) -> Tail:
     """At most `limit` bytes of the end of `path`; a missing file is empty."""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -46,10 +46,10 @@ def read_tail(path: Path, limit: int) -> Tail:
     return Tail(data, size, start > 0 or (limit == 0 and size > 0))
 
 
-def log_size(path: Path) -> int:
+def log_size(path: str | Path) -> int:
     """Bytes in a log file (0 when the job never started)."""
     try:
-        return path.stat().st_size
+        return os.stat(path).st_size
     except FileNotFoundError:
         return 0
 
