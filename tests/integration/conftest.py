@@ -244,15 +244,21 @@ def alive(pid: int) -> bool:
 PY = sys.executable  # an absolute python for jobs: their PATH is the server's minimal one
 
 
-def serve_expecting_failure(config: Path) -> subprocess.CompletedProcess[str]:
-    """`jobworker serve` with `config`, for a start that must fail; what it printed."""
-    return subprocess.run(
+def serve_expecting_failure(config: Path, *says: str) -> subprocess.CompletedProcess[str]:
+    """`jobworker serve` with `config`, for a start that must fail: it exits non-zero, its
+    stderr holds each of `says` and it never said server_ready. What it printed."""
+    result = subprocess.run(
         [sys.executable, "-m", "jobworker", "serve", "--config", str(config)],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
+    assert result.returncode != 0, result.stderr
+    for text in says:
+        assert text in result.stderr, result.stderr
+    assert "server_ready" not in result.stderr
+    return result
 
 
 def data_dir_of(server: Server) -> Path:

@@ -348,9 +348,7 @@ def test_a_start_that_cannot_listen_touches_no_job(
             data_dir_of(srv),
             server={"listen": f"127.0.0.1:{holder.port}"},
         )
-        result = serve_expecting_failure(config)
-        assert result.returncode != 0
-        assert f"cannot listen on 127.0.0.1:{holder.port}" in result.stderr
+        serve_expecting_failure(config, f"cannot listen on 127.0.0.1:{holder.port}")
         assert journal.read_bytes() == before
         assert not marker.exists()
         assert all(alive(p) for p in pids)
