@@ -297,7 +297,9 @@ class JobCgroup:
         hierarchy's root if that fails. OSError when the thread cannot join (it is back
         home then).
         """
-        tid = str(threading.get_native_id()).encode()
+        # "0" is the writing thread itself. For it the kernel skips the global lock that
+        # a write of a tid takes, which every fork and exit on the host also takes (read).
+        tid = b"0"
         homes = _HOMES.get(self.slot.hierarchies if self.slot else [h for h, _ in self.groups])
         joined = 0
         try:
