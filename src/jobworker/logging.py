@@ -76,15 +76,24 @@ def flush() -> None:
         sink.flush()
 
 
+# How long info and debug lines logged on the event loop may wait to be written with
+# later ones; warnings and errors go out at the end of their loop turn.
+HOLD_SECONDS = 0.05
+_HOLD_LINES = 2000  # or fewer lines: a burst is written at the end of its turn
+
+
 class _Sink:
-    """Where log lines go: stderr, one write for all the lines of an event-loop turn.
+    """Where log lines go: stderr, in few writes.
 
     Every job's end is a line (its start too, at debug); written one by one, at a thousand
-    jobs a second the writes (and the wake-ups of whatever reads stderr: journald, a pipe)
-    cost more than making the lines. Lines logged on a thread running an event loop are held until
-    that turn of the loop is over (call_soon), then written together; lines from any
-    other thread are written at once, after whatever is held, so the order stays. A crash
-    loses at most the lines of the turn it happened in.
+    jobs a second the writes, and above all the wake-ups of whatever reads stderr
+    (journald, a pipe), cost the machine more than making the lines. So info and debug
+    lines logged on a thread running an event loop are held for up to HOLD_SECONDS and
+    written together; a warning or an error is written at the end of its loop turn, with
+    everything held before it (so is a burst of _HOLD_LINES); lines from any other thread
+    are written at once, after whatever is held, so the order stays. A crash loses at
+    most the info lines of the last HOLD_SECONDS; flush() writes what is held now (the
+    audit line before an RPC's answer, shutdown).
 
     Also structlog's logger (msg() and the level methods) and the stdlib handler's stream.
     """
@@ -93,33 +102,51 @@ class _Sink:
         self._stream = stream
         self._held: list[str] = []
         self._lock = threading.Lock()
-        self._flush_soon = False
+        # The flush scheduled on an event loop, if any: its loop, and its loop time.
+        self._flush_loop: asyncio.AbstractEventLoop | None = None
+        self._flush_at = 0.0
         atexit.register(self.flush)
 
     def msg(self, message: str) -> None:
         self.write(message + "\n")
 
-    debug = info = warning = warn = error = err = exception = critical = fatal = log = msg
+    def urgent(self, message: str) -> None:
+        self.write(message + "\n", urgent=True)
 
-    def write(self, text: str) -> None:
+    debug = info = log = msg
+    warning = warn = error = err = exception = critical = fatal = urgent
+
+    def write(self, text: str, *, urgent: bool = False) -> None:
         loop = asyncio._get_running_loop()
         with self._lock:
             self._held.append(text)
             if loop is not None:
-                if not self._flush_soon:
-                    try:
-                        loop.call_soon(self.flush)
-                    except RuntimeError:  # the loop is closing: no turn is left
-                        pass
-                    else:
-                        self._flush_soon = True
-                if self._flush_soon:
+                delay = 0.0 if urgent or len(self._held) >= _HOLD_LINES else HOLD_SECONDS
+                if self._schedule(loop, delay):
                     return
         self.flush()
 
+    def _schedule(self, loop: asyncio.AbstractEventLoop, delay: float) -> bool:
+        """Have `loop` flush within `delay` seconds; False when it cannot (closing).
+
+        A flush scheduled earlier and no longer needed still runs, and finds little or
+        nothing to write: cheaper than cancelling it, and safe from any thread."""
+        at = loop.time() + delay
+        if self._flush_loop is loop and self._flush_at <= at:
+            return True  # one as soon as that is coming
+        try:
+            if delay:
+                loop.call_later(delay, self.flush)
+            else:
+                loop.call_soon(self.flush)
+        except RuntimeError:  # the loop is closing: no turn is left
+            return False
+        self._flush_loop, self._flush_at = loop, at
+        return True
+
     def flush(self) -> None:
         with self._lock:
-            held, self._held, self._flush_soon = self._held, [], False
+            held, self._held, self._flush_loop = self._held, [], None
             if held:
                 try:
                     self._stream.write("".join(held))

@@ -131,35 +131,42 @@ class _Writes:
             self.pending = ""
 
 
-def test_lines_of_one_event_loop_turn_are_written_together(
+def test_info_lines_on_the_loop_are_written_together_and_warnings_at_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A thousand jobs a second log two lines each: one write per loop turn, not per line;
-    lines from other threads go out at once, after what was held, in order."""
+    """A thousand jobs a second log a line each: info lines logged on the event loop go
+    out together, within HOLD_SECONDS, not one write (and one reader wake-up) per line. A
+    warning goes out at the end of its loop turn with what was held before it; lines from
+    other threads go out at once, after what was held, in order; flush() writes at once."""
     stream = _Writes()
     monkeypatch.setattr("sys.stderr", stream)
     jwlogging.setup("info", "json")
     log = structlog.get_logger("t")
 
-    async def main() -> list[str]:
+    def events(write: str) -> list[str]:
+        return [json.loads(x)["event"] for x in write.splitlines()]
+
+    async def main() -> None:
         log.info("one")
         log.info("two")
-        assert stream.flushed == []  # held for the end of this turn
         await asyncio.sleep(0)
-        after_turn = list(stream.flushed)
+        assert stream.flushed == []  # held past the turn
+        await asyncio.sleep(jwlogging.HOLD_SECONDS * 2)
+        assert [events(w) for w in stream.flushed] == [["one", "two"]]
         log.info("three")
+        log.warning("four")
+        assert len(stream.flushed) == 1  # not before the end of this turn
+        await asyncio.sleep(0)
+        assert [events(w) for w in stream.flushed[1:]] == [["three", "four"]]
+        log.info("five")
         thread = threading.Thread(target=lambda: log.info("from_thread"))
         thread.start()
         thread.join()
-        return after_turn
+        assert events(stream.flushed[-1]) == ["five", "from_thread"]
+        log.info("six")
+        jwlogging.flush()
+        assert events(stream.flushed[-1]) == ["six"]
 
-    after_turn = asyncio.run(main())
-    assert [[json.loads(x)["event"] for x in w.splitlines()] for w in after_turn] == [
-        ["one", "two"]
-    ]
-    assert [json.loads(x)["event"] for x in stream.flushed[1].splitlines()] == [
-        "three",
-        "from_thread",
-    ]
+    asyncio.run(main())
     log.info("no_loop")  # outside any loop: at once
-    assert json.loads(stream.flushed[-1])["event"] == "no_loop"
+    assert events(stream.flushed[-1]) == ["no_loop"]
