@@ -450,7 +450,7 @@ class Supervisor:
         failure nothing is left: no fd, no cgroup, no process.
         """
         loop = asyncio.get_running_loop()
-        if not spec.stdin and not user and threading.get_native_id() != os.getpid():
+        if not spec.stdin and not user and threading.current_thread() is not _MAIN_THREAD:
             # On the loop's own thread (module doc, "Where a job is forked"): a few file
             # system calls and a vfork, cheaper than handing the work to a thread. (Not
             # with stdin bytes to write, nor a user to look up: NSS may be slow.)
@@ -668,6 +668,8 @@ def _abandon_launched(
     _ABANDONED.add(abandoned := _abandon(asyncio.get_running_loop(), popen, cgroup))
     abandoned.add_done_callback(_ABANDONED.discard)
 
+
+_MAIN_THREAD = threading.main_thread()
 
 # Cleanups of cancelled spawns, held here so that they run to their end.
 _ABANDONED: set[asyncio.Future[None]] = set()

@@ -181,7 +181,7 @@ def _options_from_json(d: Mapping[str, Any]) -> BatchOptions:
 def _event_to_line(e: JobEvent) -> bytes:
     """One journal line: the JSON object json.dumps(..., separators=(",", ":")) would
     write, formatted by hand (it is written for every state change of every job)."""
-    parts = [f'{{"q":{e.seq},"i":{e.index},"s":"{e.state.name}","t":{e.time!r}']
+    parts = [f'{{"q":{e.seq},"i":{e.index},"s":"{_STATE_NAMES[e.state]}","t":{e.time!r}']
     if e.exit_code is not None:
         parts.append(f',"x":{e.exit_code}')
     if e.signal:
@@ -200,6 +200,7 @@ def _event_to_line(e: JobEvent) -> bytes:
 
 
 _json_string: Callable[[str], str] = json.encoder.encode_basestring_ascii
+_STATE_NAMES = {s: s.name for s in JobState}  # Enum.name is a descriptor: slow per call
 
 
 def _event_from_line(line: bytes) -> JobEvent:
