@@ -299,27 +299,27 @@ class JobCgroup:
         """
         # "0" is the writing thread itself. For it the kernel skips the global lock that
         # a write of a tid takes, which every fork and exit on the host also takes (read).
-        tid = b"0"
+        me = b"0"
         homes = _HOMES.get(self.slot.hierarchies if self.slot else [h for h, _ in self.groups])
         joined = 0
         try:
             if self.slot is not None:  # its tasks files are open already
                 for fd in self.slot.tasks:
-                    os.write(fd, tid)
+                    os.write(fd, me)
                     joined += 1
             else:
                 for path in self._dirs.values():
-                    _write(path + "/tasks", tid)
+                    _write(path + "/tasks", me)
                     joined += 1
             yield
         finally:
             for (hierarchy, _), home in zip(self.groups[:joined], homes, strict=False):
                 try:
-                    os.write(home, tid)
+                    os.write(home, me)
                 except OSError as exc:  # the group went away meanwhile: the root then
                     _log.error("spawn_thread_not_home", kind=hierarchy.kind, error=str(exc))
                     with contextlib.suppress(OSError):
-                        _write(_mount(hierarchy) / "tasks", tid)
+                        _write(_mount(hierarchy) / "tasks", me)
 
     def remove(self) -> tuple[str, ...]:
         """Try once to remove every group not removed yet; the paths still busy (EBUSY).
@@ -377,8 +377,8 @@ class _Slot:
     """A set of job groups (one per hierarchy) kept for reuse by jobs without limits: made
     once, with the files a job's start and end touch held open (CgroupBackend.create).
 
-    A job then costs no mkdir, no rmdir and no path walk: its forking thread writes its
-    tid to the open `tasks` files, and the end reads the counters with pread. Between
+    A job then costs no mkdir, no rmdir and no path walk: its forking thread writes "0"
+    (itself) to the open `tasks` files, and the end reads the counters with pread. Between
     jobs put() resets the counters (cpuacct.usage, memory.max_usage_in_bytes).
     """
 

@@ -5,7 +5,7 @@ without preexec_fn/user/group, so CPython uses vfork+exec and gRPC's at-fork han
 run. The job must be in its cgroups before it runs a line of its own code. Two ways:
 
 Forked in place (cgroup v1, the usual case there): the thread that forks moves itself, and
-only itself, into the job's v1 groups (write its tid to each `tasks` file), forks, and moves
+only itself, into the job's v1 groups (writes "0", itself, to each `tasks` file), forks, and moves
 back (JobCgroup.thread_joined). A child is born in its parent thread's groups, so the job
 never runs outside them, and there is no extra exec. Not for cgroup v2 (it moves whole
 processes), nor for a job with a cpu, memory or pids limit: the forking thread would be
