@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import json
 import logging
 import sys
 import threading
+import time
 from collections.abc import Callable, MutableMapping
 from typing import Any, TextIO
 
@@ -42,7 +44,7 @@ _state: dict[str, Any] = {"level": logging.INFO, "enricher": None}
 def setup(level: str = "info", fmt: str = "json") -> None:
     """Configure structlog, and stdlib logging for libraries, to write one format to stderr."""
     renderer: Any = (
-        structlog.processors.JSONRenderer()
+        structlog.processors.JSONRenderer(serializer=_to_json)
         if fmt == "json"
         else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
@@ -52,13 +54,14 @@ def setup(level: str = "info", fmt: str = "json") -> None:
         structlog.contextvars.merge_contextvars,
         _enrich,
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _timestamp,
         structlog.processors.StackInfoRenderer(),
         structlog.processors.format_exc_info if fmt == "json" else _noop,
         renderer,
     ]
     sink = _Sink(sys.stderr)
     _state["sink"] = sink
+    _state["processors"] = tuple(processors)
     structlog.configure(
         processors=processors,
         # Everything reaches _filter_by_level, which knows the live level.
@@ -67,6 +70,34 @@ def setup(level: str = "info", fmt: str = "json") -> None:
         cache_logger_on_first_use=False,
     )
     _setup_stdlib(renderer, fmt, sink)
+
+
+def enabled(level: str) -> bool:
+    """True when a line at `level` would be written now (the level can change live)."""
+    current: int = _state["level"]
+    return _LEVELS[level] >= current
+
+
+def line(level: str, event: str, fields: dict[str, Any]) -> None:
+    """Log `event` with `fields` (taken over: it becomes the line) through the processors
+    setup() configured, as a structlog logger would, but without one: the line every job
+    makes (job_ended) is written at a thousand a second, and binding a logger per job and
+    its method wrappers cost about as much as the processors. Same output (tested)."""
+    if _LEVELS[level] < _state["level"]:
+        return
+    processors: tuple[Any, ...] = _state.get("processors", ())
+    if not processors:  # setup() not called: structlog's own defaults
+        structlog.get_logger().log(_LEVELS[level], event, **fields)
+        return
+    sink = _state["sink"]
+    fields["event"] = event
+    event_dict: Any = fields
+    try:
+        for processor in processors:
+            event_dict = processor(sink, level, event_dict)
+    except structlog.DropEvent:
+        return
+    getattr(sink, level)(event_dict)
 
 
 def flush() -> None:
@@ -192,6 +223,35 @@ def current_level() -> str:
 def set_enricher(enricher: Enricher | None) -> None:
     """Install a function that may add fields (such as identity) to every line."""
     _state["enricher"] = enricher
+
+
+def _json_default(obj: Any) -> Any:
+    """What JSONRenderer falls back to: an object's __structlog__(), else its repr."""
+    method = getattr(obj, "__structlog__", None)
+    return method() if callable(method) else repr(obj)
+
+
+# One encoder for every line: json.dumps(..., default=...) would make one per line.
+_ENCODER = json.JSONEncoder(default=_json_default)
+
+
+def _to_json(event_dict: EventDict, **_dumps_kw: Any) -> str:
+    return _ENCODER.encode(event_dict)
+
+
+# The current second, formatted once: [(seconds since the epoch, "YYYY-MM-DDTHH:MM:SS")].
+_second: list[tuple[int, str]] = [(0, "")]
+
+
+def _timestamp(_logger: Any, _method: str, event: EventDict) -> EventDict:
+    """timestamp: UTC ISO 8601 with microseconds, as "2026-11-28T03:02:15.730676Z"."""
+    now = time.time()
+    whole = int(now)
+    second = _second[0]  # one tuple, replaced whole: any thread sees a consistent pair
+    if second[0] != whole:
+        second = _second[0] = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
+    event["timestamp"] = f"{second[1]}.{int((now - whole) * 1_000_000):06d}Z"
+    return event
 
 
 def _filter_by_level(_logger: Any, method: str, event: EventDict) -> EventDict:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import logging
+import re
 import threading
 
 import pytest
@@ -170,3 +172,53 @@ def test_info_lines_on_the_loop_are_written_together_and_warnings_at_once(
     asyncio.run(main())
     log.info("no_loop")  # outside any loop: at once
     assert events(stream.flushed[-1]) == ["no_loop"]
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_line_writes_what_a_bound_logger_writes(
+    fmt: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """jwlogging.line (every job's end line, without a logger per job) runs the same
+    processors: context variables, the enricher, level, timestamp, the format."""
+    jwlogging.setup("info", fmt)
+    jwlogging.set_enricher(lambda event: event.setdefault("identity", "alice"))
+    structlog.contextvars.bind_contextvars(correlation_id="from-context", rpc="ScheduleBatch")
+    ids = {"correlation_id": "c1", "job_index": 3, "job_name": "build"}
+    fields = {"state": "SUCCEEDED", "exit_code": 0, "unix_user": None, "seconds": 0.25}
+    structlog.get_logger("jobworker.engine").bind(**ids).info("job_ended", **fields)
+    jwlogging.line("info", "job_ended", {**ids, **fields})
+    jwlogging.flush()
+    by_logger, by_line = capsys.readouterr().err.splitlines()
+    if fmt == "json":
+        a, b = json.loads(by_logger), json.loads(by_line)
+        assert a.pop("timestamp") and b.pop("timestamp")
+        assert list(a.items()) == list(b.items())  # same fields, same order
+        assert b["identity"] == "alice" and b["rpc"] == "ScheduleBatch"
+        assert b["correlation_id"] == "c1"  # the job's own, not the RPC's
+    else:  # console: the timestamp leads the line
+        assert by_logger.split(" ", 1)[1] == by_line.split(" ", 1)[1]
+        assert "job_ended" in by_line and "identity=alice" in by_line
+
+
+def test_line_follows_the_live_level(capsys: pytest.CaptureFixture[str]) -> None:
+    jwlogging.setup("info", "json")
+    jwlogging.line("debug", "job_started", {"job_index": 0})
+    jwlogging.set_level("debug")
+    jwlogging.line("debug", "job_started", {"job_index": 1})
+    jwlogging.set_level("warning")
+    jwlogging.line("info", "job_ended", {"job_index": 1})
+    jwlogging.flush()
+    assert [(x["event"], x["job_index"]) for x in lines(capsys)] == [("job_started", 1)]
+
+
+def test_timestamps_are_utc_iso_with_microseconds(capsys: pytest.CaptureFixture[str]) -> None:
+    jwlogging.setup("info", "json")
+    before = datetime.datetime.now(datetime.UTC)
+    for _ in range(3):
+        structlog.get_logger("t").info("tick")
+    after = datetime.datetime.now(datetime.UTC)
+    for line in lines(capsys):
+        stamp = str(line["timestamp"])
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", stamp)
+        when = datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+        assert before - datetime.timedelta(seconds=1) <= when <= after

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from jobworker import logging as jwlogging
 from jobworker.engine.process import ExitInfo, Process, SpawnError, Supervisor, kill_stale
 from jobworker.errors import ResourceExhausted, Unavailable
 from jobworker.model import JobEvent, JobState, Limits, Usage
@@ -260,9 +261,13 @@ class Engine:
     async def _run_job(self, br: _BatchRun, run: _Run) -> None:
         batch, i = br.batch, run.index
         spec = batch.specs[i]
-        bound = log.bind(
-            correlation_id=batch.cid, job_index=i, job_name=spec.name, identity=batch.owner
-        )
+        # The fields of every line about this job (jwlogging.line: no logger bound per job).
+        ids: dict[str, Any] = {
+            "correlation_id": batch.cid,
+            "job_index": i,
+            "job_name": spec.name,
+            "identity": batch.owner,
+        }
         limits = spec.limits.over(self.settings.default_limits.to_limits())
         run.timeout = spec.timeout or self.settings.default_timeout
         run.user = self.settings.unix_user_for(batch.owner)
@@ -281,7 +286,7 @@ class Engine:
                     stdin_file=bool(batch.stdin_sizes[i]),
                 )
             except SpawnError as exc:
-                bound.info("job_spawn_failed", message=exc.message)
+                jwlogging.line("info", "job_spawn_failed", {**ids, "message": exc.message})
                 self._finish_run(br, run, JobState.FAILED, message=exc.message)
                 return
             run.process = process
@@ -295,7 +300,9 @@ class Engine:
                 cgroup=process.cgroup.name if process.cgroup.slot is not None else "",
             )
             # One info line a job, at its end (like an access log); the start is for debugging.
-            bound.debug("job_started", pid=process.pid, unix_user=run.user or None)
+            jwlogging.line(
+                "debug", "job_started", {**ids, "pid": process.pid, "unix_user": run.user or None}
+            )
             if run.reason is not None:  # cancelled while it was being spawned
                 self._stop(run, run.reason, run.message, run.grace)
             # A timer rather than asyncio.wait_for: one handle instead of a task's worth of
@@ -316,17 +323,18 @@ class Engine:
                 time_=info.end_time,
                 info=info,
             )
-            bound.info(
-                "job_ended",
-                state=state.name,
-                exit_code=info.exit_code,
-                signal=info.signal,
-                pid=process.pid,
-                unix_user=run.user or None,
-                seconds=round(max(0.0, info.end_time - process.start_time), 3),
-            )
-        except Exception:  # noqa: BLE001 - one job's bug must not stop the scheduler
-            bound.exception("job_supervision_failed")
+            ended = {
+                **ids,
+                "state": state.name,
+                "exit_code": info.exit_code,
+                "signal": info.signal,
+                "pid": process.pid,
+                "unix_user": run.user or None,
+                "seconds": round(max(0.0, info.end_time - process.start_time), 3),
+            }
+            jwlogging.line("info", "job_ended", ended)
+        except Exception:  # one job's bug must not stop the scheduler
+            log.exception("job_supervision_failed", **ids)
             if run.process is not None:  # never leave a process behind, whatever failed
                 run.process.kill()
                 await run.process.wait()
