@@ -261,6 +261,7 @@ class App:
             config=str(cfg.source) if cfg.source else None,
             pid=os.getpid(),
         )
+        jwlogging.flush()  # at once, not with the next info lines: tools wait for this one
 
     async def run(self, *, signals: bool = True) -> None:
         """Serve until SIGTERM or SIGINT; SIGHUP reloads the config.
