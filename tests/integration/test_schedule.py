@@ -13,6 +13,7 @@ import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
+from jobworker.server.service import BUILD_INLINE_JOBS
 from jobworker.v1 import jobworker_pb2 as pb
 from tests.integration.conftest import (
     PY,
@@ -170,6 +171,29 @@ def test_get_batch_job_names_filter(server: Server) -> None:
         (2, "c", b"c\n"),
     ]
     assert get_job(stub, cid, "b").stdout.data == b"b\n"
+
+
+def test_a_big_batch_answers_the_same_as_its_jobs_one_by_one(server: Server) -> None:
+    """More jobs than BUILD_INLINE_JOBS: the answer is built off the event loop, from a
+    snapshot; it says what small answers about the same jobs say (results and tails)."""
+    stub = server.stub("alice")
+    count = BUILD_INLINE_JOBS + 100
+    jobs = [job("sh", "-c", f"echo out{i}; echo err{i} >&2; exit {i % 3}") for i in range(count)]
+    reply = schedule(stub, options(max_parallel=8), *jobs)
+    wait_batch(stub, reply.correlation_id, log_tail_bytes=0)
+    whole = stub.GetBatch(pb.GetBatchRequest(correlation_id=reply.correlation_id)).batch
+    assert len(whole.jobs) == count
+    assert whole.state == pb.BATCH_STATE_FAILED
+    for first in range(0, count, 97):
+        names = [f"job-{i}" for i in range(first, min(first + 97, count))]
+        small = stub.GetBatch(
+            pb.GetBatchRequest(correlation_id=reply.correlation_id, job_names=names)
+        )
+        for j in small.batch.jobs:
+            assert whole.jobs[j.index] == j
+            assert j.stdout.data == f"out{j.index}\n".encode()
+            assert j.stderr.data == f"err{j.index}\n".encode()
+            assert j.exit_code == j.index % 3
 
 
 # --- a stream that does not complete schedules nothing ------------------------------------

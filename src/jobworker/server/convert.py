@@ -10,7 +10,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from jobworker.errors import InvalidArgument, ResourceExhausted
 from jobworker.model import BatchOptions, JobEvent, JobSpec, JobStatus, Limits, Usage, frozen_map
-from jobworker.store.batches import BatchRecord
+from jobworker.store.batches import BatchRecord, BatchView
 from jobworker.store.logs import Chunk, Tail, log_size, read_tail
 from jobworker.v1 import jobworker_pb2 as pb
 
@@ -124,7 +124,9 @@ def _set_tail(field: pb.LogTail, t: Tail) -> None:
     field.data, field.total_bytes, field.truncated = t.data, t.total, t.truncated
 
 
-def job_to_pb(batch: BatchRecord, index: int, status: JobStatus, *, sizes: bool = True) -> pb.Job:
+def job_to_pb(
+    batch: BatchRecord | BatchView, index: int, status: JobStatus, *, sizes: bool = True
+) -> pb.Job:
     """The wire Job with the sizes of its logs (`sizes` False: without; batch_to_pb reads
     the tails then, which tell the sizes too)."""
     job = pb.Job(
@@ -148,7 +150,7 @@ def job_to_pb(batch: BatchRecord, index: int, status: JobStatus, *, sizes: bool 
 
 
 def batch_to_pb(
-    batch: BatchRecord,
+    batch: BatchRecord | BatchView,
     indexes: Iterable[int] | None = None,
     tail_limit: int | None = None,
     *,

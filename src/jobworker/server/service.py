@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from grpc import aio
@@ -13,6 +14,7 @@ from jobworker.errors import InvalidArgument, PermissionDenied, ResourceExhauste
 from jobworker.model import BatchState
 from jobworker.server import convert
 from jobworker.server.auth import current_caller, set_correlation_id
+from jobworker.store.batches import BatchView
 from jobworker.store.inotify import Inotify
 from jobworker.store.logs import Cursor, Follower
 from jobworker.v1 import jobworker_pb2 as pb
@@ -20,6 +22,8 @@ from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
 from jobworker.validate import BatchBuilder, BatchLimits
 
 MAX_GRACE = 86_400  # a day: longer, and a CancelBatch call would wait that long
+# A GetBatch answer about more jobs than this is built on a worker thread (GetBatch).
+BUILD_INLINE_JOBS = 500
 
 
 class Settings:
@@ -91,7 +95,12 @@ class JobWorkerService(pb_grpc.JobWorkerServiceServicer):
             if request.HasField("log_tail_bytes")
             else self.settings().jobs.log_tail_bytes
         )
-        return pb.GetBatchResponse(batch=convert.batch_to_pb(batch, indexes, tail))
+        if len(indexes) <= BUILD_INLINE_JOBS:
+            return pb.GetBatchResponse(batch=convert.batch_to_pb(batch, indexes, tail))
+        # Thousands of jobs: their log tails and messages would hold the event loop, and
+        # every job's start and end with it, for a large part of a second. Built on a
+        # worker thread from the batch as it stands now (the loop takes turns meanwhile).
+        return await asyncio.to_thread(_get_batch_response, batch.view(), indexes, tail)
 
     async def CancelBatch(
         self, request: pb.CancelBatchRequest, context: aio.ServicerContext[Any, Any]
@@ -152,3 +161,9 @@ class JobWorkerService(pb_grpc.JobWorkerServiceServicer):
         finally:
             self.streams -= 1
             self.on_stream(-1)
+
+
+def _get_batch_response(
+    view: BatchView, indexes: Sequence[int], tail: int | None
+) -> pb.GetBatchResponse:
+    return pb.GetBatchResponse(batch=convert.batch_to_pb(view, indexes, tail))

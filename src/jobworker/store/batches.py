@@ -101,6 +101,21 @@ class BatchRecord:
             self._job_dirs = [jobs / str(i) for i in range(len(self.specs))]
         return self._job_dirs[index]
 
+    def view(self) -> BatchView:
+        """The batch as it stands now, to read on another thread (event loop only)."""
+        return BatchView(
+            cid=self.cid,
+            owner=self.owner,
+            create_time=self.create_time,
+            options=self.options,
+            specs=self.specs,
+            path=self.path,
+            statuses=tuple(self.statuses),
+            stdin_sizes=tuple(self.stdin_sizes),
+            state=self.state,
+            end_time=self.end_time,
+        )
+
     def select(self, names: Iterable[str]) -> list[int]:
         """Job indexes for `names` (every job when empty); NotFound names the unknown one."""
         wanted = list(names)
@@ -126,6 +141,27 @@ class BatchRecord:
             self._job_dirs = []  # an ended batch is rarely read: keep its memory small
         else:
             self.end_time = None
+
+
+@dataclass(frozen=True, eq=False)
+class BatchView:
+    """A batch as it stood at one moment (BatchRecord.view): immutable, so any thread may
+    read it while the event loop changes the batch (GetBatch builds big answers so)."""
+
+    cid: str
+    owner: str
+    create_time: float
+    options: BatchOptions
+    specs: tuple[JobSpec, ...]
+    path: Path
+    statuses: tuple[JobStatus, ...]
+    stdin_sizes: tuple[int, ...]
+    state: BatchState
+    end_time: float | None
+
+    def job_dir(self, index: int) -> Path:
+        """The folder of job `index`: its stdout and stderr live there."""
+        return self.path / "jobs" / str(index)
 
 
 # --- encoding -------------------------------------------------------------------------
