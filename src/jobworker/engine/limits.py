@@ -757,13 +757,19 @@ class CgroupBackend:
                 removed += 1
         return removed
 
-    def close(self) -> None:
-        """At shutdown: remove the pooled groups, then this server's parent groups if no job
-        group is left in them. Sleeps while a group is busy (run it in a thread)."""
+    def drop_pool(self) -> None:
+        """Forget the free pooled groups: closed, and removed where they are still there
+        (empty groups: never busy). For when a pooled group was found gone (removed from
+        outside the server): the others may be gone too, and new ones are made instead."""
         for slot in self._pool.drain():
             slot.close()
             if JobCgroup(slot.name, slot.groups).remove_blocking(timeout=1.0):
                 self._live.discard(slot.name)
+
+    def close(self) -> None:
+        """At shutdown: remove the pooled groups, then this server's parent groups if no job
+        group is left in them. Sleeps while a group is busy (run it in a thread)."""
+        self.drop_pool()
         # A slot never given back (a bug) must not keep the parents: removed when empty.
         for name in sorted(n for n in self._live if n.startswith("pool-")):
             group = self.open(name)

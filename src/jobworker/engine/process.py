@@ -124,6 +124,10 @@ class SpawnError(Exception):
         self.message = message
 
 
+class _JoinFailed(SpawnError):
+    """The forking thread could not move into the job's groups: nothing was started."""
+
+
 def join_shell() -> tuple[str, bool]:
     """The shell for the join step, and whether it may see the job's environment (module doc).
 
@@ -554,19 +558,28 @@ class Supervisor:
         Always closes the stdio fds; on failure also removes the cgroup (no child is left).
         """
         try:
-            try:
-                cgroup = self.backend.create(key, limits)
-            except OSError as exc:
-                raise SpawnError(f"cannot create cgroup {key}: {_why(exc)}") from exc
-            try:
-                popen, ticks, gate = self._popen_joining(spec, cgroup, prepared)
-            except BaseException:
-                if cgroup.by_thread:  # a child was born in it and failed to exec (reaped):
-                    cgroup.remove_blocking(timeout=1.0)  # v1 may say busy for a moment
-                else:
-                    cgroup.remove()  # nothing ever joined it: never busy
-                raise
-            return popen, cgroup, ticks, gate
+            for retry in (False, True):
+                try:
+                    cgroup = self.backend.create(key, limits)
+                except OSError as exc:
+                    raise SpawnError(f"cannot create cgroup {key}: {_why(exc)}") from exc
+                pooled = cgroup.slot is not None
+                try:
+                    popen, ticks, gate = self._popen_joining(spec, cgroup, prepared)
+                except BaseException as exc:
+                    if cgroup.by_thread:  # a child was born in it and failed to exec (reaped):
+                        cgroup.remove_blocking(timeout=1.0)  # v1 may say busy for a moment
+                    else:
+                        cgroup.remove()  # nothing ever joined it: never busy
+                    if pooled and not retry and isinstance(exc, _JoinFailed):
+                        # The pooled groups went away (removed from outside the server)
+                        # while they waited: nothing was started. Again, in new groups.
+                        _log.warning("cgroup_pool_group_gone", name=cgroup.name, error=str(exc))
+                        self.backend.drop_pool()
+                        continue
+                    raise
+                return popen, cgroup, ticks, gate
+            raise AssertionError("unreachable: the second attempt returns or raises")
         finally:
             for fd in prepared.stdio:
                 if fd != _DEVNULL.fd:  # shared by every job without stdin, never closed
@@ -589,7 +602,7 @@ class Supervisor:
                     with cgroup.thread_joined():  # the child is born in the job's groups
                         return *_popen(argv, executable, cwd, env, stdio), -1
                 except OSError as exc:  # the thread could not join: nothing was started
-                    raise SpawnError(f"cannot join cgroup {cgroup.key}: {_why(exc)}") from exc
+                    raise _JoinFailed(f"cannot join cgroup {cgroup.key}: {_why(exc)}") from exc
             return *_popen(argv, executable, cwd, env, stdio), -1
         shell_env = env
         if not self.shell_sees_env:  # no dash here: env(1) hands the job's over (module doc)

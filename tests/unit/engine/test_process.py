@@ -916,3 +916,28 @@ async def test_without_dash_an_env_name_env1_would_misread_is_refused(
     with pytest.raises(SpawnError, match="invalid argv or environment"):
         await safe.spawn(_spec("true", env={"": "x"}), JOIN_SHELL, tmp_path, key)
     assert backend.open(key) is None
+
+
+async def test_a_pooled_group_removed_from_outside_is_replaced(
+    backend: CgroupBackend, sup: Supervisor, tmp_path: Path
+) -> None:
+    """Someone removes the idle pooled groups (an operator cleaning up by hand): the next
+    job still runs, in groups made afresh, and reports its usage from them."""
+    _needs_cgroup(backend)
+    if not backend.pooling or backend.name != "cgroup-v1":
+        pytest.skip("groups are pooled for jobs forked in place: cgroup v1 hosts only")
+    first, info = await _run(sup, _spec("true"), tmp_path / "a")
+    assert info.exit_code == 0
+    await first.released()  # its groups are back in the pool, empty
+    removed = 0
+    for hierarchy in backend.hierarchies:
+        for group in hierarchy.parent.glob("pool-*"):
+            with contextlib.suppress(OSError):  # busy: a group in use elsewhere
+                group.rmdir()
+                removed += 1
+    assert removed
+    script = "i=0; while [ $i -lt 100000 ]; do i=$((i+1)); done"
+    second, info = await _run(sup, _spec("sh", "-c", script), tmp_path / "b")
+    assert info.exit_code == 0, info
+    assert second.cgroup.name != first.cgroup.name  # new groups, not the removed ones
+    assert info.usage.user_cpu + info.usage.system_cpu > 0.01
