@@ -72,12 +72,6 @@ def setup(level: str = "info", fmt: str = "json") -> None:
     _setup_stdlib(renderer, fmt, sink)
 
 
-def enabled(level: str) -> bool:
-    """True when a line at `level` would be written now (the level can change live)."""
-    current: int = _state["level"]
-    return _LEVELS[level] >= current
-
-
 def line(level: str, event: str, fields: dict[str, Any]) -> None:
     """Log `event` with `fields` (taken over: it becomes the line) through the processors
     setup() configured, as a structlog logger would, but without one: the line every job
@@ -101,7 +95,7 @@ def line(level: str, event: str, fields: dict[str, Any]) -> None:
 
 
 def flush() -> None:
-    """Write the log lines held for the event loop's turn now (at shutdown, say)."""
+    """Write the log lines held back (_Sink) now: an RPC's audit line, server_ready, the end."""
     sink: _Sink | None = _state.get("sink")
     if sink is not None:
         sink.flush()
@@ -192,7 +186,7 @@ def _setup_stdlib(renderer: Any, fmt: str, sink: _Sink) -> None:
         foreign_pre_chain=[
             structlog.stdlib.add_logger_name,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _timestamp,
             structlog.processors.format_exc_info if fmt == "json" else _noop,
         ],
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
@@ -236,6 +230,7 @@ _ENCODER = json.JSONEncoder(default=_json_default)
 
 
 def _to_json(event_dict: EventDict, **_dumps_kw: Any) -> str:
+    """JSONRenderer's serializer (its `default` is _ENCODER's own)."""
     return _ENCODER.encode(event_dict)
 
 
