@@ -300,7 +300,11 @@ class JobCgroup:
         # "0" is the writing thread itself. For it the kernel skips the global lock that
         # a write of a tid takes, which every fork and exit on the host also takes (read).
         me = b"0"
-        homes = _HOMES.get(self.slot.hierarchies if self.slot else [h for h, _ in self.groups])
+        slot = self.slot
+        if slot is not None:
+            homes = _HOMES.get(slot.hierarchies, slot.homes_key)
+        else:
+            homes = _HOMES.get([h for h, _ in self.groups])
         joined = 0
         try:
             if self.slot is not None:  # its tasks files are open already
@@ -387,6 +391,7 @@ class _Slot:
         self.name = name
         self.groups = groups
         self.hierarchies = [h for h, _ in groups]
+        self.homes_key = _homes_key(self.hierarchies)
         self.procs_files = tuple(path / "cgroup.procs" for _, path in groups)
         self.dirs = {h.kind: str(path) for h, path in groups}
         self.tasks: list[int] = []
@@ -824,12 +829,19 @@ class _Homes:
         self._own: dict[str, str] = {}
         self._read_at = float("-inf")
         self._fds: dict[Path, tuple[str, int]] = {}  # mount -> (the group, an fd of its tasks)
-        # The last answer per list of hierarchies, good until the next read of /proc.
-        self._answers: dict[tuple[Hierarchy, ...], list[int]] = {}
+        # The last answer per list of hierarchies (_homes_key), good until the next read of
+        # /proc.
+        self._answers: dict[tuple[tuple[frozenset[str], Path], ...], list[int]] = {}
 
-    def get(self, hierarchies: list[Hierarchy]) -> list[int]:
-        """An fd per hierarchy; OSError when one cannot be opened (nothing joined yet)."""
-        key = tuple(hierarchies)
+    def get(
+        self,
+        hierarchies: list[Hierarchy],
+        key: tuple[tuple[frozenset[str], Path], ...] | None = None,
+    ) -> list[int]:
+        """An fd per hierarchy; OSError when one cannot be opened (nothing joined yet).
+        `key`: _homes_key(hierarchies), when the caller keeps it."""
+        if key is None:
+            key = _homes_key(hierarchies)
         with self._lock:
             now = time.monotonic()
             if now - self._read_at >= self.REFRESH:
@@ -857,6 +869,13 @@ class _Homes:
 
 
 _HOMES = _Homes()
+
+
+def _homes_key(hierarchies: list[Hierarchy]) -> tuple[tuple[frozenset[str], Path], ...]:
+    """What a thread's way home in each of `hierarchies` depends on: the controllers there
+    and the mount. (Not the Hierarchy values: hashing those dataclasses costs ~2 us each,
+    and this is looked up at every job's fork.)"""
+    return tuple((h.names, _mount(h)) for h in hierarchies)
 
 
 def _open_home(mount: Path, group: str) -> int:

@@ -96,7 +96,10 @@ class BatchRecord:
 
     def job_dir(self, index: int) -> Path:
         """The folder of job `index`: its stdout and stderr live there."""
-        if not self._job_dirs:  # made once: it is asked for several times a job
+        if not self._job_dirs:
+            if self.end_time is not None:  # ended: rarely read, not worth a list
+                return self.path / "jobs" / str(index)
+            # Made once while the batch runs: it is asked for several times a job.
             jobs = self.path / "jobs"
             self._job_dirs = [jobs / str(i) for i in range(len(self.specs))]
         return self._job_dirs[index]

@@ -239,3 +239,23 @@ def test_journal_lines_are_the_json_they_say(
     assert line.endswith(b"\n") and line.count(b"\n") == 1
     json.loads(line)  # valid JSON on its own
     assert _event_from_line(line) == event
+
+
+def test_job_folders_and_a_snapshot_stay_right_after_the_end(tmp_path: Path) -> None:
+    """job_dir names the contract's jobs/<index> folder while the batch runs and after it
+    ended (then without keeping a list of every job's path: ended batches are many); a
+    view() taken before the end does not change with the batch."""
+    store = BatchStore(tmp_path)
+    batch = store.create("alice", BatchOptions(), SPECS)
+    assert batch.job_dir(1) == batch.path / "jobs" / "1"
+    before = batch.view()
+    _run_all(store, batch)
+    assert batch.end_time is not None
+    assert [batch.job_dir(i) for i in range(2)] == [batch.path / "jobs" / str(i) for i in range(2)]
+    assert batch._job_dirs == []
+    assert [s.state for s in before.statuses] == [JobState.QUEUED] * 2
+    assert before.end_time is None and before.job_dir(0) == batch.job_dir(0)
+    after = batch.view()
+    assert [s.state for s in after.statuses] == [JobState.SUCCEEDED] * 2
+    assert after.state == batch.state and after.end_time == batch.end_time
+    store.close()
