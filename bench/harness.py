@@ -96,6 +96,7 @@ class ServerProcess:
     ready_at: float = 0.0  # when the server_ready line was read
     lines: list[dict[str, Any]] = field(default_factory=list)
     raw_tail: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # added to the server's environment
     _ready: threading.Event = field(default_factory=threading.Event)
     _reader: threading.Thread | None = None
 
@@ -115,6 +116,7 @@ class ServerProcess:
     def launch(self) -> None:
         """Start the process without waiting (wait_ready() or the event then)."""
         env = dict(os.environ, PYTHONUNBUFFERED="1", GRPC_ENABLE_FORK_SUPPORT="false")
+        env.update(self.env)
         self._ready.clear()
         self.lines.clear()
         self.started_at = time.monotonic()
