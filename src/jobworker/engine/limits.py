@@ -166,6 +166,9 @@ class JobCgroup:
     name: str = field(init=False)  # the groups' directory name: the key, or the slot's
 
     _empty: bool = field(init=False, repr=False, default=False)  # populated() said no
+    # CPU time (ns) the forking thread spent in the groups (thread_joined): the server's,
+    # not the job's, though the group's cpuacct counts it too. cpu_seconds takes it off.
+    _forker_ns: int = field(init=False, repr=False, default=0)
 
     def __post_init__(self) -> None:
         if self.slot is not None:  # worked out once for the slot, not per job
@@ -284,6 +287,10 @@ class JobCgroup:
                 user, system = user + int(u), system + int(s)
         except ValueError:
             return None
+        total = user + system
+        if self._forker_ns and total:  # the forking thread's share: off both, in proportion
+            keep = max(0, total - self._forker_ns) / total
+            user, system = round(user * keep), round(system * keep)
         return user / 1e9, system / 1e9
 
     @contextlib.contextmanager
@@ -295,7 +302,8 @@ class JobCgroup:
         needed. Only for by_thread groups (CgroupBackend.create says why). Afterwards the
         thread goes back to the server's own group in each hierarchy (_HOMES), or to the
         hierarchy's root if that fails. OSError when the thread cannot join (it is back
-        home then).
+        home then). The thread's CPU time in the block is kept (_forker_ns): the group's
+        cpuacct counts it, and cpu_seconds() takes it off the job's figure.
         """
         # "0" is the writing thread itself. For it the kernel skips the global lock that
         # a write of a tid takes, which every fork and exit on the host also takes (read).
@@ -315,7 +323,11 @@ class JobCgroup:
                 for path in self._dirs.values():
                     _write(path + "/tasks", me)
                     joined += 1
-            yield
+            started = time.thread_time_ns()
+            try:
+                yield
+            finally:
+                self._forker_ns += time.thread_time_ns() - started
         finally:
             for (hierarchy, _), home in zip(self.groups[:joined], homes, strict=False):
                 try:

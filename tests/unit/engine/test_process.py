@@ -16,9 +16,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from jobworker.engine import process as process_module
 from jobworker.engine.limits import CgroupBackend, Hierarchy, JobCgroup
 from jobworker.engine.process import (
     ExitInfo,
@@ -941,3 +943,27 @@ async def test_a_pooled_group_removed_from_outside_is_replaced(
     assert info.exit_code == 0, info
     assert second.cgroup.name != first.cgroup.name  # new groups, not the removed ones
     assert info.usage.user_cpu + info.usage.system_cpu > 0.01
+
+
+async def test_the_forking_threads_own_cpu_is_not_the_jobs(
+    backend: CgroupBackend, sup: Supervisor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job forked in place is born in its groups because the forking thread sits in them
+    for the fork; that thread's CPU time there (Popen's own work) is the server's, and
+    is not reported as the job's."""
+    _needs_cgroup(backend)
+    if backend.name != "cgroup-v1":
+        pytest.skip("jobs are forked in place on cgroup v1 hosts only")
+    real = process_module._popen
+
+    def slow_popen(*args: Any, **kwargs: Any) -> Any:
+        burn_until = time.thread_time() + 0.1  # the thread's CPU, inside the job's groups
+        while time.thread_time() < burn_until:
+            pass
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(process_module, "_popen", slow_popen)
+    process, info = await _run(sup, _spec("true"), tmp_path / "j")
+    assert process.cgroup.by_thread or process.cgroup.name.startswith("pool-")
+    assert info.exit_code == 0
+    assert info.usage.user_cpu + info.usage.system_cpu < 0.05  # `true`: ~1 ms; not the 0.1 s
