@@ -315,8 +315,8 @@ class JobCgroup:
             homes = _HOMES.get([h for h, _ in self.groups])
         joined = 0
         try:
-            if self.slot is not None:  # its tasks files are open already
-                for fd in self.slot.tasks:
+            if slot is not None:  # its tasks files are open already
+                for fd in slot.tasks:
                     os.write(fd, me)
                     joined += 1
             else:
