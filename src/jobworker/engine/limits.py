@@ -874,7 +874,7 @@ class _Homes:
             held = self._fds.get(mount)
             if held is None or held[0] != group:
                 # A replaced fd stays open: another thread may be on its way home with
-                # it, and a reused fd number would take its tid somewhere else.
+                # it, and a reused fd number would take the thread somewhere else.
                 held = self._fds[mount] = (group, _open_home(mount, group))
             fds.append(held[1])
         return fds

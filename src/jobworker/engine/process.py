@@ -5,8 +5,8 @@ without preexec_fn/user/group, so CPython uses vfork+exec and gRPC's at-fork han
 run. The job must be in its cgroups before it runs a line of its own code. Two ways:
 
 Forked in place (cgroup v1, the usual case there): the thread that forks moves itself, and
-only itself, into the job's v1 groups (writes "0", itself, to each `tasks` file), forks, and moves
-back (JobCgroup.thread_joined). A child is born in its parent thread's groups, so the job
+only itself, into the job's v1 groups (writes "0", itself, to each `tasks` file), forks,
+and moves back (JobCgroup.thread_joined). A child is born in its parent thread's groups, so the job
 never runs outside them, and there is no extra exec. Not for cgroup v2 (it moves whole
 processes), nor for a job with a cpu, memory or pids limit: the forking thread would be
 throttled by the quota, counted against pids.max, or (on kernels whose memory-cgroup OOM
@@ -126,6 +126,10 @@ class SpawnError(Exception):
 
 class _JoinFailed(SpawnError):
     """The forking thread could not move into the job's groups: nothing was started."""
+
+
+class _PooledGroupGone(_JoinFailed):
+    """_JoinFailed, in a pooled set of groups (Supervisor._launch tries new ones)."""
 
 
 def join_shell() -> tuple[str, bool]:
@@ -553,37 +557,45 @@ class Supervisor:
         return _Prepared(cwd, env, resolved, job_dir, stdio, tuple(drop))
 
     def _launch(self, spec: JobSpec, limits: Limits, key: str, prepared: _Prepared) -> _Launched:
-        """Make the cgroup, Popen; the child, its cgroup and the gate fd (or -1).
+        """Make the cgroup and Popen: the child, its cgroup, its start ticks, the gate fd
+        (-1: none).
 
         Always closes the stdio fds; on failure also removes the cgroup (no child is left).
         """
         try:
-            for retry in (False, True):
-                try:
-                    cgroup = self.backend.create(key, limits)
-                except OSError as exc:
-                    raise SpawnError(f"cannot create cgroup {key}: {_why(exc)}") from exc
-                pooled = cgroup.slot is not None
-                try:
-                    popen, ticks, gate = self._popen_joining(spec, cgroup, prepared)
-                except BaseException as exc:
-                    if cgroup.by_thread:  # a child was born in it and failed to exec (reaped):
-                        cgroup.remove_blocking(timeout=1.0)  # v1 may say busy for a moment
-                    else:
-                        cgroup.remove()  # nothing ever joined it: never busy
-                    if pooled and not retry and isinstance(exc, _JoinFailed):
-                        # The pooled groups went away (removed from outside the server)
-                        # while they waited: nothing was started. Again, in new groups.
-                        _log.warning("cgroup_pool_group_gone", name=cgroup.name, error=str(exc))
-                        self.backend.drop_pool()
-                        continue
-                    raise
-                return popen, cgroup, ticks, gate
-            raise AssertionError("unreachable: the second attempt returns or raises")
+            try:
+                return self._launch_once(spec, limits, key, prepared)
+            except _PooledGroupGone as exc:
+                # Removed from outside the server while it waited in the pool; nothing was
+                # started. The other free ones may be gone too: again, in new groups.
+                _log.warning("cgroup_pool_group_gone", error=exc.message)
+                self.backend.drop_pool()
+                return self._launch_once(spec, limits, key, prepared)
         finally:
             for fd in prepared.stdio:
                 if fd != _DEVNULL.fd:  # shared by every job without stdin, never closed
                     os.close(fd)
+
+    def _launch_once(
+        self, spec: JobSpec, limits: Limits, key: str, prepared: _Prepared
+    ) -> _Launched:
+        """_launch's one attempt: _PooledGroupGone when a pooled group could not be joined."""
+        try:
+            cgroup = self.backend.create(key, limits)
+        except OSError as exc:
+            raise SpawnError(f"cannot create cgroup {key}: {_why(exc)}") from exc
+        pooled = cgroup.slot is not None
+        try:
+            popen, ticks, gate = self._popen_joining(spec, cgroup, prepared)
+        except BaseException as exc:
+            if cgroup.by_thread:  # a child was born in it and failed to exec (reaped):
+                cgroup.remove_blocking(timeout=1.0)  # v1 may say busy for a moment
+            else:
+                cgroup.remove()  # nothing ever joined it: never busy
+            if pooled and isinstance(exc, _JoinFailed):
+                raise _PooledGroupGone(f"{exc.message} (pooled groups {cgroup.name})") from exc
+            raise
+        return popen, cgroup, ticks, gate
 
     def _popen_joining(
         self, spec: JobSpec, cgroup: JobCgroup, prepared: _Prepared

@@ -513,7 +513,7 @@ def serve(config_path: Path | None) -> None:
         except BaseException as exc:  # noqa: BLE001 - raised again on the main thread
             failure.append(exc)
         finally:
-            jwlogging.flush()  # lines held for a loop turn that will not come
+            jwlogging.flush()  # lines held back: the loop that would write them is ending
 
     def deliver(sig: int, _frame: object) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is closed: the server has ended

@@ -192,7 +192,7 @@ class AuthInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
             peer=context.peer(),
             **({"error": message} if message else {}),
         )
-        # Written now, with whatever this loop turn holds (jobworker.logging._Sink): an
+        # Written now, with whatever the log sink holds (jobworker.logging._Sink): an
         # RPC's audit line is out before its answer is.
         jwlogging.flush()
         for observe in self.observers:
