@@ -84,6 +84,10 @@ def _to_path(value: Any, info: ValidationInfo) -> Path:
     return Path(os.path.normpath(Path(base) / value.expanduser()))
 
 
+def _to_optional_path(value: Any, info: ValidationInfo) -> Path | None:
+    return None if value in ("", None) else _to_path(value, info)
+
+
 def _check_listen(value: str) -> str:
     host, sep, port = value.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
@@ -128,6 +132,7 @@ def _check_absolute(value: str) -> str:
 Duration = Annotated[float, BeforeValidator(_to_seconds)]
 Size = Annotated[int, BeforeValidator(_to_bytes)]
 ConfigPath = Annotated[Path, BeforeValidator(_to_path)]
+OptionalPath = Annotated[Path | None, BeforeValidator(_to_optional_path)]
 Listen = Annotated[str, AfterValidator(_check_listen)]
 
 
@@ -181,6 +186,9 @@ class ServerConfig(_Section):
     shutdown_grace: Duration = _duration("10s")
     keepalive_interval: Duration = _duration("30s", at_least="1s")
     max_streams: int = _int(1000, 1, 1_000_000)
+    max_streams_per_identity: int = _int(0, 0, 1_000_000)  # 0: only max_streams
+    max_uploads_per_identity: int = _int(4, 1, 10_000)
+    upload_timeout: Duration = _duration("5m", positive=True)
     cgroup_root: Annotated[str, AfterValidator(_check_cgroup_name)] = _setting(
         "jobworker", 'a folder name (no "/"), such as "jobworker"'
     )
@@ -192,6 +200,7 @@ class TlsConfig(_Section):
     ca_cert: ConfigPath = _setting(Path("var/certs/ca.pem"), "a non-empty path")
     server_cert: ConfigPath = _setting(Path("var/certs/server.pem"), "a non-empty path")
     server_key: ConfigPath = _setting(Path("var/certs/server-key.pem"), "a non-empty path")
+    crl: OptionalPath = _setting(None, '"" (none) or a path')
 
 
 class MetricsConfig(_Section):
@@ -216,7 +225,7 @@ class DefaultLimits(_Section):
 
     cpu_millis: int = _int(0, 0, 1_000_000_000)
     memory_bytes: Size = _size(0, 0)
-    pids_max: int = _int(0, 0, 1_000_000_000)
+    pids_max: int = _int(4096, 0, 1_000_000_000)
     io_read_bytes_per_second: Size = _size(0, 0)
     io_write_bytes_per_second: Size = _size(0, 0)
 
@@ -244,6 +253,11 @@ class JobsConfig(_Section):
     max_argv_bytes: Size = _size("128KiB", 1, _MAX_MESSAGE_BYTES)
     max_batch_bytes: Size = _size("64MiB", 1)
     max_queued_jobs: int = _int(100_000, 1, 100_000_000)
+    max_queued_jobs_per_identity: int = _int(0, 0, 100_000_000)  # 0: only max_queued_jobs
+    max_running_per_identity: int = _int(0, 0, 10_000)  # 0: only max_concurrent
+    fair_share: bool = _setting(True, "true or false")
+    max_log_bytes: Size = _size("1GiB", 0)
+    max_args: int = _int(10_000, 1, 1_000_000)
     working_dir: Annotated[str, AfterValidator(_check_absolute)] = _setting(
         "/", 'an absolute path, such as "/" or "/tmp"'
     )
@@ -340,7 +354,18 @@ def parse_config(text: str, base_dir: Path, source: Path | None = None) -> Confi
 
 # ---------------------------------------------------------------------------- reloading
 
-RELOADABLE: frozenset[str] = frozenset({"logging.level", "jobs", "auth", "retention", "tls"})
+RELOADABLE: frozenset[str] = frozenset(
+    {
+        "logging.level",
+        "jobs",
+        "auth",
+        "retention",
+        "tls",
+        "server.max_streams_per_identity",
+        "server.max_uploads_per_identity",
+        "server.upload_timeout",
+    }
+)
 """Dotted keys and sections that take effect without a restart (a key is reloadable when it
 or a section holding it is listed). TLS files are re-read on reload, so their paths are too."""
 
@@ -531,12 +556,16 @@ data_dir = "../var/data"         # everything the server stores; relative to thi
 shutdown_grace = "10s"
 keepalive_interval = "30s"       # ping idle clients this often: a vanished follower is noticed
 max_streams = 1000               # StreamBatchLogs calls open at once, all clients together
+max_streams_per_identity = 0     # reloadable: streams of one identity; 0 = only max_streams
+max_uploads_per_identity = 4     # reloadable: ScheduleBatch calls of one identity in flight
+upload_timeout = "5m"            # reloadable: a ScheduleBatch stream must end within this
 cgroup_root = "jobworker"        # jobs' cgroups go under <hierarchy>/<this>/; one per server
 
 [tls]                            # PEM files, relative to the config file's folder; reloadable
 ca_cert = "../var/certs/ca.pem"  # client certificates must chain to this CA
 server_cert = "../var/certs/server.pem"
 server_key = "../var/certs/server-key.pem"
+crl = ""                         # PEM revocation list signed by the CA ("" = none); see certs revoke
 
 [metrics]
 listen = "127.0.0.1:9464"        # Prometheus text format at /metrics; "" turns it off
@@ -555,14 +584,20 @@ max_stdin_bytes = "1MiB"         # reloadable: stdin of one job; at most "3MiB" 
 max_argv_bytes = "128KiB"        # reloadable: argv and env of one job together
 max_batch_bytes = "64MiB"        # reloadable: argv, env and stdin of all of a batch's jobs
 max_queued_jobs = 100000         # reloadable: jobs waiting, all batches together; past it, no more
+max_queued_jobs_per_identity = 0 # reloadable: jobs one identity may have waiting; 0 = only the above
+max_running_per_identity = 0     # reloadable: jobs of one identity running at once; 0 = max_concurrent
+fair_share = true                # reloadable: free slots go round-robin between identities
+max_log_bytes = "1GiB"           # reloadable: per job and stream; past it the job is stopped; 0 = none
+max_args = 10000                 # reloadable: argv items and env entries of one job together
 working_dir = "/"                # reloadable: working directory of a job that names none; absolute
 min_free_disk = "64MiB"          # reloadable: ScheduleBatch fails below this free in data_dir
-run_as = ""                      # reloadable: Unix user jobs run as; "" = the server's own user
+run_as = ""                      # reloadable: Unix user jobs run as; "": "nobody" when the server
+                                 # runs as root, else the server's own user. Root only if "root".
 
 [jobs.default_limits]            # reloadable; 0 means no limit
 cpu_millis = 0
 memory_bytes = 0
-pids_max = 0
+pids_max = 4096                  # no job can fork-bomb the host
 io_read_bytes_per_second = 0     # a size per second, such as "10MiB"
 io_write_bytes_per_second = 0
 

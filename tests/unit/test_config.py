@@ -22,17 +22,20 @@ from jobworker.model import Limits
 
 REPO = Path(__file__).resolve().parents[2]
 
-# Section 3 of the contract, verbatim: the built-in defaults must be exactly these.
+# Section 3 of the contract, verbatim but for what section 6.2 adds and changes
+# (pids_max): the built-in defaults must be exactly these.
 CONTRACT_TOML = """\
 [server]
 listen = "127.0.0.1:50051"       # host:port; port 0 picks a free port (logged)
 data_dir = "var/data"            # everything the server stores, relative to the config file's folder
 shutdown_grace = "10s"
+max_streams_per_identity = 0     # reloadable: 0 = only the global max_streams
 
 [tls]                            # PEM files, relative to the config file's folder
 ca_cert = "var/certs/ca.pem"     # client certificates must chain to this CA
 server_cert = "var/certs/server.pem"
 server_key = "var/certs/server-key.pem"
+crl = ""                         # reloadable: PEM certificate revocation list signed by the CA; "" = none
 
 [metrics]
 listen = "127.0.0.1:9464"        # Prometheus text format at /metrics; "" turns it off
@@ -47,11 +50,16 @@ default_timeout = "1h"           # reloadable
 kill_grace = "5s"                # reloadable: between SIGTERM and SIGKILL
 max_jobs_per_batch = 10000       # reloadable
 log_tail_bytes = "64KiB"         # reloadable: GetBatch's default tail per stream
+run_as = ""                      # reloadable. "": when the server runs as root, jobs run as "nobody";
+max_log_bytes = "1GiB"           # reloadable: per job and stream; past it the job is stopped, FAILED,
+fair_share = true                # reloadable: free slots go round-robin between identities with
+max_queued_jobs_per_identity = 0 # reloadable: 0 = only the global max_queued_jobs
+max_running_per_identity = 0     # reloadable: 0 = only max_concurrent
 
 [jobs.default_limits]            # reloadable; 0 means no limit
 cpu_millis = 0
 memory_bytes = 0
-pids_max = 0
+pids_max = 4096                  # reloadable: a default, so that no job can fork-bomb the host
 
 [auth]                           # reloadable
 default_role = "user"            # role of any identity not listed below: "user" or "none"
@@ -83,7 +91,10 @@ def test_builtin_defaults_are_the_contracts(
     jobs = config.jobs
     assert (jobs.max_concurrent, jobs.default_timeout, jobs.kill_grace) == (8, 3600.0, 5.0)
     assert (jobs.max_jobs_per_batch, jobs.log_tail_bytes) == (10_000, 65_536)
-    assert jobs.default_limits.to_limits() == Limits()
+    assert jobs.default_limits.to_limits() == Limits(pids_max=4096)
+    assert (jobs.run_as, jobs.max_log_bytes, jobs.fair_share) == ("", 1 << 30, True)
+    assert (jobs.max_queued_jobs_per_identity, jobs.max_running_per_identity) == (0, 0)
+    assert (config.server.max_streams_per_identity, config.tls.crl) == (0, None)
     assert (jobs.max_stdin_bytes, jobs.max_argv_bytes) == (1 << 20, 128 << 10)
     assert (jobs.max_queued_jobs, jobs.working_dir, jobs.min_free_disk) == (100_000, "/", 64 << 20)
     assert (config.auth.default_role, config.auth.roles) == ("user", {})

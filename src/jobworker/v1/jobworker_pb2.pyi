@@ -63,7 +63,7 @@ class ScheduleBatchRequest(_message.Message):
     def __init__(self, options: _Optional[_Union[BatchOptions, _Mapping]] = ..., job: _Optional[_Union[JobSpec, _Mapping]] = ...) -> None: ...
 
 class BatchOptions(_message.Message):
-    __slots__ = ("labels", "max_parallel", "fail_fast", "idempotency_key")
+    __slots__ = ("labels", "max_parallel", "fail_fast", "idempotency_key", "executor")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -75,14 +75,16 @@ class BatchOptions(_message.Message):
     MAX_PARALLEL_FIELD_NUMBER: _ClassVar[int]
     FAIL_FAST_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    EXECUTOR_FIELD_NUMBER: _ClassVar[int]
     labels: _containers.ScalarMap[str, str]
     max_parallel: int
     fail_fast: bool
     idempotency_key: str
-    def __init__(self, labels: _Optional[_Mapping[str, str]] = ..., max_parallel: _Optional[int] = ..., fail_fast: _Optional[bool] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+    executor: str
+    def __init__(self, labels: _Optional[_Mapping[str, str]] = ..., max_parallel: _Optional[int] = ..., fail_fast: _Optional[bool] = ..., idempotency_key: _Optional[str] = ..., executor: _Optional[str] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("name", "argv", "env", "working_dir", "stdin", "timeout", "limits", "depends_on")
+    __slots__ = ("name", "argv", "env", "working_dir", "stdin", "timeout", "limits", "depends_on", "retry")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +100,7 @@ class JobSpec(_message.Message):
     TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     DEPENDS_ON_FIELD_NUMBER: _ClassVar[int]
+    RETRY_FIELD_NUMBER: _ClassVar[int]
     name: str
     argv: _containers.RepeatedScalarFieldContainer[str]
     env: _containers.ScalarMap[str, str]
@@ -106,7 +109,20 @@ class JobSpec(_message.Message):
     timeout: _duration_pb2.Duration
     limits: ResourceLimits
     depends_on: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., working_dir: _Optional[str] = ..., stdin: _Optional[bytes] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., limits: _Optional[_Union[ResourceLimits, _Mapping]] = ..., depends_on: _Optional[_Iterable[str]] = ...) -> None: ...
+    retry: RetryPolicy
+    def __init__(self, name: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., working_dir: _Optional[str] = ..., stdin: _Optional[bytes] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., limits: _Optional[_Union[ResourceLimits, _Mapping]] = ..., depends_on: _Optional[_Iterable[str]] = ..., retry: _Optional[_Union[RetryPolicy, _Mapping]] = ...) -> None: ...
+
+class RetryPolicy(_message.Message):
+    __slots__ = ("max_attempts", "initial_backoff", "max_backoff", "retry_on")
+    MAX_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_BACKOFF_FIELD_NUMBER: _ClassVar[int]
+    MAX_BACKOFF_FIELD_NUMBER: _ClassVar[int]
+    RETRY_ON_FIELD_NUMBER: _ClassVar[int]
+    max_attempts: int
+    initial_backoff: _duration_pb2.Duration
+    max_backoff: _duration_pb2.Duration
+    retry_on: _containers.RepeatedScalarFieldContainer[JobState]
+    def __init__(self, max_attempts: _Optional[int] = ..., initial_backoff: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_backoff: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., retry_on: _Optional[_Iterable[_Union[JobState, str]]] = ...) -> None: ...
 
 class ResourceLimits(_message.Message):
     __slots__ = ("cpu_millis", "memory_bytes", "pids_max", "io_read_bytes_per_second", "io_write_bytes_per_second")
@@ -167,7 +183,7 @@ class Batch(_message.Message):
     def __init__(self, correlation_id: _Optional[str] = ..., owner: _Optional[str] = ..., state: _Optional[_Union[BatchState, str]] = ..., options: _Optional[_Union[BatchOptions, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("index", "spec", "state", "exit_code", "signal", "message", "start_time", "end_time", "usage", "stdout", "stderr")
+    __slots__ = ("index", "spec", "state", "exit_code", "signal", "message", "start_time", "end_time", "usage", "stdout", "stderr", "attempt", "node")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -179,6 +195,8 @@ class Job(_message.Message):
     USAGE_FIELD_NUMBER: _ClassVar[int]
     STDOUT_FIELD_NUMBER: _ClassVar[int]
     STDERR_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
     index: int
     spec: JobSpec
     state: JobState
@@ -190,7 +208,9 @@ class Job(_message.Message):
     usage: ResourceUsage
     stdout: LogTail
     stderr: LogTail
-    def __init__(self, index: _Optional[int] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., message: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., usage: _Optional[_Union[ResourceUsage, _Mapping]] = ..., stdout: _Optional[_Union[LogTail, _Mapping]] = ..., stderr: _Optional[_Union[LogTail, _Mapping]] = ...) -> None: ...
+    attempt: int
+    node: str
+    def __init__(self, index: _Optional[int] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., message: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., usage: _Optional[_Union[ResourceUsage, _Mapping]] = ..., stdout: _Optional[_Union[LogTail, _Mapping]] = ..., stderr: _Optional[_Union[LogTail, _Mapping]] = ..., attempt: _Optional[int] = ..., node: _Optional[str] = ...) -> None: ...
 
 class LogTail(_message.Message):
     __slots__ = ("data", "total_bytes", "truncated")
@@ -213,16 +233,18 @@ class ResourceUsage(_message.Message):
     def __init__(self, user_cpu: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., system_cpu: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_rss_bytes: _Optional[int] = ...) -> None: ...
 
 class StreamBatchLogsRequest(_message.Message):
-    __slots__ = ("correlation_id", "job_names", "cursor", "follow")
+    __slots__ = ("correlation_id", "job_names", "cursor", "follow", "tail_lines")
     CORRELATION_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_NAMES_FIELD_NUMBER: _ClassVar[int]
     CURSOR_FIELD_NUMBER: _ClassVar[int]
     FOLLOW_FIELD_NUMBER: _ClassVar[int]
+    TAIL_LINES_FIELD_NUMBER: _ClassVar[int]
     correlation_id: str
     job_names: _containers.RepeatedScalarFieldContainer[str]
     cursor: str
     follow: bool
-    def __init__(self, correlation_id: _Optional[str] = ..., job_names: _Optional[_Iterable[str]] = ..., cursor: _Optional[str] = ..., follow: _Optional[bool] = ...) -> None: ...
+    tail_lines: int
+    def __init__(self, correlation_id: _Optional[str] = ..., job_names: _Optional[_Iterable[str]] = ..., cursor: _Optional[str] = ..., follow: _Optional[bool] = ..., tail_lines: _Optional[int] = ...) -> None: ...
 
 class StreamBatchLogsResponse(_message.Message):
     __slots__ = ("chunk", "state_change", "cursor")
@@ -235,21 +257,23 @@ class StreamBatchLogsResponse(_message.Message):
     def __init__(self, chunk: _Optional[_Union[LogChunk, _Mapping]] = ..., state_change: _Optional[_Union[JobStateChange, _Mapping]] = ..., cursor: _Optional[str] = ...) -> None: ...
 
 class LogChunk(_message.Message):
-    __slots__ = ("job_index", "job_name", "stream", "data", "time")
+    __slots__ = ("job_index", "job_name", "stream", "data", "time", "attempt")
     JOB_INDEX_FIELD_NUMBER: _ClassVar[int]
     JOB_NAME_FIELD_NUMBER: _ClassVar[int]
     STREAM_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     job_index: int
     job_name: str
     stream: LogStream
     data: bytes
     time: _timestamp_pb2.Timestamp
-    def __init__(self, job_index: _Optional[int] = ..., job_name: _Optional[str] = ..., stream: _Optional[_Union[LogStream, str]] = ..., data: _Optional[bytes] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    attempt: int
+    def __init__(self, job_index: _Optional[int] = ..., job_name: _Optional[str] = ..., stream: _Optional[_Union[LogStream, str]] = ..., data: _Optional[bytes] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class JobStateChange(_message.Message):
-    __slots__ = ("job_index", "job_name", "state", "exit_code", "signal", "message", "time")
+    __slots__ = ("job_index", "job_name", "state", "exit_code", "signal", "message", "time", "attempt", "node")
     JOB_INDEX_FIELD_NUMBER: _ClassVar[int]
     JOB_NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -257,6 +281,8 @@ class JobStateChange(_message.Message):
     SIGNAL_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
     job_index: int
     job_name: str
     state: JobState
@@ -264,7 +290,9 @@ class JobStateChange(_message.Message):
     signal: int
     message: str
     time: _timestamp_pb2.Timestamp
-    def __init__(self, job_index: _Optional[int] = ..., job_name: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., message: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    attempt: int
+    node: str
+    def __init__(self, job_index: _Optional[int] = ..., job_name: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., message: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempt: _Optional[int] = ..., node: _Optional[str] = ...) -> None: ...
 
 class CancelBatchRequest(_message.Message):
     __slots__ = ("correlation_id", "job_names", "grace_period")
@@ -342,3 +370,13 @@ class BatchSummary(_message.Message):
     job_count: int
     jobs_by_state: _containers.ScalarMap[str, int]
     def __init__(self, correlation_id: _Optional[str] = ..., owner: _Optional[str] = ..., state: _Optional[_Union[BatchState, str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., job_count: _Optional[int] = ..., jobs_by_state: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class DeleteBatchRequest(_message.Message):
+    __slots__ = ("correlation_id",)
+    CORRELATION_ID_FIELD_NUMBER: _ClassVar[int]
+    correlation_id: str
+    def __init__(self, correlation_id: _Optional[str] = ...) -> None: ...
+
+class DeleteBatchResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -66,6 +66,11 @@ class JobWorkerServiceStub:
                 request_serializer=jobworker_dot_v1_dot_jobworker__pb2.ListBatchesRequest.SerializeToString,
                 response_deserializer=jobworker_dot_v1_dot_jobworker__pb2.ListBatchesResponse.FromString,
                 _registered_method=True)
+        self.DeleteBatch = channel.unary_unary(
+                '/jobworker.v1.JobWorkerService/DeleteBatch',
+                request_serializer=jobworker_dot_v1_dot_jobworker__pb2.DeleteBatchRequest.SerializeToString,
+                response_deserializer=jobworker_dot_v1_dot_jobworker__pb2.DeleteBatchResponse.FromString,
+                _registered_method=True)
 
 
 class JobWorkerServiceServicer:
@@ -124,6 +129,14 @@ class JobWorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteBatch(self, request, context):
+        """DeleteBatch removes an ended batch with its logs, at once (before retention
+        would). A batch with a queued or running job is FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobWorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -151,6 +164,11 @@ def add_JobWorkerServiceServicer_to_server(servicer, server):
                     servicer.ListBatches,
                     request_deserializer=jobworker_dot_v1_dot_jobworker__pb2.ListBatchesRequest.FromString,
                     response_serializer=jobworker_dot_v1_dot_jobworker__pb2.ListBatchesResponse.SerializeToString,
+            ),
+            'DeleteBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteBatch,
+                    request_deserializer=jobworker_dot_v1_dot_jobworker__pb2.DeleteBatchRequest.FromString,
+                    response_serializer=jobworker_dot_v1_dot_jobworker__pb2.DeleteBatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -295,6 +313,33 @@ class JobWorkerService:
             '/jobworker.v1.JobWorkerService/ListBatches',
             jobworker_dot_v1_dot_jobworker__pb2.ListBatchesRequest.SerializeToString,
             jobworker_dot_v1_dot_jobworker__pb2.ListBatchesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobworker.v1.JobWorkerService/DeleteBatch',
+            jobworker_dot_v1_dot_jobworker__pb2.DeleteBatchRequest.SerializeToString,
+            jobworker_dot_v1_dot_jobworker__pb2.DeleteBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
