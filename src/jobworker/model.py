@@ -197,6 +197,16 @@ class Caller:
         """True when this caller may read a batch owned by `owner`."""
         return self.role in ("admin", "viewer") or (self.role == "user" and owner == self.identity)
 
+    @property
+    def can_see_all(self) -> bool:
+        """True when this caller may read every identity's batches."""
+        return self.role in ("admin", "viewer")
+
+    def can_read_secrets(self, owner: str) -> bool:
+        """True when this caller may see the env values and stdin of `owner`'s batches:
+        its owner (while allowed to schedule) and admins; viewers see them redacted."""
+        return self.can_change(owner)
+
     def can_change(self, owner: str) -> bool:
         """True when this caller may cancel a batch owned by `owner`."""
         return self.role == "admin" or (self.role == "user" and owner == self.identity)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -43,6 +44,8 @@ class BatchLimits(Protocol):
     def max_argv_bytes(self) -> int: ...
     @property
     def max_batch_bytes(self) -> int: ...
+    @property
+    def max_args(self) -> int: ...
 
 
 def _job(index: int, name: str) -> str:
@@ -62,7 +65,7 @@ class BatchBuilder:
     options: BatchOptions | None = None
     specs: list[JobSpec] = field(default_factory=list)
     _names: dict[str, int] = field(default_factory=dict)
-    _bytes: int = 0  # argv, env and stdin of the jobs so far
+    _bytes: int = 0  # what the jobs so far hold in memory (spec_cost)
 
     def add_options(self, options: BatchOptions) -> None:
         """Take the batch options; only allowed before the first job, and only once."""
@@ -72,6 +75,22 @@ class BatchBuilder:
             )
         _check_options(options)
         self.options = options
+
+    def check_counts(self, name: str, args: int, env: int, depends_on: int) -> None:
+        """Refuse a job by its item counts, before its strings are made (each costs memory)."""
+        index = len(self.specs)
+        where = _job(index, name or f"job-{index}")
+        limit = self.limits.max_args
+        if args + env > limit:
+            raise ResourceExhausted(
+                f"{where}: argv and env have {args + env} items, over jobs.max_args ({limit})"
+            )
+        # Each must name another job of the batch, once: more cannot be valid.
+        if depends_on >= self.limits.max_jobs_per_batch:
+            raise InvalidArgument(
+                f"{where}: depends_on names {depends_on} jobs; a batch has at most "
+                f"jobs.max_jobs_per_batch ({self.limits.max_jobs_per_batch})"
+            )
 
     def add_job(self, spec: JobSpec) -> JobSpec:
         """Validate one job, name it "job-<index>" if unnamed, and keep it."""
@@ -89,11 +108,12 @@ class BatchBuilder:
             raise InvalidArgument(
                 f"{where}: name duplicates job {self._names[name]}; names must be unique"
             )
+        self.check_counts(name, len(spec.argv), len(spec.env), len(spec.depends_on))
         self._bytes += _check_job(where, spec, self.limits)
         if self._bytes > self.limits.max_batch_bytes:
             raise ResourceExhausted(
-                f"{where}: the batch's argv, env and stdin pass jobs.max_batch_bytes "
-                f"({self.limits.max_batch_bytes} bytes)"
+                f"{where}: the batch's argv, env, stdin and depends_on hold {self._bytes} "
+                f"bytes in memory, over jobs.max_batch_bytes ({self.limits.max_batch_bytes})"
             )
         if name != spec.name:
             spec = dataclasses.replace(spec, name=name)
@@ -136,7 +156,7 @@ def _check_options(o: BatchOptions) -> None:
 
 
 def _check_job(where: str, spec: JobSpec, limits: BatchLimits) -> int:
-    """Check one job on its own; the bytes of its argv, env and stdin."""
+    """Check one job on its own; what it holds in memory (spec_cost)."""
     if not spec.argv or not spec.argv[0]:
         raise InvalidArgument(f"{where}: argv must not be empty")
     for k, arg in enumerate(spec.argv):
@@ -148,11 +168,11 @@ def _check_job(where: str, spec: JobSpec, limits: BatchLimits) -> int:
             raise InvalidArgument(
                 f"{where}: working_dir {spec.working_dir!r} must be an absolute path"
             )
-    total = _spec_bytes(spec)
-    size = total - len(spec.stdin)
+    size = argv_cost(spec)
     if size > limits.max_argv_bytes:
         raise ResourceExhausted(
-            f"{where}: argv and env are {size} bytes, over jobs.max_argv_bytes "
+            f"{where}: argv and env hold {size} bytes in memory (each item's bytes and about "
+            f"{_str_cost('')} bytes of overhead), over jobs.max_argv_bytes "
             f"({limits.max_argv_bytes})"
         )
     if len(spec.stdin) > limits.max_stdin_bytes:
@@ -170,14 +190,31 @@ def _check_job(where: str, spec: JobSpec, limits: BatchLimits) -> int:
             raise InvalidArgument(f"{where}: depends_on names the job itself (a cycle)")
     if len(set(spec.depends_on)) != len(spec.depends_on):
         raise InvalidArgument(f"{where}: depends_on names a job twice")
-    return total
+    return spec_cost(spec)
 
 
-def _spec_bytes(spec: JobSpec) -> int:
-    """Bytes of argv (with their NULs), env (as KEY=VALUE) and stdin."""
-    argv = sum(len(a.encode()) + 1 for a in spec.argv)
-    env = sum(len(k.encode()) + len(v.encode()) + 2 for k, v in spec.env.items())
-    return argv + env + len(spec.stdin)
+# A stored string is a Python object, not its bytes: a str's header (sys.getsizeof) rounded
+# up to pymalloc's 16-byte blocks, and the pointer to it in a tuple; a dict entry (hash, key,
+# value, its index share, room to grow) on top for env. Measured on CPython 3.11.
+_SLOT = 8
+_DICT_ENTRY = 48
+
+
+def _str_cost(s: str) -> int:
+    return -(-sys.getsizeof(s) // 16) * 16 + _SLOT
+
+
+def argv_cost(spec: JobSpec) -> int:
+    """What a job's argv and env hold in the server's memory: what max_argv_bytes bounds."""
+    argv = sum(_str_cost(a) for a in spec.argv)
+    env = sum(_str_cost(k) + _str_cost(v) + _DICT_ENTRY for k, v in spec.env.items())
+    return argv + env
+
+
+def spec_cost(spec: JobSpec) -> int:
+    """What a job holds in memory until its batch is stored (stdin then goes to disk):
+    argv, env, stdin and depends_on, as max_batch_bytes counts them."""
+    return argv_cost(spec) + len(spec.stdin) + sum(_str_cost(d) for d in spec.depends_on)
 
 
 def _check_env(where: str, env: Mapping[str, str]) -> None:

@@ -126,9 +126,9 @@ class JobWorker:
         out: list[BatchRecord] = []
         more = False
         room = PAGE_BYTES
-        for batch in self.store.newest_first():
-            if before is not None and batch.order >= before:
-                continue
+        # A user sees only their own batches: walk those alone, from the token on.
+        owner = None if caller.can_see_all else caller.identity
+        for batch in self.store.newest_first(owner, before):
             if not caller.can_see(batch.owner):
                 continue
             if wanted and batch.state not in wanted:

@@ -154,7 +154,7 @@ class App:
 
     def settings(self) -> Settings:
         """What the servicer reads at each call."""
-        return Settings(self.config.jobs, self.config.server.max_streams)
+        return Settings(self.config.jobs, self.config.server)
 
     # -- life cycle
 

@@ -16,6 +16,12 @@ from jobworker.v1 import jobworker_pb2 as pb
 
 MESSAGE_LIMIT = 4 * 1024 * 1024  # gRPC's default for a message a client receives
 MESSAGE_MARGIN = 64 * 1024  # framing and what the size estimate does not see
+REDACTED = "[redacted]"  # an env value shown to a caller who may not read it
+
+
+def redacted_stdin(size: int) -> bytes:
+    """What a caller who may not read a job's stdin sees of it: its size."""
+    return f"[redacted: {size} bytes]".encode()
 
 
 def options_from_pb(o: pb.BatchOptions) -> BatchOptions:
@@ -77,12 +83,12 @@ def _dur(seconds: float) -> Duration:
     return d
 
 
-def spec_to_pb(s: JobSpec) -> pb.JobSpec:
-    """The wire JobSpec of a stored spec."""
+def spec_to_pb(s: JobSpec, *, redact: bool = False) -> pb.JobSpec:
+    """The wire JobSpec of a stored spec; `redact`: env values replaced (keys kept)."""
     out = pb.JobSpec(
         name=s.name,
         argv=s.argv,
-        env=dict(s.env),
+        env=dict.fromkeys(s.env, REDACTED) if redact else dict(s.env),
         working_dir=s.working_dir,
         stdin=s.stdin,
         depends_on=s.depends_on,
@@ -125,13 +131,18 @@ def _set_tail(field: pb.LogTail, t: Tail) -> None:
 
 
 def job_to_pb(
-    batch: BatchRecord | BatchView, index: int, status: JobStatus, *, sizes: bool = True
+    batch: BatchRecord | BatchView,
+    index: int,
+    status: JobStatus,
+    *,
+    sizes: bool = True,
+    redact: bool = False,
 ) -> pb.Job:
     """The wire Job with the sizes of its logs (`sizes` False: without; batch_to_pb reads
-    the tails then, which tell the sizes too)."""
+    the tails then, which tell the sizes too); `redact`: its env values hidden."""
     job = pb.Job(
         index=index,
-        spec=spec_to_pb(batch.specs[index]),
+        spec=spec_to_pb(batch.specs[index], redact=redact),
         state=int(status.state),  # type: ignore[arg-type]
         signal=status.signal,
         message=status.message,
@@ -155,12 +166,15 @@ def batch_to_pb(
     tail_limit: int | None = None,
     *,
     strict: bool = True,
+    redact: bool = False,
 ) -> pb.Batch:
     """The wire Batch, kept under gRPC's 4 MiB message limit whatever was asked.
 
     Tails are shortened first (each says truncated); jobs' stdin is echoed only when it
     fits; past that, `strict` answers RESOURCE_EXHAUSTED (ask for fewer jobs), and
     otherwise the specs are left out (CancelBatch must answer once it has cancelled).
+    `redact` (a caller who may not read them): env values and stdin hidden, stdin's size
+    told instead.
     """
     chosen = list(range(len(batch.specs)) if indexes is None else indexes)
     tails = bool(tail_limit and chosen)  # every chosen job's tails: they tell the sizes
@@ -171,7 +185,9 @@ def batch_to_pb(
         options=options_to_pb(batch.options),
         create_time=_ts(batch.create_time),
         end_time=_ts(batch.end_time),
-        jobs=[job_to_pb(batch, i, batch.statuses[i], sizes=not tails) for i in chosen],
+        jobs=[
+            job_to_pb(batch, i, batch.statuses[i], sizes=not tails, redact=redact) for i in chosen
+        ],
     )
     budget = MESSAGE_LIMIT - MESSAGE_MARGIN
     size = out.ByteSize()
@@ -184,13 +200,8 @@ def batch_to_pb(
         for job in out.jobs:
             job.ClearField("spec")
         size = out.ByteSize()
-    stdin = sum(batch.stdin_sizes[i] for i in chosen)
-    if strict and stdin and size + stdin + 8 * len(chosen) <= budget:
-        for i, job in zip(chosen, out.jobs, strict=True):
-            if batch.stdin_sizes[i]:
-                with contextlib.suppress(FileNotFoundError):  # lost: the job said so
-                    job.spec.stdin = (batch.job_dir(i) / "stdin").read_bytes()
-        size = out.ByteSize()
+    if strict:
+        size = _echo_stdin(batch, chosen, out, budget - size, redact=redact)
     if tail_limit and chosen:  # (tails)
         # Each tail also costs a tag and length bytes in its own and the enclosing messages.
         # (The sizes are not in `size` yet: a varint each, within the 16 bytes a job.)
@@ -204,6 +215,26 @@ def batch_to_pb(
                 break
             limit //= 2
     return out
+
+
+def _echo_stdin(
+    batch: BatchRecord | BatchView, chosen: list[int], out: pb.Batch, room: int, *, redact: bool
+) -> int:
+    """Put the chosen jobs' stdin (or, `redact`, its size) in `out` if all fits in `room`
+    bytes; the size of `out`."""
+    sizes = [batch.stdin_sizes[i] for i in chosen]
+    need = 32 * len(chosen) if redact else sum(sizes) + 8 * len(chosen)
+    if not any(sizes) or need > room:
+        return out.ByteSize()
+    for i, size, job in zip(chosen, sizes, out.jobs, strict=True):
+        if not size:
+            continue
+        if redact:
+            job.spec.stdin = redacted_stdin(size)
+        else:
+            with contextlib.suppress(FileNotFoundError):  # lost: the job said so
+                job.spec.stdin = (batch.job_dir(i) / "stdin").read_bytes()
+    return out.ByteSize()
 
 
 def summary_to_pb(batch: BatchRecord) -> pb.BatchSummary:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 from grpc import aio
@@ -17,9 +17,10 @@ from jobworker.server.auth import current_caller, set_correlation_id
 from jobworker.store.batches import BatchView
 from jobworker.store.inotify import Inotify
 from jobworker.store.logs import Cursor, Follower
+from jobworker.units import format_duration
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
-from jobworker.validate import BatchBuilder, BatchLimits
+from jobworker.validate import BatchBuilder
 
 MAX_GRACE = 86_400  # a day: longer, and a CancelBatch call would wait that long
 # A GetBatch answer about more jobs than this is built on a worker thread (GetBatch).
@@ -27,11 +28,40 @@ BUILD_INLINE_JOBS = 500
 
 
 class Settings:
-    """What the servicer reads from the live config at each call."""
+    """What the servicer reads from the live config at each call: [jobs] and [server]."""
 
-    def __init__(self, jobs: Any, max_streams: int) -> None:
+    def __init__(self, jobs: Any, server: Any) -> None:
         self.jobs = jobs
-        self.max_streams = max_streams
+        self.server = server
+
+    @property
+    def max_streams(self) -> int:
+        """server.max_streams: StreamBatchLogs calls open at once, all identities together."""
+        return int(self.server.max_streams)
+
+
+class PerIdentity:
+    """Calls of each identity in flight, held against a per-identity cap."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def hold(self, identity: str, limit: int, refusal: str) -> Iterator[None]:
+        """One more call of `identity` while inside; RESOURCE_EXHAUSTED(`refusal`) when it
+        already has `limit` (0: no cap)."""
+        count = self.counts.get(identity, 0)
+        if limit and count >= limit:
+            raise ResourceExhausted(refusal)
+        self.counts[identity] = count + 1
+        try:
+            yield
+        finally:
+            left = self.counts[identity] - 1
+            if left:
+                self.counts[identity] = left
+            else:
+                del self.counts[identity]
 
 
 class JobWorkerService(pb_grpc.JobWorkerServiceServicer):
@@ -51,6 +81,8 @@ class JobWorkerService(pb_grpc.JobWorkerServiceServicer):
         self.closing = closing
         self.on_stream = on_stream or (lambda _delta: None)
         self.streams = 0
+        self.uploads_of = PerIdentity()
+        self.streams_of = PerIdentity()
 
     async def ScheduleBatch(  # the wire's names
         self,
@@ -60,23 +92,27 @@ class JobWorkerService(pb_grpc.JobWorkerServiceServicer):
         caller = current_caller()
         if not caller.can_schedule:  # before reading the stream: no validation for nothing
             raise PermissionDenied(f"role {caller.role!r} of {caller.identity!r} may not schedule")
-        limits: BatchLimits = self.settings().jobs
-        builder = BatchBuilder(limits)
-        async for request in request_iterator:
-            item = request.WhichOneof("item")
-            if item == "options":
-                builder.add_options(convert.options_from_pb(request.options))
-            elif item == "job":
-                builder.add_job(convert.spec_from_pb(len(builder.specs), request.job))
-            else:
-                raise InvalidArgument(
-                    f"message {len(builder.specs)}: neither options nor job is set"
-                )
-        options, specs = builder.finish()
-        # grpc.aio ends the request iterator normally when the client cancels; sending the
-        # headers surfaces the cancellation before anything is stored.
-        await context.send_initial_metadata(())
-        batch, deduplicated = await self.core.schedule(caller, options, specs)
+        settings = self.settings()
+        cap, timeout = settings.server.max_uploads_per_identity, settings.server.upload_timeout
+        refusal = (
+            f"{caller.identity!r} has {cap} ScheduleBatch calls in flight, "
+            f"server.max_uploads_per_identity ({cap})"
+        )
+        with self.uploads_of.hold(caller.identity, cap, refusal):
+            try:
+                async with asyncio.timeout(timeout):
+                    builder = await _receive(request_iterator, BatchBuilder(settings.jobs))
+            except TimeoutError:
+                # What was received goes with the builder: nothing of the upload is kept.
+                raise ResourceExhausted(
+                    f"the batch's stream did not end within server.upload_timeout "
+                    f"({format_duration(timeout)})"
+                ) from None
+            options, specs = builder.finish()
+            # grpc.aio ends the request iterator normally when the client cancels; sending
+            # the headers surfaces the cancellation before anything is stored.
+            await context.send_initial_metadata(())
+            batch, deduplicated = await self.core.schedule(caller, options, specs)
         set_correlation_id(batch.cid)
         return pb.ScheduleBatchResponse(
             correlation_id=batch.cid,
@@ -88,7 +124,9 @@ class JobWorkerService(pb_grpc.JobWorkerServiceServicer):
         self, request: pb.GetBatchRequest, context: aio.ServicerContext[Any, Any]
     ) -> pb.GetBatchResponse:
         set_correlation_id(request.correlation_id)
-        batch = self.core.get(current_caller(), request.correlation_id)
+        caller = current_caller()
+        batch = self.core.get(caller, request.correlation_id)
+        redact = not caller.can_read_secrets(batch.owner)
         indexes = batch.select(request.job_names)
         tail = (
             request.log_tail_bytes
@@ -96,11 +134,13 @@ class JobWorkerService(pb_grpc.JobWorkerServiceServicer):
             else self.settings().jobs.log_tail_bytes
         )
         if len(indexes) <= BUILD_INLINE_JOBS:
-            return pb.GetBatchResponse(batch=convert.batch_to_pb(batch, indexes, tail))
+            return pb.GetBatchResponse(
+                batch=convert.batch_to_pb(batch, indexes, tail, redact=redact)
+            )
         # Thousands of jobs: their log tails and messages would hold the event loop, and
         # every job's start and end with it, for a large part of a second. Built on a
         # worker thread from the batch as it stands now (the loop takes turns meanwhile).
-        return await asyncio.to_thread(_get_batch_response, batch.view(), indexes, tail)
+        return await asyncio.to_thread(_get_batch_response, batch.view(), indexes, tail, redact)
 
     async def CancelBatch(
         self, request: pb.CancelBatchRequest, context: aio.ServicerContext[Any, Any]
@@ -114,10 +154,10 @@ class JobWorkerService(pb_grpc.JobWorkerServiceServicer):
                     f"grace_period: must be a valid duration from 0s to {MAX_GRACE}s"
                 )
             grace = g.seconds + g.nanos / 1e9
-        batch = await self.core.cancel(
-            current_caller(), request.correlation_id, request.job_names, grace
-        )
-        return pb.CancelBatchResponse(batch=convert.batch_to_pb(batch, strict=False))
+        caller = current_caller()
+        batch = await self.core.cancel(caller, request.correlation_id, request.job_names, grace)
+        redact = not caller.can_read_secrets(batch.owner)
+        return pb.CancelBatchResponse(batch=convert.batch_to_pb(batch, strict=False, redact=redact))
 
     async def ListBatches(
         self, request: pb.ListBatchesRequest, context: aio.ServicerContext[Any, Any]
@@ -144,26 +184,51 @@ class JobWorkerService(pb_grpc.JobWorkerServiceServicer):
         self, request: pb.StreamBatchLogsRequest, context: aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.StreamBatchLogsResponse]:
         set_correlation_id(request.correlation_id)
-        batch = self.core.get(current_caller(), request.correlation_id)
+        caller = current_caller()
+        batch = self.core.get(caller, request.correlation_id)
         selected = batch.select(request.job_names)
         cursor = Cursor.decode(batch.cid, request.cursor) if request.cursor else Cursor(batch.cid)
-        limit = self.settings().max_streams
+        settings = self.settings()
+        limit = settings.max_streams
         if self.streams >= limit:
             raise ResourceExhausted(f"server.max_streams ({limit}) streams are open")
-        follower = Follower(batch, selected, cursor, self.inotify, self.closing)
-        self.streams += 1
-        self.on_stream(1)
-        try:
-            # aclosing: a client that goes away closes the follower at once, files and all.
-            async with contextlib.aclosing(follower.items(request.follow)) as items:
-                async for item in items:
-                    yield convert.item_to_pb(batch, item, cursor.encode())
-        finally:
-            self.streams -= 1
-            self.on_stream(-1)
+        mine = settings.server.max_streams_per_identity
+        refusal = (
+            f"{caller.identity!r} has {mine} streams open, server.max_streams_per_identity ({mine})"
+        )
+        with self.streams_of.hold(caller.identity, mine, refusal):
+            follower = Follower(batch, selected, cursor, self.inotify, self.closing)
+            self.streams += 1
+            self.on_stream(1)
+            try:
+                # aclosing: a client that goes away closes the follower at once, files and all.
+                async with contextlib.aclosing(follower.items(request.follow)) as items:
+                    async for item in items:
+                        yield convert.item_to_pb(batch, item, cursor.encode())
+            finally:
+                self.streams -= 1
+                self.on_stream(-1)
+
+
+async def _receive(
+    requests: AsyncIterator[pb.ScheduleBatchRequest], builder: BatchBuilder
+) -> BatchBuilder:
+    """Validate a ScheduleBatch stream message by message into `builder`, until it ends."""
+    async for request in requests:
+        item = request.WhichOneof("item")
+        if item == "options":
+            builder.add_options(convert.options_from_pb(request.options))
+        elif item == "job":
+            j = request.job
+            # Counted on the wire message, before a str is made for each of its items.
+            builder.check_counts(j.name, len(j.argv), len(j.env), len(j.depends_on))
+            builder.add_job(convert.spec_from_pb(len(builder.specs), j))
+        else:
+            raise InvalidArgument(f"message {len(builder.specs)}: neither options nor job is set")
+    return builder
 
 
 def _get_batch_response(
-    view: BatchView, indexes: Sequence[int], tail: int | None
+    view: BatchView, indexes: Sequence[int], tail: int | None, redact: bool
 ) -> pb.GetBatchResponse:
-    return pb.GetBatchResponse(batch=convert.batch_to_pb(view, indexes, tail))
+    return pb.GetBatchResponse(batch=convert.batch_to_pb(view, indexes, tail, redact=redact))

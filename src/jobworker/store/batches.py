@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import errno
@@ -309,6 +310,24 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _order(batch: BatchRecord) -> tuple[float, str]:
+    return batch.order
+
+
+def _enlist(ordered: list[BatchRecord], batch: BatchRecord) -> None:
+    """Put `batch` in its place in `ordered`: at the end, unless the clock went back."""
+    if not ordered or ordered[-1].order < batch.order:
+        ordered.append(batch)
+    else:
+        bisect.insort(ordered, batch, key=_order)
+
+
+def _unlist(ordered: list[BatchRecord], batch: BatchRecord) -> None:
+    i = bisect.bisect_left(ordered, batch.order, key=_order)
+    if i < len(ordered) and ordered[i] is batch:
+        del ordered[i]
+
+
 # --- the store --------------------------------------------------------------------------
 
 
@@ -319,6 +338,10 @@ class BatchStore:
         self.root = data_dir / "batches"
         self.min_free_disk = min_free_disk
         self._batches: dict[str, BatchRecord] = {}
+        # Oldest first by BatchRecord.order, all of them and each owner's: ListBatches reads
+        # a page from its end without sorting. Batches arrive in creation order (appends).
+        self._ordered: list[BatchRecord] = []
+        self._by_owner: dict[str, list[BatchRecord]] = {}
         self._idempotency: dict[tuple[str, str], str] = {}
         self._lock = threading.Lock()  # journal fds shared with the sync thread
         self._dirty: set[int] = set()
@@ -348,9 +371,15 @@ class BatchStore:
         cid = self._idempotency.get((owner, key))
         return self._batches.get(cid) if cid else None
 
-    def newest_first(self) -> list[BatchRecord]:
-        """Every batch, newest first."""
-        return sorted(self._batches.values(), key=lambda b: b.order, reverse=True)
+    def newest_first(
+        self, owner: str | None = None, before: tuple[float, str] | None = None
+    ) -> Iterator[BatchRecord]:
+        """The batches (of `owner`, if given) older than `before` (all, if None), newest
+        first; each step costs the same however many batches there are."""
+        ordered = self._ordered if owner is None else self._by_owner.get(owner, [])
+        end = len(ordered) if before is None else bisect.bisect_left(ordered, before, key=_order)
+        for i in range(end - 1, -1, -1):
+            yield ordered[i]
 
     # -- writes
 
@@ -490,7 +519,12 @@ class BatchStore:
         back) and the returned path is for the caller to remove, off the event loop."""
         self._close_journal(batch)
         self._retry.discard(batch)
-        self._batches.pop(batch.cid, None)
+        if self._batches.pop(batch.cid, None) is not None:
+            _unlist(self._ordered, batch)
+            mine = self._by_owner[batch.owner]
+            _unlist(mine, batch)
+            if not mine:
+                del self._by_owner[batch.owner]
         key = (batch.owner, batch.options.idempotency_key)
         if self._idempotency.get(key) == batch.cid:
             del self._idempotency[key]
@@ -517,6 +551,8 @@ class BatchStore:
 
     def _add(self, batch: BatchRecord) -> None:
         self._batches[batch.cid] = batch
+        _enlist(self._ordered, batch)
+        _enlist(self._by_owner.setdefault(batch.owner, []), batch)
         if batch.options.idempotency_key:
             self._idempotency[(batch.owner, batch.options.idempotency_key)] = batch.cid
 
