@@ -434,7 +434,8 @@ def test_limits_give_resource_exhausted_naming_the_limit(
     assert "max_argv_bytes" in err.details()
     assert "big-argv" in err.details()
 
-    blob = b"x" * 1000  # each job within its limits, the three together past the batch's
+    # Each job within its limits (900 bytes and "cat" as a str, 72), the three past the batch's.
+    blob = b"x" * 900
     err = rpc_error(
         lambda: schedule(stub, *(job("cat", name=f"c{i}", stdin=blob) for i in range(3)))
     )
