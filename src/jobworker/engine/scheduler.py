@@ -404,50 +404,7 @@ class Engine:
                 self._finish_run(br, run, JobState.FAILED, message=exc.message)
                 return
             run.process = process
-            self._emit(
-                batch,
-                i,
-                JobState.RUNNING,
-                time_=process.start_time,
-                pid=process.pid,
-                pid_start=process.pid_start,
-                cgroup=process.cgroup.name if process.cgroup.slot is not None else "",
-            )
-            # One info line a job, at its end (like an access log); the start is for debugging.
-            jwlogging.line(
-                "debug", "job_started", {**ids, "pid": process.pid, "unix_user": run.user or None}
-            )
-            if run.reason is not None:  # cancelled while it was being spawned
-                self._stop(run, run.reason, run.message, run.grace)
-            self._watch_logs(batch, run)
-            # A timer rather than asyncio.wait_for: one handle instead of a task's worth of
-            # futures and callbacks, on the path every job takes.
-            timer = asyncio.get_running_loop().call_later(run.timeout, self._time_out, run)
-            try:
-                info = await process.wait()
-            finally:
-                timer.cancel()
-            state, message = self._outcome(run, info, limits)
-            self._finish_run(
-                br,
-                run,
-                state,
-                message=message,
-                exit_code=info.exit_code,
-                signal=info.signal,
-                time_=info.end_time,
-                info=info,
-            )
-            ended = {
-                **ids,
-                "state": state.name,
-                "exit_code": info.exit_code,
-                "signal": info.signal,
-                "pid": process.pid,
-                "unix_user": run.user or None,
-                "seconds": round(max(0.0, info.end_time - process.start_time), 3),
-            }
-            jwlogging.line("info", "job_ended", ended)
+            await self._supervise(br, run, process, limits, ids)
         except Exception:  # one job's bug must not stop the scheduler
             log.exception("job_supervision_failed", **ids)
             if run.process is not None:  # never leave a process behind, whatever failed
@@ -455,6 +412,56 @@ class Engine:
                 await run.process.wait()
             if br.runs.get(i) is run:
                 self._finish_run(br, run, JobState.FAILED, message="internal error running the job")
+
+    async def _supervise(
+        self, br: _BatchRun, run: _Run, process: Process, limits: Limits, ids: dict[str, Any]
+    ) -> None:
+        """From the job's start to its recorded end: timeout, log sizes, outcome."""
+        batch, i = br.batch, run.index
+        self._emit(
+            batch,
+            i,
+            JobState.RUNNING,
+            time_=process.start_time,
+            pid=process.pid,
+            pid_start=process.pid_start,
+            cgroup=process.cgroup.name if process.cgroup.slot is not None else "",
+        )
+        # One info line a job, at its end (like an access log); the start is for debugging.
+        jwlogging.line(
+            "debug", "job_started", {**ids, "pid": process.pid, "unix_user": run.user or None}
+        )
+        if run.reason is not None:  # cancelled while it was being spawned
+            self._stop(run, run.reason, run.message, run.grace)
+        self._watch_logs(batch, run)
+        # A timer rather than asyncio.wait_for: one handle instead of a task's worth of
+        # futures and callbacks, on the path every job takes.
+        timer = asyncio.get_running_loop().call_later(run.timeout, self._time_out, run)
+        try:
+            info = await process.wait()
+        finally:
+            timer.cancel()
+        state, message = self._outcome(run, info, limits)
+        self._finish_run(
+            br,
+            run,
+            state,
+            message=message,
+            exit_code=info.exit_code,
+            signal=info.signal,
+            time_=info.end_time,
+            info=info,
+        )
+        ended = {
+            **ids,
+            "state": state.name,
+            "exit_code": info.exit_code,
+            "signal": info.signal,
+            "pid": process.pid,
+            "unix_user": run.user or None,
+            "seconds": round(max(0.0, info.end_time - process.start_time), 3),
+        }
+        jwlogging.line("info", "job_ended", ended)
 
     @staticmethod
     def _outcome(run: _Run, info: ExitInfo, limits: Limits) -> tuple[JobState, str]:
@@ -483,7 +490,7 @@ class Engine:
         folder = batch.job_dir(run.index)
         run.logs = (f"{folder}/stdout", f"{folder}/stderr")
         self._watched[run] = None
-        if self._log_timer is None:
+        if self._log_timer is None and not self._closing:
             loop = asyncio.get_running_loop()
             self._log_timer = loop.call_later(_LOG_CHECK_INTERVAL, self._check_logs)
 
