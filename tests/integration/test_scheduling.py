@@ -186,11 +186,12 @@ def test_fair_share_is_round_robin_and_fifo_within_an_identity(
 ) -> None:
     srv = make_server(jobs={"max_concurrent": 1})
     alice, bob = srv.stub("alice"), srv.stub("bob")
-    block = schedule(alice, job("sleep", "3", name="block"))
+    block = schedule(alice, job("sleep", "600", name="block"))
     wait_job(alice, block.correlation_id, "block", pb.JOB_STATE_RUNNING)
     a1 = schedule(alice, *[job("true", name=f"a{i}") for i in range(3)])
     a2 = schedule(alice, job("true", name="a3"))
     b = schedule(bob, *[job("true", name=f"b{i}") for i in range(3)])
+    alice.CancelBatch(pb.CancelBatchRequest(correlation_id=block.correlation_id))  # a slot frees
     started: list[tuple[int, str]] = []
     for stub, reply in ((alice, a1), (alice, a2), (bob, b)):
         batch = wait_batch(stub, reply.correlation_id, 60)
@@ -227,8 +228,8 @@ def test_max_queued_jobs_per_identity(make_server: ServerFactory) -> None:
 def test_max_running_per_identity(make_server: ServerFactory) -> None:
     srv = make_server(jobs={"max_concurrent": 4, "max_running_per_identity": 1})
     alice, bob = srv.stub("alice"), srv.stub("bob")
-    a = schedule(alice, *[job("sleep", "0.3", name=f"a{i}") for i in range(3)])
-    b = schedule(bob, job("sleep", "0.3", name="b0"))
+    a = schedule(alice, *[job("sleep", "1", name=f"a{i}") for i in range(3)])
+    b = schedule(bob, job("sleep", "1", name="b0"))
     runs = wait_batch(alice, a.correlation_id, 60).jobs
     other = wait_batch(bob, b.correlation_id, 60).jobs[0]
     spans = sorted((j.start_time.ToNanoseconds(), j.end_time.ToNanoseconds()) for j in runs)
