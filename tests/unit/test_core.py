@@ -68,7 +68,7 @@ class _Queue:
     def __init__(self) -> None:
         self.submitted: list[str] = []
 
-    def check_capacity(self, jobs: int) -> None:
+    def check_capacity(self, jobs: int, owner: str = "") -> None:
         pass
 
     def submit(self, batch: Any) -> None:

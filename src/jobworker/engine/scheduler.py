@@ -1,9 +1,18 @@
-"""The scheduler: one FIFO queue across batches, limits, dependencies, timeouts, cancel."""
+"""The scheduler: fair share between identities, limits, dependencies, timeouts, cancel.
+
+Free slots go to the identity (batch owner) served least recently among those with a job
+that may start (round-robin, a newcomer first), FIFO across that identity's batches; with
+jobs.fair_share false, FIFO across all batches. Each identity keeps a heap of its batches
+that may start a job, so a dispatch looks at identities and their first batch, never at
+queued jobs. Every walk over dependencies uses a worklist: a 10,000-job chain is valid.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import os
 import signal as signals
 import time
@@ -27,6 +36,13 @@ EventListener = Callable[[BatchRecord, JobEvent], None]
 
 
 _FAILURES = frozenset({JobState.FAILED, JobState.TIMED_OUT, JobState.LOST})
+_STREAMS = ("stdout", "stderr")
+# How often the sizes of running jobs' log files are checked against jobs.max_log_bytes: one
+# timer for all jobs, two stat calls a job, spread out further when thousands run (at most
+# _LOG_STATS_PER_SECOND). A writer gets past the limit by what it writes in one interval,
+# and, if it ignores SIGTERM, in kill_grace more.
+_LOG_CHECK_INTERVAL = 0.25
+_LOG_STATS_PER_SECOND = 8000
 
 
 class JobSettings(Protocol):
@@ -40,6 +56,14 @@ class JobSettings(Protocol):
     def kill_grace(self) -> float: ...
     @property
     def max_queued_jobs(self) -> int: ...
+    @property
+    def max_queued_jobs_per_identity(self) -> int: ...
+    @property
+    def max_running_per_identity(self) -> int: ...
+    @property
+    def fair_share(self) -> bool: ...
+    @property
+    def max_log_bytes(self) -> int: ...
     @property
     def default_limits(self) -> _LimitsSource: ...
     def unix_user_for(self, identity: str) -> str: ...
@@ -61,6 +85,7 @@ class _Run:
     grace: float = 0.0  # the grace period of that stop
     timeout: float = 0.0
     user: str = ""  # the Unix user it runs as ("": the server's own)
+    logs: tuple[str, str] = ("", "")  # paths of its stdout and stderr files
 
 
 @dataclass(eq=False)
@@ -68,17 +93,40 @@ class _BatchRun:
     """Scheduling state of a batch that has jobs left: never persisted, rebuilt at start."""
 
     batch: BatchRecord
+    seq: int  # submission order: FIFO between batches
     ready: deque[int] = field(default_factory=deque)
     unmet: dict[int, int] = field(default_factory=dict)  # waiting job -> deps not yet succeeded
     dependents: dict[int, list[int]] = field(default_factory=dict)
     runs: dict[int, _Run] = field(default_factory=dict)
     # Jobs a cancel is ending in one sweep: they end CANCELED, not SKIPPED by each other.
     canceling: set[int] = field(default_factory=set)
+    offered: bool = False  # in its owner's heap of batches that may start a job
 
     @property
     def can_start(self) -> bool:
         limit = self.batch.options.max_parallel
         return bool(self.ready) and (limit == 0 or len(self.runs) < limit)
+
+
+@dataclass(eq=False)
+class _Owner:
+    """One identity's part of the scheduler: its counts and its batches that may start a job."""
+
+    name: str
+    queued: int = 0
+    running: int = 0
+    served: int = 0  # the dispatch tick of its last start (0: never); the least recent goes first
+    batches: list[tuple[int, _BatchRun]] = field(default_factory=list)  # a heap by seq
+
+    def next_batch(self) -> _BatchRun | None:
+        """Its first batch in FIFO order that may start a job; drops those that may not."""
+        while self.batches:
+            br = self.batches[0][1]
+            if br.can_start:
+                return br
+            heapq.heappop(self.batches)
+            br.offered = False
+        return None
 
 
 class Engine:
@@ -96,6 +144,12 @@ class Engine:
         self.settings = settings
         self.listeners = list(listeners)
         self._active: dict[str, _BatchRun] = {}  # batches with jobs left, in FIFO order
+        self._owners: dict[str, _Owner] = {}  # identities with jobs queued or running
+        self._startable: dict[str, _Owner] = {}  # those with batches in their heap
+        self._seqs = itertools.count()
+        self._tick = 0  # starts so far: the clock of _Owner.served
+        self._watched: dict[_Run, None] = {}  # running jobs whose log sizes are checked
+        self._log_timer: asyncio.TimerHandle | None = None
         self._running = 0
         self._queued = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -121,8 +175,9 @@ class Engine:
         self.settings = settings
         self._dispatch()
 
-    def check_capacity(self, jobs: int) -> None:
-        """ResourceExhausted when `jobs` more would overflow the queue, Unavailable when closing."""
+    def check_capacity(self, jobs: int, owner: str = "") -> None:
+        """ResourceExhausted when `jobs` more of `owner` would overflow the server's queue or
+        the owner's quota; Unavailable when closing."""
         if self._closing:
             raise Unavailable("server is shutting down")
         limit = self.settings.max_queued_jobs
@@ -131,16 +186,25 @@ class Engine:
                 f"server's queue is full: {self._queued} jobs queued, "
                 f"{jobs} more would pass jobs.max_queued_jobs ({limit})"
             )
+        limit = self.settings.max_queued_jobs_per_identity
+        queued = self._owners[owner].queued if owner in self._owners else 0
+        if limit and queued + jobs > limit:
+            raise ResourceExhausted(
+                f"queue of {owner!r} is full: {queued} jobs queued, "
+                f"{jobs} more would pass jobs.max_queued_jobs_per_identity ({limit})"
+            )
 
     def submit(self, batch: BatchRecord) -> None:
         """Queue every job of a newly stored (or recovered) batch."""
-        br = _BatchRun(batch)
+        br = _BatchRun(batch, next(self._seqs))
         names = batch.names
+        owner = self._owner(batch.owner)
         for i, spec in enumerate(batch.specs):
             status = batch.statuses[i]
             if status.state is not JobState.QUEUED:
                 continue
             self._queued += 1
+            owner.queued += 1
             unmet = 0
             for dep in spec.depends_on:
                 j = names[dep]
@@ -152,8 +216,10 @@ class Engine:
             else:
                 br.ready.append(i)
         if not br.ready and not br.unmet:
+            self._forget_if_idle(owner)
             return
         self._active[batch.cid] = br
+        self._offer(br)
         # A recovered batch can hold jobs that ended badly (LOST at the restart, say):
         # their dependents are skipped and fail_fast holds, as if it had just happened.
         with self._hold():
@@ -216,6 +282,9 @@ class Engine:
     async def shutdown(self, grace: float | None = None) -> None:
         """Stop dispatching, stop running jobs (TERM, grace, KILL), record them LOST, wait."""
         self._closing = True
+        if self._log_timer is not None:
+            self._log_timer.cancel()
+            self._log_timer = None
         grace = self.settings.kill_grace if grace is None else grace
         for br in list(self._active.values()):
             for run in list(br.runs.values()):
@@ -239,17 +308,62 @@ class Engine:
         if self._closing or self._held:
             return
         limit = self.settings.max_concurrent
-        for br in list(self._active.values()):
-            if self._running >= limit:
+        while self._running < limit:
+            br = self._pick()
+            if br is None:
                 break
-            while self._running < limit and br.can_start:
-                self._start(br, br.ready.popleft())
+            self._start(br, br.ready.popleft())
+
+    def _pick(self) -> _BatchRun | None:
+        """The batch whose job starts next: a scan over identities with a batch that may
+        start a job (their first batch each), not over jobs."""
+        quota = self.settings.max_running_per_identity
+        fair = self.settings.fair_share
+        best: _BatchRun | None = None
+        best_key = 0
+        for owner in list(self._startable.values()):
+            br = owner.next_batch()
+            if br is None:
+                del self._startable[owner.name]
+                self._forget_if_idle(owner)
+                continue
+            if quota and owner.running >= quota:
+                continue
+            key = owner.served if fair else br.seq
+            if best is None or key < best_key:
+                best, best_key = br, key
+        return best
+
+    def _offer(self, br: _BatchRun) -> None:
+        """Put `br` in its owner's heap if it may start a job (after anything that can let it)."""
+        if br.offered or not br.can_start:
+            return
+        br.offered = True
+        owner = self._owner(br.batch.owner)
+        heapq.heappush(owner.batches, (br.seq, br))
+        self._startable[owner.name] = owner
+
+    def _owner(self, name: str) -> _Owner:
+        owner = self._owners.get(name)
+        if owner is None:
+            owner = self._owners[name] = _Owner(name)
+        return owner
+
+    def _forget_if_idle(self, owner: _Owner) -> None:
+        if not owner.queued and not owner.running and not owner.batches:
+            self._owners.pop(owner.name, None)
+            self._startable.pop(owner.name, None)
 
     def _start(self, br: _BatchRun, index: int) -> None:
         run = _Run(index)
         br.runs[index] = run
         self._running += 1
         self._queued -= 1
+        owner = self._owners[br.batch.owner]
+        owner.running += 1
+        owner.queued -= 1
+        self._tick += 1
+        owner.served = self._tick
         run.task = self._spawn_task(self._run_job(br, run), f"job {br.batch.cid}/{index}")
 
     def _spawn_task(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
@@ -290,49 +404,7 @@ class Engine:
                 self._finish_run(br, run, JobState.FAILED, message=exc.message)
                 return
             run.process = process
-            self._emit(
-                batch,
-                i,
-                JobState.RUNNING,
-                time_=process.start_time,
-                pid=process.pid,
-                pid_start=process.pid_start,
-                cgroup=process.cgroup.name if process.cgroup.slot is not None else "",
-            )
-            # One info line a job, at its end (like an access log); the start is for debugging.
-            jwlogging.line(
-                "debug", "job_started", {**ids, "pid": process.pid, "unix_user": run.user or None}
-            )
-            if run.reason is not None:  # cancelled while it was being spawned
-                self._stop(run, run.reason, run.message, run.grace)
-            # A timer rather than asyncio.wait_for: one handle instead of a task's worth of
-            # futures and callbacks, on the path every job takes.
-            timer = asyncio.get_running_loop().call_later(run.timeout, self._time_out, run)
-            try:
-                info = await process.wait()
-            finally:
-                timer.cancel()
-            state, message = self._outcome(run, info, limits)
-            self._finish_run(
-                br,
-                run,
-                state,
-                message=message,
-                exit_code=info.exit_code,
-                signal=info.signal,
-                time_=info.end_time,
-                info=info,
-            )
-            ended = {
-                **ids,
-                "state": state.name,
-                "exit_code": info.exit_code,
-                "signal": info.signal,
-                "pid": process.pid,
-                "unix_user": run.user or None,
-                "seconds": round(max(0.0, info.end_time - process.start_time), 3),
-            }
-            jwlogging.line("info", "job_ended", ended)
+            await self._supervise(br, run, process, limits, ids)
         except Exception:  # one job's bug must not stop the scheduler
             log.exception("job_supervision_failed", **ids)
             if run.process is not None:  # never leave a process behind, whatever failed
@@ -340,6 +412,56 @@ class Engine:
                 await run.process.wait()
             if br.runs.get(i) is run:
                 self._finish_run(br, run, JobState.FAILED, message="internal error running the job")
+
+    async def _supervise(
+        self, br: _BatchRun, run: _Run, process: Process, limits: Limits, ids: dict[str, Any]
+    ) -> None:
+        """From the job's start to its recorded end: timeout, log sizes, outcome."""
+        batch, i = br.batch, run.index
+        self._emit(
+            batch,
+            i,
+            JobState.RUNNING,
+            time_=process.start_time,
+            pid=process.pid,
+            pid_start=process.pid_start,
+            cgroup=process.cgroup.name if process.cgroup.slot is not None else "",
+        )
+        # One info line a job, at its end (like an access log); the start is for debugging.
+        jwlogging.line(
+            "debug", "job_started", {**ids, "pid": process.pid, "unix_user": run.user or None}
+        )
+        if run.reason is not None:  # cancelled while it was being spawned
+            self._stop(run, run.reason, run.message, run.grace)
+        self._watch_logs(batch, run)
+        # A timer rather than asyncio.wait_for: one handle instead of a task's worth of
+        # futures and callbacks, on the path every job takes.
+        timer = asyncio.get_running_loop().call_later(run.timeout, self._time_out, run)
+        try:
+            info = await process.wait()
+        finally:
+            timer.cancel()
+        state, message = self._outcome(run, info, limits)
+        self._finish_run(
+            br,
+            run,
+            state,
+            message=message,
+            exit_code=info.exit_code,
+            signal=info.signal,
+            time_=info.end_time,
+            info=info,
+        )
+        ended = {
+            **ids,
+            "state": state.name,
+            "exit_code": info.exit_code,
+            "signal": info.signal,
+            "pid": process.pid,
+            "unix_user": run.user or None,
+            "seconds": round(max(0.0, info.end_time - process.start_time), 3),
+        }
+        jwlogging.line("info", "job_ended", ended)
 
     @staticmethod
     def _outcome(run: _Run, info: ExitInfo, limits: Limits) -> tuple[JobState, str]:
@@ -362,6 +484,35 @@ class Engine:
         message = f"timed out after {format_duration(run.timeout)}"
         self._stop(run, JobState.TIMED_OUT, message, self.settings.kill_grace)
 
+    def _watch_logs(self, batch: BatchRecord, run: _Run) -> None:
+        """Check the job's log sizes against jobs.max_log_bytes while it runs: the output
+        goes from the process straight into its files, so the sizes are polled."""
+        folder = batch.job_dir(run.index)
+        run.logs = (f"{folder}/stdout", f"{folder}/stderr")
+        self._watched[run] = None
+        if self._log_timer is None and not self._closing:
+            loop = asyncio.get_running_loop()
+            self._log_timer = loop.call_later(_LOG_CHECK_INTERVAL, self._check_logs)
+
+    def _check_logs(self) -> None:
+        """Stop (FAILED) every running job with a stream past jobs.max_log_bytes."""
+        self._log_timer = None
+        limit = self.settings.max_log_bytes
+        for run in list(self._watched) if limit else ():
+            for stream, path in zip(_STREAMS, run.logs, strict=True):
+                try:
+                    size = os.stat(path).st_size
+                except OSError:  # not there: nothing written
+                    continue
+                if size > limit:
+                    del self._watched[run]
+                    message = f"stopped: {stream} passed jobs.max_log_bytes ({format_size(limit)})"
+                    self._stop(run, JobState.FAILED, message, self.settings.kill_grace)
+                    break
+        if self._watched and not self._closing:
+            delay = max(_LOG_CHECK_INTERVAL, 2 * len(self._watched) / _LOG_STATS_PER_SECOND)
+            self._log_timer = asyncio.get_running_loop().call_later(delay, self._check_logs)
+
     def _stop(self, run: _Run, reason: JobState, message: str, grace: float) -> None:
         """Ask a running job to stop; the first reason given is the one recorded."""
         if run.reason is None:
@@ -383,7 +534,10 @@ class Engine:
         info: ExitInfo | None = None,
     ) -> None:
         del br.runs[run.index]
+        self._watched.pop(run, None)
         self._running -= 1
+        owner = self._owners[br.batch.owner]
+        owner.running -= 1
         self._emit(
             br.batch,
             run.index,
@@ -395,17 +549,25 @@ class Engine:
             usage=info.usage if info else None,
         )
         self._after_end(br, run.index, state)
+        self._forget_if_idle(owner)
 
     def _end_unstarted(self, br: _BatchRun, i: int, state: JobState, message: str) -> None:
-        """End a job that never started (cancelled or skipped)."""
+        """End a job that never started (cancelled or skipped), and what follows from it."""
+        self._drop(br, i, state, message)
+        self._after_end(br, i, state)
+
+    def _drop(self, br: _BatchRun, i: int, state: JobState, message: str) -> None:
+        """Record the end of a job that never started; nothing more."""
         if i in br.unmet:
             del br.unmet[i]
+        elif br.ready and br.ready[0] == i:  # a sweep in index order: no search
+            br.ready.popleft()
         else:
             with contextlib.suppress(ValueError):
                 br.ready.remove(i)
         self._queued -= 1
+        self._owners[br.batch.owner].queued -= 1
         self._emit(br.batch, i, state, message=message)
-        self._after_end(br, i, state)
 
     def _after_end(self, br: _BatchRun, i: int, state: JobState) -> None:
         batch = br.batch
@@ -423,6 +585,7 @@ class Engine:
             if batch.options.fail_fast and state in _FAILURES:
                 self._fail_fast(br, i, state)
         self._finish_if_done(br)
+        self._offer(br)
         self._dispatch()
 
     def _fail_fast(self, br: _BatchRun, i: int, state: JobState) -> None:
@@ -441,12 +604,17 @@ class Engine:
             br.canceling = set()
 
     def _skip_dependents(self, br: _BatchRun, i: int) -> None:
+        """Skip every job that depends on job `i`, directly or not (a worklist, no recursion)."""
         batch = br.batch
-        name, state = batch.specs[i].name, batch.statuses[i].state
-        for d in br.dependents.get(i, ()):
-            if not batch.statuses[d].state.ended and d not in br.runs and d not in br.canceling:
-                message = f"skipped: dependency {name} did not succeed ({state.name.lower()})"
-                self._end_unstarted(br, d, JobState.SKIPPED, message)
+        work = [i]
+        while work:
+            j = work.pop()
+            name, state = batch.specs[j].name, batch.statuses[j].state
+            message = f"skipped: dependency {name} did not succeed ({state.name.lower()})"
+            for d in br.dependents.get(j, ()):
+                if not batch.statuses[d].state.ended and d not in br.runs and d not in br.canceling:
+                    self._drop(br, d, JobState.SKIPPED, message)
+                    work.append(d)
 
     def _finish_if_done(self, br: _BatchRun) -> None:
         if not br.ready and not br.unmet and not br.runs:

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
 
 from jobworker.config import JobsConfig
 from jobworker.engine.limits import CgroupBackend
-from jobworker.engine.process import Supervisor
+from jobworker.engine.process import ExitInfo, Supervisor
 from jobworker.engine.scheduler import Engine
-from jobworker.model import BatchOptions, JobEvent, JobSpec, JobState
+from jobworker.errors import ResourceExhausted
+from jobworker.model import BatchOptions, JobEvent, JobSpec, JobState, Usage
 from jobworker.store.batches import BatchRecord, BatchStore
 
 
@@ -41,3 +46,224 @@ async def test_a_job_that_exits_in_its_deadlines_loop_turn_keeps_its_own_result(
     store.close()
     assert batch.statuses[0].state is JobState.SUCCEEDED, batch.statuses[0]
     assert batch.statuses[0].exit_code == 0
+
+
+# --- the dispatcher, against a fake supervisor ----------------------------------------------
+# A fake: it starts no process, so each test decides when every job ends and the order of
+# starts is exact. Real processes run through the same Engine in tests/integration.
+
+
+class FakeProcess:
+    """What the Engine uses of a Process; ends when the test (or a stop) says so."""
+
+    def __init__(self, key: str, number: int) -> None:
+        self.key = key
+        self.pid = 4_000_000 + number  # above pid_max: never a real process
+        self.pid_start = 0
+        self.start_time = time.time()
+        self.cgroup = SimpleNamespace(name=key, slot=None)
+        self.done: asyncio.Future[ExitInfo] = asyncio.get_running_loop().create_future()
+
+    @property
+    def ended(self) -> bool:
+        return self.done.done()
+
+    def finish(self, code: int | None = 0, sig: int = 0) -> None:
+        if not self.done.done():
+            info = ExitInfo(code, sig, Usage(), time.time(), oom_killed=False)
+            self.done.set_result(info)
+
+    async def wait(self) -> ExitInfo:
+        return await asyncio.shield(self.done)
+
+    async def stop(self, grace: float) -> ExitInfo:
+        self.finish(None, signal.SIGTERM)
+        return await self.wait()
+
+    def kill(self) -> None:
+        self.finish(None, signal.SIGKILL)
+
+
+class FakeSupervisor:
+    """Hands out FakeProcesses and keeps those still running, oldest first."""
+
+    backend = CgroupBackend("none")
+
+    def __init__(self) -> None:
+        self.live: list[FakeProcess] = []
+        self.started: list[str] = []  # job names in the order they started
+        self.count = 0
+
+    async def spawn(self, spec: JobSpec, *args: object, **kwargs: object) -> FakeProcess:
+        self.count += 1
+        process = FakeProcess(str(args[2]), self.count)
+        self.live.append(process)
+        self.started.append(spec.name)
+        return process
+
+    async def next_live(self) -> FakeProcess:
+        deadline = time.monotonic() + 10
+        while True:
+            self.live = [p for p in self.live if not p.ended]
+            if self.live:
+                return self.live[0]
+            assert time.monotonic() < deadline, f"no job started after {self.started}"
+            await asyncio.sleep(0)
+
+
+def _engine(tmp_path: Path, **settings: object) -> tuple[BatchStore, FakeSupervisor, Engine]:
+    store = BatchStore(tmp_path)
+    supervisor = FakeSupervisor()
+    engine = Engine(store, supervisor, JobsConfig(**settings))  # type: ignore[arg-type]
+    return store, supervisor, engine
+
+
+def _batch(store: BatchStore, owner: str, *names: str, **options: object) -> BatchRecord:
+    specs = tuple(JobSpec(n, ("true",)) for n in names)
+    return store.create(owner, BatchOptions(**options), specs)  # type: ignore[arg-type]
+
+
+async def _run_out(supervisor: FakeSupervisor, batches: list[BatchRecord]) -> None:
+    """End each job, oldest first, as soon as it runs, until every batch has ended."""
+    deadline = time.monotonic() + 30
+    while not all(b.ended for b in batches):
+        supervisor.live = [p for p in supervisor.live if not p.ended]
+        if supervisor.live:
+            supervisor.live[0].finish(0)
+        assert time.monotonic() < deadline, f"not done after {supervisor.started}"
+        await asyncio.sleep(0)
+
+
+async def test_fair_share_is_round_robin_newcomers_first_fifo_within_an_identity(
+    tmp_path: Path,
+) -> None:
+    store, supervisor, engine = _engine(tmp_path, max_concurrent=1)
+    batches = [
+        _batch(store, "alice", "a0", "a1", "a2"),
+        _batch(store, "alice", "a3"),
+        _batch(store, "bob", "b0", "b1", "b2"),
+        _batch(store, "carol", "c0"),
+    ]
+    for batch in batches:
+        engine.submit(batch)
+    await _run_out(supervisor, batches)
+    await engine.shutdown()
+    assert supervisor.started == ["a0", "b0", "c0", "a1", "b1", "a2", "b2", "a3"]
+
+
+async def test_fair_share_false_is_fifo_across_batches(tmp_path: Path) -> None:
+    store, supervisor, engine = _engine(tmp_path, max_concurrent=1, fair_share=False)
+    batches = [
+        _batch(store, "alice", "a0", "a1"),
+        _batch(store, "bob", "b0"),
+        _batch(store, "alice", "a2"),
+    ]
+    for batch in batches:
+        engine.submit(batch)
+    await _run_out(supervisor, batches)
+    await engine.shutdown()
+    assert supervisor.started == ["a0", "a1", "b0", "a2"]
+
+
+async def test_a_reload_switches_fair_share(tmp_path: Path) -> None:
+    store, supervisor, engine = _engine(tmp_path, max_concurrent=1, fair_share=False)
+    batches = [_batch(store, "alice", "a0", "a1", "a2"), _batch(store, "bob", "b0")]
+    for batch in batches:
+        engine.submit(batch)
+    (await supervisor.next_live()).finish(0)  # a0; FIFO: a1 next
+    await supervisor.next_live()
+    engine.update_settings(JobsConfig(max_concurrent=1, fair_share=True))
+    await _run_out(supervisor, batches)
+    await engine.shutdown()
+    assert supervisor.started == ["a0", "a1", "b0", "a2"]
+
+
+async def test_max_parallel_and_max_running_per_identity_hold(tmp_path: Path) -> None:
+    store, supervisor, engine = _engine(tmp_path, max_concurrent=10, max_running_per_identity=2)
+    batches = [
+        _batch(store, "alice", "a0", "a1", "a2", "a3"),
+        _batch(store, "bob", "b0", "b1", "b2", max_parallel=1),
+    ]
+    for batch in batches:
+        engine.submit(batch)
+    await asyncio.sleep(0)
+    assert sorted(supervisor.started) == ["a0", "a1", "b0"]
+    assert engine.running == 3
+    # A reload that lifts the quota starts alice's other two at once; bob's max_parallel holds.
+    engine.update_settings(JobsConfig(max_concurrent=10))
+    await asyncio.sleep(0)
+    assert sorted(supervisor.started) == ["a0", "a1", "a2", "a3", "b0"]
+    await _run_out(supervisor, batches)
+    await engine.shutdown()
+    assert supervisor.started[-2:] == ["b1", "b2"]
+
+
+async def test_max_queued_jobs_per_identity(tmp_path: Path) -> None:
+    store, _, engine = _engine(tmp_path, max_concurrent=1, max_queued_jobs_per_identity=3)
+    engine.submit(_batch(store, "alice", "a0", "a1", "a2"))  # a0 runs: 2 queued
+    engine.check_capacity(1, "alice")
+    with pytest.raises(ResourceExhausted) as caught:
+        engine.check_capacity(2, "alice")
+    assert str(caught.value) == (
+        "queue of 'alice' is full: 2 jobs queued, 2 more would pass "
+        "jobs.max_queued_jobs_per_identity (3)"
+    )
+    engine.check_capacity(3, "bob")
+    await engine.shutdown()
+
+
+def _chain(store: BatchStore, n: int, **options: object) -> BatchRecord:
+    specs = [JobSpec("j0", ("false",))]
+    specs += [JobSpec(f"j{i}", ("true",), depends_on=(f"j{i - 1}",)) for i in range(1, n)]
+    return store.create("alice", BatchOptions(**options), tuple(specs))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("fail_fast", [False, True])
+async def test_a_10000_job_chain_whose_head_fails(tmp_path: Path, fail_fast: bool) -> None:
+    """Before the fix: RecursionError after ~330 skips, the rest QUEUED for ever."""
+    store, supervisor, engine = _engine(tmp_path)
+    batch = _chain(store, 10_000, fail_fast=fail_fast)
+    engine.submit(batch)
+    (await supervisor.next_live()).finish(1)
+    await _run_out(supervisor, [batch])
+    states = [s.state for s in batch.statuses]
+    assert states[0] is JobState.FAILED
+    assert states.count(JobState.SKIPPED) == 9_999
+    assert engine.queued == engine.running == 0
+    await engine.shutdown()
+
+
+async def test_recovery_of_a_10000_job_chain_with_a_failed_head(tmp_path: Path) -> None:
+    """The head's FAILED is on disk, the skips are not (a crash between): submit skips them."""
+    store, supervisor, engine = _engine(tmp_path)
+    batch = _chain(store, 10_000)
+    event = JobEvent(seq=store.next_seq(batch), index=0, state=JobState.FAILED, time=time.time())
+    store.append(batch, event)
+    engine.submit(batch)
+    assert batch.ended
+    assert [s.state for s in batch.statuses].count(JobState.SKIPPED) == 9_999
+    assert engine.queued == 0
+    assert supervisor.started == []
+    await engine.shutdown()
+
+
+async def test_a_job_past_max_log_bytes_is_stopped(tmp_path: Path) -> None:
+    """The fake process writes nothing: the test grows the job's stderr file itself."""
+    store, supervisor, engine = _engine(tmp_path, max_log_bytes=1024)
+    batch = _batch(store, "alice", "loud", "quiet")
+    engine.submit(batch)
+    await supervisor.next_live()
+    folder = batch.job_dir(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "stderr").write_bytes(b"x" * 1024)  # at the limit: allowed
+    await asyncio.sleep(0.6)
+    assert not batch.statuses[0].state.ended
+    with open(folder / "stderr", "ab") as f:
+        f.write(b"y")
+    deadline = time.monotonic() + 10
+    while not batch.statuses[0].state.ended:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    assert batch.statuses[0].state is JobState.FAILED
+    assert batch.statuses[0].message == "stopped: stderr passed jobs.max_log_bytes (1 KiB)"
+    await engine.shutdown()
