@@ -530,3 +530,63 @@ def test_cli_help_names_the_client_s_defaults() -> None:
     text = run(["list", "--help"]).stdout
     for default in (client.DEFAULT_SERVER, client.DEFAULT_CA, client.DEFAULT_CERT):
         assert str(default) in " ".join(text.split())
+
+
+# -- verbs of issue 14 whose end-to-end tests come with the server side ------------------
+
+
+def test_delete_stops_at_the_first_refusal(env: dict[str, str], service: FakeService) -> None:
+    _add_batch(service, pb.BATCH_STATE_SUCCEEDED)
+    service.add(pb.Batch(correlation_id="b-8", state=pb.BATCH_STATE_RUNNING))
+    result = run(["delete", "b-7", "b-8", "--json"], env)
+    assert result.exit_code == 1
+    assert json.loads(result.stdout) == {"deleted": ["b-7"]}
+    assert "FAILED_PRECONDITION: batch is running" in result.stderr
+    assert "b-7" not in service.batches
+    assert run(["delete", "b-7"], env).exit_code == 3
+
+
+def test_logs_tail_asks_for_lines_and_a_resumed_stream_does_not(
+    env: dict[str, str], service: FakeService
+) -> None:
+    service.add(
+        pb.Batch(
+            correlation_id="b-1",
+            state=pb.BATCH_STATE_SUCCEEDED,
+            jobs=[pb.Job(spec=pb.JobSpec(name="a"), state=pb.JOB_STATE_SUCCEEDED)],
+        ),
+        EVENTS,
+    )
+    service.breaks = [2]
+    result = run(["logs", "b-1", "-f", "--tail", "5"], env)
+    assert result.exit_code == 0, result.output
+    first, resumed = service.stream_requests
+    assert first.HasField("tail_lines")
+    assert first.tail_lines == 5
+    assert resumed.cursor == "2"
+    assert not resumed.HasField("tail_lines")
+    run(["logs", "b-1"], env)
+    assert not service.stream_requests[-1].HasField("tail_lines")
+
+
+def test_wait_asks_for_no_old_output_and_exits_as_status(
+    env: dict[str, str], service: FakeService
+) -> None:
+    _add_batch(service, pb.BATCH_STATE_FAILED)
+    result = run(["wait", "b-7", "--json"], env)
+    assert result.exit_code == 1
+    assert json.loads(result.stdout)["batches"][0]["state"] == "failed"
+    assert service.stream_requests[-1].tail_lines == 0
+    assert run(["wait", "nope"], env).exit_code == 3
+
+
+def test_piped_stdin_without_i_is_refused_only_for_a_real_pipe(
+    env: dict[str, str], service: FakeService
+) -> None:
+    # CliRunner's stdin is no file descriptor: nothing to refuse, nothing sent.
+    assert run(["submit", "--", "cat"], env, input="data").exit_code == 0
+    assert run(["submit", "-i", "--", "cat"], env, input="data").exit_code == 0
+    assert service.schedule_requests[-1][0].job.stdin == b"data"
+    result = run(["submit", "-i", "-c", "a", "-c", "b"], env, input="x")
+    assert result.exit_code == 2
+    assert "-i sends stdin to one job; there are 2" in result.stderr

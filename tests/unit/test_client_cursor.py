@@ -95,6 +95,13 @@ class FakeService(pb_grpc.JobWorkerServiceServicer):
                 job.state = pb.JOB_STATE_CANCELED
         return pb.CancelBatchResponse(batch=batch)
 
+    def DeleteBatch(self, request: Any, context: grpc.ServicerContext) -> Any:
+        batch = self._batch(request.correlation_id, context)
+        if batch.state == pb.BATCH_STATE_RUNNING:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "batch is running")
+        del self.batches[request.correlation_id]
+        return pb.DeleteBatchResponse()
+
     def ListBatches(self, request: Any, context: grpc.ServicerContext) -> Any:
         self.list_requests.append(request)
         start = int(request.page_token or 0)

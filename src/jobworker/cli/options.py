@@ -76,7 +76,6 @@ class Connection:
     @contextmanager
     def client(self) -> Iterator[RpcClient]:
         """A connected client; a failure of the client exits the command with a message."""
-        quiet_grpc()
         from jobworker.client.rpc import RpcClient
 
         with client_errors(self) as state:
@@ -186,6 +185,7 @@ def connection_options(command: Callable[_P, _R]) -> Callable[..., _R]:
         **kwargs: Any,
     ) -> _R:
         conn = Connection(server, ca, cert, key, server_name, context)
+        quiet_grpc()
         try:
             # The wrapped command takes `conn` on top of its own click parameters.
             return command(*args, conn=conn, **kwargs)  # type: ignore[arg-type]
