@@ -346,50 +346,70 @@ def submit(
     A job's standard input is empty unless -i sends this command's own; piped input
     without -i is refused (exit 2) rather than silently dropped.
     """
-    from jobworker.cli.batchfile import BatchFileError, load_batch_file
-
     _check_submit_flags(argv, commands, batch_file, names, send_stdin, follow, as_json)
     if (quiet or failures_only or progress) and not follow:
         raise click.UsageError("--quiet, --failures-only and --progress go with --follow")
-    file_options = None
-    if batch_file is not None:
-        try:
-            file_options, jobs = load_batch_file(batch_file)
-        except BatchFileError as err:
-            fail(str(err), EXIT_USAGE)
-    else:
-        jobs = _command_line_jobs(argv, commands, names)
-        _take_stdin(jobs, send_stdin)
+    file_options, jobs = _gather_jobs(argv, commands, batch_file, names, send_stdin)
     _apply_defaults(jobs, env, workdir, timeout)
     options = _batch_options(file_options, labels, max_parallel, fail_fast, idempotency_key)
 
     with conn.client() as client:
         response = client.schedule(jobs, options)
-        cid = response.correlation_id
         if as_json:
             from jobworker.client import convert
 
             _print_json(convert.submitted(response))
             return
         if not follow:
-            click.echo(cid)
+            click.echo(response.correlation_id)
             return
-        click.echo(f"jobworker: batch {cid}", err=True)
-        if progress is None:
-            progress = sys.stderr.isatty() and len(response.job_names) >= _PROGRESS_MIN_JOBS
-        try:
-            printer = _follow_printer(response.job_names, progress, quiet, failures_only)
-            _print_stream(client, cid, (), printer, follow=True)
-        except KeyboardInterrupt:
-            _interrupted(cid)
-            raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
-        batch = client.get(cid, log_tail_bytes=0)
+        batch = _follow_submitted(client, response, progress, quiet, failures_only)
 
     from jobworker.cli.render import print_batch
 
     if not quiet or not _selected_succeeded(batch, ()):
         print_batch(_stderr_console(), batch)
     raise click.exceptions.Exit(EXIT_OK if _selected_succeeded(batch, ()) else EXIT_FAILED)
+
+
+def _gather_jobs(
+    argv: Sequence[str],
+    commands: Sequence[str],
+    batch_file: Path | None,
+    names: Sequence[str],
+    send_stdin: bool,
+) -> tuple[pb.BatchOptions | None, list[pb.JobSpec]]:
+    from jobworker.cli.batchfile import BatchFileError, load_batch_file
+
+    if batch_file is None:
+        jobs = _command_line_jobs(argv, commands, names)
+        _take_stdin(jobs, send_stdin)
+        return None, jobs
+    try:
+        return load_batch_file(batch_file)
+    except BatchFileError as err:
+        fail(str(err), EXIT_USAGE)
+
+
+def _follow_submitted(
+    client: Client,
+    response: pb.ScheduleBatchResponse,
+    progress: bool | None,
+    quiet: bool,
+    failures_only: bool,
+) -> pb.Batch:
+    """Follow a batch just scheduled until it ends; the batch then."""
+    cid = response.correlation_id
+    click.echo(f"jobworker: batch {cid}", err=True)
+    if progress is None:
+        progress = sys.stderr.isatty() and len(response.job_names) >= _PROGRESS_MIN_JOBS
+    try:
+        printer = _follow_printer(response.job_names, progress, quiet, failures_only)
+        _print_stream(client, cid, (), printer, follow=True)
+    except KeyboardInterrupt:
+        _interrupted(cid)
+        raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+    return client.get(cid, log_tail_bytes=0)
 
 
 def _check_submit_flags(

@@ -122,57 +122,61 @@ def client_errors(conn: Connection | None = None) -> Iterator[list[str]]:
         fail(str(err), EXIT_USAGE)
 
 
-def connection_options(command: Callable[_P, _R]) -> Callable[..., _R]:
-    """Add --context, --server, --ca, --cert, --key and --server-name; pass them as `conn`."""
-
-    @click.option(
+_CONNECTION_OPTIONS = (
+    click.option(
         "--context",
         envvar="JOBWORKER_CONTEXT",
         default=None,
         metavar="NAME",
         help="Use this context of the client profile (~/.config/jobworker/client.toml, "
         "or JOBWORKER_CLIENT_CONFIG) [env: JOBWORKER_CONTEXT]; flags below win over it.",
-    )
-    @click.option(
+    ),
+    click.option(
         "--server",
         envvar="JOBWORKER_SERVER",
         default=None,
         metavar="HOST:PORT",
         help="The server's address [env: JOBWORKER_SERVER; default: the profile's, else "
         "127.0.0.1:50051].",
-    )
-    @click.option(
+    ),
+    click.option(
         "--ca",
         envvar="JOBWORKER_CA",
         default=None,
         type=click.Path(dir_okay=False, path_type=Path),
         help="CA certificate the server's certificate must chain to [env: JOBWORKER_CA; "
         "default: the profile's, else var/certs/ca.pem].",
-    )
-    @click.option(
+    ),
+    click.option(
         "--cert",
         envvar="JOBWORKER_CERT",
         default=None,
         type=click.Path(dir_okay=False, path_type=Path),
         help="This client's certificate [env: JOBWORKER_CERT; default: the profile's, "
         "else var/certs/admin.pem].",
-    )
-    @click.option(
+    ),
+    click.option(
         "--key",
         envvar="JOBWORKER_KEY",
         default=None,
         type=click.Path(dir_okay=False, path_type=Path),
         help="This client's private key [env: JOBWORKER_KEY; default: the profile's, "
         "else var/certs/admin-key.pem].",
-    )
-    @click.option(
+    ),
+    click.option(
         "--server-name",
         envvar="JOBWORKER_SERVER_NAME",
         default=None,
         metavar="NAME",
         help="Check the server's certificate against NAME instead of the host in --server "
         "[env: JOBWORKER_SERVER_NAME].",
-    )
+    ),
+)
+
+
+def connection_options(command: Callable[_P, _R]) -> Callable[..., _R]:
+    """Add --context, --server, --ca, --cert, --key and --server-name; pass them as `conn`."""
+
     @functools.wraps(command)
     def wrapper(
         *args: Any,
@@ -196,7 +200,10 @@ def connection_options(command: Callable[_P, _R]) -> Callable[..., _R]:
             _silence_stdout()
             raise click.exceptions.Exit(EXIT_OK) from None
 
-    return wrapper
+    decorated: Callable[..., _R] = wrapper
+    for option in reversed(_CONNECTION_OPTIONS):
+        decorated = option(decorated)
+    return decorated
 
 
 def _silence_stdout() -> None:
