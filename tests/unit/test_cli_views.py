@@ -43,8 +43,9 @@ def test_a_queued_job_says_what_it_waits_for() -> None:
             ),
         ]
     )
-    assert render.waiting_for(batch.jobs[2], batch) == "after build"
-    assert render.waiting_for(batch.jobs[0], batch) == ""
+    states = {job.spec.name: job.state for job in batch.jobs}
+    assert render.waiting_for(batch.jobs[2], states) == "after build"
+    assert render.waiting_for(batch.jobs[0], states) == ""
 
 
 def _ts(seconds: int, millis: int) -> Timestamp:
@@ -191,3 +192,24 @@ def test_batch_file_retry_policy(tmp_path: Path) -> None:
 )
 def test_exit_codes_of_status_codes(code: str, exit_code: int) -> None:
     assert exit_code_of(code) == exit_code
+
+
+def test_a_big_batch_gets_the_same_columns_laid_out_by_hand() -> None:
+    jobs = [pb.Job(index=0, spec=pb.JobSpec(name="gate", argv=["sleep", "9"]), state=2)]
+    jobs += [
+        pb.Job(
+            index=i,
+            spec=pb.JobSpec(name=f"j{i}", argv=["true"], depends_on=["gate"]),
+            state=pb.JOB_STATE_QUEUED,
+        )
+        for i in range(1, render.PLAIN_TABLE_JOBS + 1)
+    ]
+    out = io.StringIO()
+    from rich.console import Console
+
+    render.print_batch(Console(file=out, width=80), pb.Batch(correlation_id="b", jobs=jobs))
+    lines = out.getvalue().splitlines()
+    assert lines[2].split() == list(render._JOB_COLUMNS)
+    assert len(lines) == 3 + len(jobs)
+    assert lines[-1].split() == [str(render.PLAIN_TABLE_JOBS), f"j{render.PLAIN_TABLE_JOBS}",
+                                 "queued", "true", "after", "gate"]  # fmt: skip

@@ -6,13 +6,16 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import yaml
-from pydantic import ValidationError
+# pydantic, PyYAML and the models load on first use: every client command imports
+# BatchFileError, and the models take a while to build.
+if TYPE_CHECKING:
+    import yaml
+    from pydantic import ValidationError
 
-from jobworker.cli.batchmodel import BatchFile, Job, error_text
-from jobworker.v1 import jobworker_pb2 as pb
+    from jobworker.cli.batchmodel import Job
+    from jobworker.v1 import jobworker_pb2 as pb
 
 
 class BatchFileError(ValueError):
@@ -46,6 +49,8 @@ def load_batch_file(
 
 
 def _decode(text: str, name: str, suffix: str) -> object:
+    import yaml
+
     is_json = suffix == ".json" or (
         suffix not in {".yaml", ".yml"} and text.lstrip()[:1] in {"{", "["}
     )
@@ -73,6 +78,10 @@ def parse_batch(
     Errors name the job (index and name) and the field, and with the file's `text`
     also `source:line`; every error found is reported, one a line.
     """
+    from pydantic import ValidationError
+
+    from jobworker.cli.batchmodel import BatchFile
+
     if isinstance(data, list):
         data = {"jobs": data}
     if not isinstance(data, dict):
@@ -100,6 +109,8 @@ def _job_pb(index: int, job: Job, base_dir: Path) -> pb.JobSpec:
 
 
 def _explain(err: ValidationError, data: dict[str, Any], source: str, text: str | None) -> str:
+    from jobworker.cli.batchmodel import error_text
+
     lines = []
     for error in err.errors(include_url=False):
         loc = tuple(error["loc"])
@@ -112,6 +123,8 @@ def _explain(err: ValidationError, data: dict[str, Any], source: str, text: str 
 def _line_of(text: str, loc: tuple[int | str, ...]) -> int | None:
     """The line (from 1) of the value at `loc` in YAML or JSON `text`, or of its nearest
     parent that exists."""
+    import yaml
+
     try:
         node = yaml.compose(text)
     except yaml.YAMLError:
@@ -129,6 +142,8 @@ def _line_of(text: str, loc: tuple[int | str, ...]) -> int | None:
 
 
 def _child(node: yaml.Node, key: int | str) -> yaml.Node | None:
+    import yaml
+
     if isinstance(node, yaml.MappingNode):
         for key_node, value in node.value:
             if key_node.value == str(key):
@@ -140,6 +155,8 @@ def _child(node: yaml.Node, key: int | str) -> yaml.Node | None:
 
 def batch_file_schema() -> dict[str, Any]:
     """The JSON Schema of batch files (as read after YAML or JSON decoding)."""
+    from jobworker.cli.batchmodel import BatchFile
+
     schema = BatchFile.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     return schema
