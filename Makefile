@@ -1,5 +1,9 @@
 # jobworker: `make run` starts a server, `make test` runs every check.
-PYTHON ?= python3.11
+# The first Python 3.11+ found (each candidate is run: a pyenv shim may exist yet fail).
+PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
+	$$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1 && \
+	{ echo $$p; break; }; done)
+LOCK := requirements.lock
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -8,16 +12,29 @@ PROTO_SRC := proto/jobworker/v1/jobworker.proto
 GEN_DIR := src/jobworker/v1
 export GRPC_ENABLE_FORK_SUPPORT := false
 
-.PHONY: build run test lint typecheck proto proto-check pytest bench clean
+.PHONY: build lock run test lint typecheck proto proto-check pytest bench clean
 
 build: $(STAMP) $(CERTS)/ca.pem
 
-$(STAMP): pyproject.toml
-	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH" >&2; exit 1; }
+# Exact versions from the lock file (reproducible builds); the project itself on top.
+$(STAMP): pyproject.toml $(LOCK)
+	@test -n "$(PYTHON)" || { echo "need Python 3.11 or newer on PATH" \
+		"(python3.13, python3.12, python3.11 or python3)" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check --upgrade pip==25.3
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -r $(LOCK)
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e '.[dev]'
 	touch $@
+
+# Remakes the lock file from pyproject.toml's ranges, in a clean throw-away venv.
+lock:
+	@test -n "$(PYTHON)" || { echo "need Python 3.11 or newer on PATH" >&2; exit 1; }
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet --disable-pip-version-check '.[dev]'
+	{ echo "# pip install -r requirements.lock: exact versions for make build (make lock)"; \
+	  .lock-venv/bin/pip freeze --exclude-editable --disable-pip-version-check | \
+	  grep -v '^jobworker[= @]'; } > $(LOCK)
+	rm -rf .lock-venv
 
 # Certificates are made once and never overwritten.
 $(CERTS)/ca.pem: | $(STAMP)
@@ -57,4 +74,4 @@ bench: build
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .lock-venv build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -27,7 +27,9 @@ def run(
     return subprocess.run(
         [sys.executable, "-m", "jobworker", *args],
         env=env,
+        # Piped stdin without -i is refused: a test gives none unless it means to.
         input=stdin,
+        stdin=None if stdin is not None else subprocess.DEVNULL,
         capture_output=True,
         timeout=120,
         check=False,
@@ -44,10 +46,10 @@ def test_submit_prints_the_correlation_id_and_status_shows_the_jobs(server: Serv
     cid = submit(server, "-c", "echo hello", "-c", "exit 4")
     assert len(cid) == 36
     status = run(server, "status", cid, "--json")
-    while json.loads(status.stdout)["state"] == "BATCH_STATE_RUNNING":
+    while json.loads(status.stdout)["state"] == "running":
         status = run(server, "status", cid, "--json")
     batch = json.loads(status.stdout)
-    assert [j["state"] for j in batch["jobs"]] == ["JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED"]
+    assert [j["state"] for j in batch["jobs"]] == ["succeeded", "failed"]
     assert status.returncode == 1  # the batch did not succeed
     table = run(server, "status", cid)
     text = table.stdout.decode()
@@ -88,7 +90,7 @@ def test_cancel_and_list(server: Server) -> None:
     cancel = run(server, "cancel", cid, "--json")
     assert cancel.returncode == 0, cancel.stderr
     batch = json.loads(cancel.stdout)
-    assert batch["jobs"][0]["state"] == "JOB_STATE_CANCELED"
+    assert batch["jobs"][0]["state"] == "canceled"
     listed = run(server, "list", "--label", "suite=cli", "--json")
     ids = [b["correlation_id"] for b in json.loads(listed.stdout)["batches"]]
     assert ids == [cid]
@@ -96,18 +98,18 @@ def test_cancel_and_list(server: Server) -> None:
 
 def test_errors_name_the_problem_and_exit_non_zero(server: Server, tmp_path: Path) -> None:
     missing = run(server, "status", "00000000-0000-0000-0000-000000000000")
-    assert missing.returncode == 1
+    assert missing.returncode == 3
     assert b"NOT_FOUND" in missing.stderr
     viewer = run(server, "submit", "--", "true", identity="viewer")
-    assert viewer.returncode == 1
+    assert viewer.returncode == 5
     assert b"PERMISSION_DENIED" in viewer.stderr
     invalid = run(server, "submit", "-w", "relative/dir", "--", "true")
-    assert invalid.returncode != 0
+    assert invalid.returncode == 2
     assert b"working_dir" in invalid.stderr
 
 
 @pytest.mark.parametrize("identity", ["nobody"])
 def test_role_none_is_refused_by_every_command(server: Server, identity: str) -> None:
     out = run(server, "list", identity=identity)
-    assert out.returncode == 1
+    assert out.returncode == 5
     assert b"PERMISSION_DENIED" in out.stderr

@@ -139,7 +139,7 @@ def test_timeout_as_number_of_seconds() -> None:
         ({"argv": ["x"], "limits": {"cpu_millis": -1}}, "jobs[1]: limits.cpu_millis: must be"),
         ({"argv": ["x"], "limits": {"pids_max": 2**32}}, "jobs[1]: limits.pids_max: must be"),
         ({"argv": ["x"], "limits": {"cpus": 1}}, "jobs[1]: limits: unknown field 'cpus'"),
-        ({"name": "t", "argv": "echo hi"}, "jobs[1] (t): argv: must be a non-empty list"),
+        ({"name": "t", "argv": "echo hi"}, "jobs[1] (t): argv: must be a list"),
         ({"name": "t", "argv": []}, "jobs[1] (t): argv: must be a non-empty list"),
         ({"name": "t"}, "jobs[1] (t): argv: missing"),
         ({"argv": ["x"], "command": "x"}, "jobs[1]: argv, command: give one"),

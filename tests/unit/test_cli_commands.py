@@ -34,6 +34,8 @@ ENV_NAMES = (
     "JOBWORKER_CERT",
     "JOBWORKER_KEY",
     "JOBWORKER_SERVER_NAME",
+    "JOBWORKER_CONTEXT",
+    "JOBWORKER_CLIENT_CONFIG",
     "NO_COLOR",
 )
 
@@ -117,9 +119,11 @@ def address(service: FakeService, certs: Path) -> Iterator[str]:
 
 
 @pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for name in ENV_NAMES:
         monkeypatch.delenv(name, raising=False)
+    # No profile of the person running the tests.
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
 
 
 @pytest.fixture
@@ -139,12 +143,14 @@ def run(args: list[str], env: dict[str, str] | None = None, input: Any = None) -
 # -- connection options, errors and exit codes --------------------------------------------
 
 
-def test_closed_port_exits_1_naming_the_address(env: dict[str, str]) -> None:
+def test_closed_port_exits_4_saying_nothing_listens(env: dict[str, str]) -> None:
     with socket_closed_port() as port:
         result = run(["status", "b-1", "--server", f"127.0.0.1:{port}"], env)
-    assert result.exit_code == 1
+    assert result.exit_code == 4
     assert result.stdout == ""
-    assert result.stderr.startswith(f"jobworker: cannot reach 127.0.0.1:{port}: UNAVAILABLE (")
+    assert result.stderr.startswith(
+        f"jobworker: cannot reach 127.0.0.1:{port}: nothing is listening at 127.0.0.1:{port}"
+    )
     assert result.stderr.count("\n") == 1
 
 
@@ -153,18 +159,18 @@ def test_flag_wins_over_env_and_env_over_default(env: dict[str, str]) -> None:
         env = env | {"JOBWORKER_SERVER": f"127.0.0.1:{env_port}"}
         by_flag = run(["list", "--server", f"127.0.0.1:{flag_port}"], env)
         by_env = run(["list"], env)
-    assert by_flag.exit_code == by_env.exit_code == 1
+    assert by_flag.exit_code == by_env.exit_code == 4
     assert f"cannot reach 127.0.0.1:{flag_port}:" in by_flag.stderr
     assert f"cannot reach 127.0.0.1:{env_port}:" in by_env.stderr
 
 
 def test_missing_certificate_is_named(tmp_path: Path, env: dict[str, str]) -> None:
     result = run(["list", "--cert", str(tmp_path / "bob.pem")], env)
-    assert result.exit_code == 1
+    assert result.exit_code == 4
     assert "client certificate not found" in result.stderr
     assert "bob.pem" in result.stderr
     assert "make build" in result.stderr
-    assert "jobworker certs init" in result.stderr
+    assert "jobworker certs issue NAME --profile" in result.stderr
 
 
 def test_default_certificate_paths_are_relative_to_cwd(
@@ -172,8 +178,10 @@ def test_default_certificate_paths_are_relative_to_cwd(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     result = run(["list"])
-    assert result.exit_code == 1
-    assert "var/certs/ca.pem" in result.stderr
+    assert result.exit_code == 4
+    # Every missing file at once, not one a run.
+    for name in ("var/certs/ca.pem", "var/certs/admin.pem", "var/certs/admin-key.pem"):
+        assert f"not found: {name}" in result.stderr
 
 
 def test_untrusted_client_certificate_is_refused(env: dict[str, str], tmp_path: Path) -> None:
@@ -184,13 +192,14 @@ def test_untrusted_client_certificate_is_refused(env: dict[str, str], tmp_path: 
     result = run(
         ["list", "--cert", str(tmp_path / "m.pem"), "--key", str(tmp_path / "m-key.pem")], env
     )
-    assert result.exit_code == 1
-    assert result.stderr.startswith("jobworker: cannot reach 127.0.0.1:")
+    # Found before any connection: the certificate is not signed by the CA.
+    assert result.exit_code == 4
+    assert "m.pem (issued by 'CN=mallory') is not signed by the CA" in result.stderr
 
 
 def test_rpc_error_is_one_line(env: dict[str, str]) -> None:
     result = run(["status", "nope"], env)
-    assert result.exit_code == 1
+    assert result.exit_code == 3
     assert result.stderr == "jobworker: NOT_FOUND: batch nope not found\n"
 
 
@@ -301,7 +310,7 @@ def test_submit_bad_batch_file_exits_2(env: dict[str, str], tmp_path: Path) -> N
     path.write_text("jobs: [{name: build, argv: [x], timeout: soon}]\n")
     result = run(["submit", "-f", str(path)], env)
     assert result.exit_code == 2
-    assert result.stderr.startswith("jobworker: jobs[0] (build): timeout: ")
+    assert result.stderr.startswith(f"jobworker: {path}:1: jobs[0] (build): timeout: ")
 
 
 def test_submit_follow_exits_with_the_batch_result(
@@ -357,7 +366,7 @@ def _add_batch(service: FakeService, state: int) -> None:
         (pb.BATCH_STATE_SUCCEEDED, 0),
         (pb.BATCH_STATE_FAILED, 1),
         (pb.BATCH_STATE_CANCELED, 1),
-        (pb.BATCH_STATE_RUNNING, 3),
+        (pb.BATCH_STATE_RUNNING, 1),
     ],
 )
 def test_status_exit_code_follows_the_batch(
@@ -381,7 +390,13 @@ def test_status_logs_and_json(env: dict[str, str], service: FakeService) -> None
     assert result.exit_code == 0
     data = json.loads(result.stdout)
     assert data["correlation_id"] == "b-7"
-    assert data["jobs"][1]["state"] == "JOB_STATE_FAILED"
+    assert data["jobs"][1]["state"] == "failed"
+    assert data["jobs"][0]["stdout"] == {
+        "data": "built\n",
+        "encoding": "utf-8",
+        "total_bytes": 6,
+        "truncated": False,
+    }
     assert not service.get_requests[-1].HasField("log_tail_bytes")
 
 
@@ -408,8 +423,13 @@ def test_logs_no_prefix_and_json(env: dict[str, str], service: FakeService) -> N
     assert list(service.stream_requests[-1].job_names) == ["build"]
     result = run(["logs", "b-7", "--json"], env)
     lines = [json.loads(line) for line in result.stdout.splitlines()]
-    assert lines[0]["chunk"]["job_name"] == "build"
+    assert lines[0]["type"] == "chunk"
+    assert lines[0]["job_name"] == "build"
     assert lines[0]["cursor"] == "1"
+    binary = lines[1]
+    assert (binary["data"], binary["encoding"]) == ("AP9iaW5hcnk=", "base64")
+    assert lines[3]["type"] == "state"
+    assert lines[3]["state"] == "succeeded"
 
 
 def test_logs_raw_writes_bytes(env: dict[str, str], service: FakeService) -> None:
@@ -469,7 +489,7 @@ def test_cancel_prints_the_table_or_json(env: dict[str, str], service: FakeServi
     assert list(request.job_names) == ["test"]
     assert request.grace_period.seconds == 2
     result = run(["cancel", "b-7", "--json"], env)
-    assert json.loads(result.stdout)["state"] == "BATCH_STATE_CANCELED"
+    assert json.loads(result.stdout)["state"] == "canceled"
 
 
 def test_list_table_limit_and_json(env: dict[str, str], service: FakeService) -> None:
@@ -504,11 +524,69 @@ def test_list_empty(env: dict[str, str]) -> None:
     assert result.stderr == "no batches\n"
 
 
-def test_cli_defaults_match_the_client_s() -> None:
+def test_cli_help_names_the_client_s_defaults() -> None:
     from jobworker import client
-    from jobworker.cli import options
 
-    assert options.DEFAULT_SERVER == client.DEFAULT_SERVER
-    assert Path(options.DEFAULT_CA) == client.DEFAULT_CA
-    assert Path(options.DEFAULT_CERT) == client.DEFAULT_CERT
-    assert Path(options.DEFAULT_KEY) == client.DEFAULT_KEY
+    text = run(["list", "--help"]).stdout
+    for default in (client.DEFAULT_SERVER, client.DEFAULT_CA, client.DEFAULT_CERT):
+        assert str(default) in " ".join(text.split())
+
+
+# -- verbs of issue 14 whose end-to-end tests come with the server side ------------------
+
+
+def test_delete_stops_at_the_first_refusal(env: dict[str, str], service: FakeService) -> None:
+    _add_batch(service, pb.BATCH_STATE_SUCCEEDED)
+    service.add(pb.Batch(correlation_id="b-8", state=pb.BATCH_STATE_RUNNING))
+    result = run(["delete", "b-7", "b-8", "--json"], env)
+    assert result.exit_code == 1
+    assert json.loads(result.stdout) == {"deleted": ["b-7"]}
+    assert "FAILED_PRECONDITION: batch is running" in result.stderr
+    assert "b-7" not in service.batches
+    assert run(["delete", "b-7"], env).exit_code == 3
+
+
+def test_logs_tail_asks_for_lines_and_a_resumed_stream_does_not(
+    env: dict[str, str], service: FakeService
+) -> None:
+    service.add(
+        pb.Batch(
+            correlation_id="b-1",
+            state=pb.BATCH_STATE_SUCCEEDED,
+            jobs=[pb.Job(spec=pb.JobSpec(name="a"), state=pb.JOB_STATE_SUCCEEDED)],
+        ),
+        EVENTS,
+    )
+    service.breaks = [2]
+    result = run(["logs", "b-1", "-f", "--tail", "5"], env)
+    assert result.exit_code == 0, result.output
+    first, resumed = service.stream_requests
+    assert first.HasField("tail_lines")
+    assert first.tail_lines == 5
+    assert resumed.cursor == "2"
+    assert not resumed.HasField("tail_lines")
+    run(["logs", "b-1"], env)
+    assert not service.stream_requests[-1].HasField("tail_lines")
+
+
+def test_wait_asks_for_no_old_output_and_exits_as_status(
+    env: dict[str, str], service: FakeService
+) -> None:
+    _add_batch(service, pb.BATCH_STATE_FAILED)
+    result = run(["wait", "b-7", "--json"], env)
+    assert result.exit_code == 1
+    assert json.loads(result.stdout)["batches"][0]["state"] == "failed"
+    assert service.stream_requests[-1].tail_lines == 0
+    assert run(["wait", "nope"], env).exit_code == 3
+
+
+def test_piped_stdin_without_i_is_refused_only_for_a_real_pipe(
+    env: dict[str, str], service: FakeService
+) -> None:
+    # CliRunner's stdin is no file descriptor: nothing to refuse, nothing sent.
+    assert run(["submit", "--", "cat"], env, input="data").exit_code == 0
+    assert run(["submit", "-i", "--", "cat"], env, input="data").exit_code == 0
+    assert service.schedule_requests[-1][0].job.stdin == b"data"
+    result = run(["submit", "-i", "-c", "a", "-c", "b"], env, input="x")
+    assert result.exit_code == 2
+    assert "-i sends stdin to one job; there are 2" in result.stderr

@@ -234,19 +234,7 @@ def test_batches_table_and_summary() -> None:
     assert render.jobs_summary(summary) == "3/5 ok, 1 failed, 1 running"
     text = _render(render.batches_table([summary], now=1_700_000_030.0))
     header, row = text.splitlines()[:2]
-    assert header.split()[:3] == ["correlation", "id", "owner"]
+    assert header.split()[:2] == ["id", "owner"]
     assert row.split()[:8] == ["b-9", "bob", "running", "3/5", "ok,", "1", "failed,", "1"]
     assert "a=1,b=2" in row
     assert row.rstrip().endswith("30.0s+")
-
-
-def test_message_to_dict_keeps_proto_names_and_zero_values() -> None:
-    data = render.message_to_dict(_batch())
-    assert data["correlation_id"] == "b-123"
-    assert data["state"] == "BATCH_STATE_FAILED"
-    job = data["jobs"][0]
-    assert job["exit_code"] == 0
-    assert job["stdout"]["total_bytes"] == 11
-    assert job["stdout"]["data"] == "YnVpbHQgW29rXQo="
-    assert data["jobs"][2]["signal"] == 0
-    assert "exit_code" not in data["jobs"][2]

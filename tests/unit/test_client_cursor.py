@@ -10,7 +10,9 @@ from typing import Any
 import grpc
 import pytest
 
-from jobworker.client import AsyncClient, Backoff, Client, ClientConfig, ClientError
+from jobworker.client import AsyncRpcClient as AsyncClient
+from jobworker.client import Backoff, ClientConfig, ClientError
+from jobworker.client import RpcClient as Client
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
 
@@ -92,6 +94,13 @@ class FakeService(pb_grpc.JobWorkerServiceServicer):
             if not request.job_names or job.spec.name in request.job_names:
                 job.state = pb.JOB_STATE_CANCELED
         return pb.CancelBatchResponse(batch=batch)
+
+    def DeleteBatch(self, request: Any, context: grpc.ServicerContext) -> Any:
+        batch = self._batch(request.correlation_id, context)
+        if batch.state == pb.BATCH_STATE_RUNNING:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "batch is running")
+        del self.batches[request.correlation_id]
+        return pb.DeleteBatchResponse()
 
     def ListBatches(self, request: Any, context: grpc.ServicerContext) -> Any:
         self.list_requests.append(request)
@@ -313,8 +322,13 @@ def test_missing_certificate_names_the_file(tmp_path: Any) -> None:
     from jobworker.client import CredentialsError
 
     config = ClientConfig(ca=tmp_path / "ca.pem", cert=tmp_path / "c.pem", key=tmp_path / "k.pem")
-    with pytest.raises(CredentialsError, match=r"CA certificate not found: .*ca\.pem.*make build"):
+    with pytest.raises(CredentialsError) as caught:
         Client(config)
+    # Every missing file at once, then how to set up a client.
+    text = str(caught.value)
+    for name in ("ca.pem", "c.pem", "k.pem"):
+        assert f"not found: {tmp_path / name}" in text
+    assert "jobworker certs issue NAME --profile" in text
 
 
 async def test_async_client_follows_and_resumes(address: str, service: FakeService) -> None:

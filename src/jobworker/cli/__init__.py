@@ -15,11 +15,11 @@ def main() -> None:
 
 def _register() -> None:
     # Each subcommand lives in its own module; they are added here in one place.
-    from jobworker.cli import certs, client_cmds, serve
+    from jobworker.cli import certs, client_cmds, serve, verbs
 
     main.add_command(serve.serve)
     main.add_command(certs.certs)
-    for command in client_cmds.COMMANDS:
+    for command in [*client_cmds.COMMANDS, *verbs.COMMANDS]:
         main.add_command(command)
 
 

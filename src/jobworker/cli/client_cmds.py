@@ -1,7 +1,8 @@
-"""The client commands: submit, status, logs, cancel, list."""
+"""The client commands: submit, status, logs, cancel, list (wait, retry, delete: verbs.py)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
@@ -15,12 +16,12 @@ from jobworker.cli.options import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
-    EXIT_RUNNING,
     EXIT_USAGE,
     Connection,
     connection_options,
     fail,
     json_option,
+    wide_option,
 )
 
 # grpc, protobuf and rich are imported inside the commands: `jobworker --help` stays fast.
@@ -28,12 +29,13 @@ if TYPE_CHECKING:
     from google.protobuf.duration_pb2 import Duration
     from rich.console import Console
 
-    from jobworker.client import Client
+    from jobworker.client.rpc import RpcClient as Client
     from jobworker.v1 import jobworker_pb2 as pb
 
 _UINT32_MAX = 2**32 - 1
 _PIPE_WIDTH = 1000
 _BATCH_STATE_NAMES = ("running", "succeeded", "failed", "canceled")
+_PROGRESS_MIN_JOBS = 10
 
 
 class _Printer(Protocol):
@@ -90,8 +92,17 @@ def _stderr_console() -> Console:
     return Console(stderr=True, highlight=False)
 
 
-def _print_json(data: object) -> None:
-    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+def _print_json(value: object) -> None:
+    """A value of jobworker.client.types in the documented --json shape."""
+    from jobworker.client.jsonshape import to_json
+
+    click.echo(json.dumps(to_json(value), indent=2, ensure_ascii=False))
+
+
+def _batch_json(batch: pb.Batch) -> None:
+    from jobworker.client import convert
+
+    _print_json(convert.batch(batch))
 
 
 def _use_color() -> bool:
@@ -104,12 +115,17 @@ def _say_reconnect(cursor: str, err: Exception) -> None:
 
 
 def _print_stream(
-    client: Client, cid: str, job_names: Sequence[str], printer: _Printer, follow: bool
+    client: Client,
+    cid: str,
+    job_names: Sequence[str],
+    printer: _Printer,
+    follow: bool,
+    tail_lines: int | None = None,
 ) -> None:
     responses: Iterator[pb.StreamBatchLogsResponse] = (
-        client.follow(cid, job_names, on_reconnect=_say_reconnect)
+        client.follow(cid, job_names, on_reconnect=_say_reconnect, tail_lines=tail_lines)
         if follow
-        else client.stream(cid, job_names)
+        else client.stream(cid, job_names, tail_lines=tail_lines)
     )
     try:
         for response in responses:
@@ -118,10 +134,12 @@ def _print_stream(
         printer.close()
 
 
-def _line_printer(names: Iterable[str], no_prefix: bool, follow: bool) -> _Printer:
+def _line_printer(
+    names: Iterable[str], no_prefix: bool, follow: bool, timestamps: bool = False
+) -> _Printer:
     from jobworker.cli.render import LinePrefixer, LogPrinter
 
-    prefixer = LinePrefixer(names, color=_use_color(), prefix=not no_prefix)
+    prefixer = LinePrefixer(names, color=_use_color(), prefix=not no_prefix, timestamps=timestamps)
     return LogPrinter(sys.stdout, prefixer, states=follow and not no_prefix, live=follow)
 
 
@@ -271,6 +289,25 @@ def _apply_defaults(
     is_flag=True,
     help="Then print the logs live and exit 0 if the batch succeeded, 1 if not.",
 )
+@click.option(
+    "-i",
+    "--stdin",
+    "send_stdin",
+    is_flag=True,
+    help="Send this command's standard input to the job (one job only).",
+)
+@click.option("-q", "--quiet", is_flag=True, help="With --follow: no job output, only the result.")
+@click.option(
+    "--failures-only",
+    is_flag=True,
+    help="With --follow: only the output (its tail) and end of jobs that did not succeed.",
+)
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="With --follow: one live progress line (done, failed, running, jobs/s) on stderr. "
+    f"Default: on a terminal, for batches of {_PROGRESS_MIN_JOBS} jobs or more.",
+)
 @json_option
 @connection_options
 def submit(
@@ -288,6 +325,10 @@ def submit(
     fail_fast: bool | None,
     idempotency_key: str | None,
     follow: bool,
+    send_stdin: bool,
+    quiet: bool,
+    failures_only: bool,
+    progress: bool | None,
     as_json: bool,
 ) -> None:
     """Schedule a batch of jobs and print its correlation id.
@@ -301,54 +342,136 @@ def submit(
     Only the id goes to stdout, so that `cid=$(jobworker submit -- make test)` works.
     With --follow, the logs follow and the exit code is the batch's: 0 if it
     succeeded, 1 if not; its job table goes to stderr.
-    """
-    from jobworker.cli.batchfile import BatchFileError, load_batch_file
 
-    if sum(bool(source) for source in (argv, commands, batch_file)) != 1:
-        raise click.UsageError("give the jobs with one of: -- CMD [ARGS], -c CMD, -f FILE")
-    if follow and as_json:
-        raise click.UsageError("--json and --follow do not go together")
-    file_options = None
-    if batch_file is not None:
-        if names:
-            raise click.UsageError("--name does not go with -f: name the jobs in the file")
-        try:
-            file_options, jobs = load_batch_file(batch_file)
-        except BatchFileError as err:
-            fail(str(err), EXIT_USAGE)
-    else:
-        jobs = _command_line_jobs(argv, commands, names)
+    A job's standard input is empty unless -i sends this command's own; piped input
+    without -i is refused (exit 2) rather than silently dropped.
+    """
+    _check_submit_flags(argv, commands, batch_file, names, send_stdin, follow, as_json)
+    if (quiet or failures_only or progress) and not follow:
+        raise click.UsageError("--quiet, --failures-only and --progress go with --follow")
+    file_options, jobs = _gather_jobs(argv, commands, batch_file, names, send_stdin)
     _apply_defaults(jobs, env, workdir, timeout)
     options = _batch_options(file_options, labels, max_parallel, fail_fast, idempotency_key)
 
     with conn.client() as client:
         response = client.schedule(jobs, options)
-        cid = response.correlation_id
         if as_json:
-            _print_json(
-                {
-                    "correlation_id": cid,
-                    "job_names": list(response.job_names),
-                    "deduplicated": response.deduplicated,
-                }
-            )
+            from jobworker.client import convert
+
+            _print_json(convert.submitted(response))
             return
         if not follow:
-            click.echo(cid)
+            click.echo(response.correlation_id)
             return
-        click.echo(f"jobworker: batch {cid}", err=True)
-        try:
-            printer = _line_printer(response.job_names, no_prefix=False, follow=True)
-            _print_stream(client, cid, (), printer, follow=True)
-        except KeyboardInterrupt:
-            _interrupted(cid)
-            raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
-        batch = client.get(cid, log_tail_bytes=0)
+        batch = _follow_submitted(client, response, progress, quiet, failures_only)
 
     from jobworker.cli.render import print_batch
 
-    print_batch(_stderr_console(), batch)
+    if not quiet or not _selected_succeeded(batch, ()):
+        print_batch(_stderr_console(), batch)
     raise click.exceptions.Exit(EXIT_OK if _selected_succeeded(batch, ()) else EXIT_FAILED)
+
+
+def _gather_jobs(
+    argv: Sequence[str],
+    commands: Sequence[str],
+    batch_file: Path | None,
+    names: Sequence[str],
+    send_stdin: bool,
+) -> tuple[pb.BatchOptions | None, list[pb.JobSpec]]:
+    from jobworker.cli.batchfile import BatchFileError, load_batch_file
+
+    if batch_file is None:
+        jobs = _command_line_jobs(argv, commands, names)
+        _take_stdin(jobs, send_stdin)
+        return None, jobs
+    try:
+        return load_batch_file(batch_file)
+    except BatchFileError as err:
+        fail(str(err), EXIT_USAGE)
+
+
+def _follow_submitted(
+    client: Client,
+    response: pb.ScheduleBatchResponse,
+    progress: bool | None,
+    quiet: bool,
+    failures_only: bool,
+) -> pb.Batch:
+    """Follow a batch just scheduled until it ends; the batch then."""
+    cid = response.correlation_id
+    click.echo(f"jobworker: batch {cid}", err=True)
+    if progress is None:
+        progress = sys.stderr.isatty() and len(response.job_names) >= _PROGRESS_MIN_JOBS
+    try:
+        printer = _follow_printer(response.job_names, progress, quiet, failures_only)
+        _print_stream(client, cid, (), printer, follow=True)
+    except KeyboardInterrupt:
+        _interrupted(cid)
+        raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+    return client.get(cid, log_tail_bytes=0)
+
+
+def _check_submit_flags(
+    argv: Sequence[str],
+    commands: Sequence[str],
+    batch_file: Path | None,
+    names: Sequence[str],
+    send_stdin: bool,
+    follow: bool,
+    as_json: bool,
+) -> None:
+    if sum(bool(source) for source in (argv, commands, batch_file)) != 1:
+        raise click.UsageError("give the jobs with one of: -- CMD [ARGS], -c CMD, -f FILE")
+    if follow and as_json:
+        raise click.UsageError("--json and --follow do not go together")
+    if batch_file is not None and names:
+        raise click.UsageError("--name does not go with -f: name the jobs in the file")
+    if batch_file is not None and send_stdin:
+        raise click.UsageError("-i does not go with -f: give stdin or stdin_file in the file")
+
+
+def _stdin_is_data() -> bool:
+    """True when this command's stdin is a pipe, socket or file: input meant for someone."""
+    import stat
+
+    try:
+        mode = os.fstat(sys.stdin.fileno()).st_mode
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISREG(mode)
+
+
+def _take_stdin(jobs: list[pb.JobSpec], send_stdin: bool) -> None:
+    if not send_stdin:
+        if _stdin_is_data():
+            fail(
+                "standard input is a pipe or file, and a job gets none unless asked: "
+                "pass -i to send it to the job (or </dev/null to send nothing)",
+                EXIT_USAGE,
+            )
+        return
+    if len(jobs) != 1:
+        raise click.UsageError(f"-i sends stdin to one job; there are {len(jobs)}")
+    jobs[0].stdin = sys.stdin.buffer.read()
+
+
+def _follow_printer(
+    names: Sequence[str], progress: bool, quiet: bool, failures_only: bool
+) -> _Printer:
+    if not (progress or quiet or failures_only):
+        return _line_printer(names, no_prefix=False, follow=True)
+    from jobworker.cli.progress import ProgressPrinter
+
+    return ProgressPrinter(
+        names,
+        sys.stdout,
+        sys.stderr,
+        live=progress,
+        # The progress line stands for the output of the jobs that succeed.
+        failures_only=failures_only or (progress and not quiet),
+        quiet=quiet,
+    )
 
 
 # -- status -------------------------------------------------------------------------------
@@ -367,6 +490,7 @@ def submit(
     help="Log bytes per job and stream: default none in the table, the server's "
     "default (64 KiB) with --logs or --json.",
 )
+@wide_option
 @json_option
 @connection_options
 def status(
@@ -376,31 +500,25 @@ def status(
     jobs: tuple[str, ...],
     show_logs: bool,
     tail: int | None,
+    wide: bool,
     as_json: bool,
 ) -> None:
     """Print the state of a batch and of each of its jobs.
 
     \b
-    Exit code: 0 the batch succeeded, 1 it failed or was cancelled (or the request
-    failed), 3 it is still running.
+    Exit code: 0 the batch succeeded; 1 it failed, was cancelled or is still running
+    (`jobworker wait` waits for it); 3 not found; 4 cannot connect; 5 not allowed.
     """
-    from jobworker.cli.render import message_to_dict, print_batch
-    from jobworker.v1 import jobworker_pb2 as pb
+    from jobworker.cli.render import print_batch
 
     log_tail_bytes = tail if tail is not None or show_logs or as_json else 0
     with conn.client() as client:
         batch = client.get(cid, jobs, log_tail_bytes)
     if as_json:
-        _print_json(message_to_dict(batch))
+        _batch_json(batch)
     else:
-        print_batch(_stdout_console(), batch, logs=show_logs)
-    if batch.state == pb.BATCH_STATE_SUCCEEDED:
-        code = EXIT_OK
-    elif batch.state == pb.BATCH_STATE_RUNNING:
-        code = EXIT_RUNNING
-    else:
-        code = EXIT_FAILED
-    raise click.exceptions.Exit(code)
+        print_batch(_stdout_console(), batch, logs=show_logs, wide=wide)
+    raise click.exceptions.Exit(EXIT_OK if _selected_succeeded(batch, ()) else EXIT_FAILED)
 
 
 # -- logs ---------------------------------------------------------------------------------
@@ -413,9 +531,13 @@ class _JsonLinesPrinter:
         self.follow = follow
 
     def handle(self, response: pb.StreamBatchLogsResponse) -> None:
-        from jobworker.cli.render import message_to_dict
+        from jobworker.client import convert
+        from jobworker.client.jsonshape import to_json
 
-        click.echo(json.dumps(message_to_dict(response), ensure_ascii=False))
+        event = convert.event(response)
+        if event is None:
+            return
+        click.echo(json.dumps(to_json(event), ensure_ascii=False))
         if self.follow:
             sys.stdout.flush()
 
@@ -435,6 +557,19 @@ class _JsonLinesPrinter:
     help="The bytes of one job as is: its stdout to stdout, its stderr to stderr.",
 )
 @click.option("--no-prefix", is_flag=True, help="Print the lines without the job's name.")
+@click.option(
+    "--tail",
+    "tail_lines",
+    type=click.IntRange(0, _UINT32_MAX),
+    metavar="N",
+    help="Start each job's stdout and stderr at its last N lines.",
+)
+@click.option(
+    "-t",
+    "--timestamps",
+    is_flag=True,
+    help="Begin each line with the time the job wrote it (RFC 3339, UTC).",
+)
 @json_option
 @connection_options
 def logs(
@@ -445,6 +580,8 @@ def logs(
     jobs: tuple[str, ...],
     raw: bool,
     no_prefix: bool,
+    tail_lines: int | None,
+    timestamps: bool,
     as_json: bool,
 ) -> None:
     """Print the output of a batch's jobs, each line prefixed with its job's name.
@@ -454,12 +591,12 @@ def logs(
     With --follow, job state changes are printed too (`name | -- exited 0 (SUCCEEDED)`),
     and the exit code is 0 if the jobs succeeded, 1 if not.
     --raw needs exactly one job (--job NAME, or a batch of one job).
-    --json prints each stream message as one JSON object a line (bytes in base64).
+    --json prints each chunk and state change as one JSON object a line.
     """
     from jobworker.cli.render import RawPrinter
 
-    if raw and (no_prefix or as_json):
-        raise click.UsageError("--raw does not go with --no-prefix or --json")
+    if raw and (no_prefix or as_json or timestamps):
+        raise click.UsageError("--raw does not go with --no-prefix, --timestamps or --json")
     with conn.client() as client:
         batch = client.get(cid, jobs, log_tail_bytes=0)
         names = [job.spec.name for job in batch.jobs]
@@ -477,9 +614,9 @@ def logs(
         elif as_json:
             printer = _JsonLinesPrinter(follow)
         else:
-            printer = _line_printer(names, no_prefix, follow)
+            printer = _line_printer(names, no_prefix, follow, timestamps)
         try:
-            _print_stream(client, cid, jobs, printer, follow)
+            _print_stream(client, cid, jobs, printer, follow, tail_lines)
         except KeyboardInterrupt:
             if follow:
                 # Stopping to watch stops nothing on the server.
@@ -503,23 +640,30 @@ def logs(
     callback=_duration_seconds,
     help="Between SIGTERM and SIGKILL; default: the server's.",
 )
+@wide_option
 @json_option
 @connection_options
 def cancel(
-    *, conn: Connection, cid: str, jobs: tuple[str, ...], grace: float | None, as_json: bool
+    *,
+    conn: Connection,
+    cid: str,
+    jobs: tuple[str, ...],
+    grace: float | None,
+    wide: bool,
+    as_json: bool,
 ) -> None:
     """Cancel a batch's queued and running jobs (or only the --job ones).
 
     Waits until they have ended, then prints the batch.
     """
-    from jobworker.cli.render import message_to_dict, print_batch
+    from jobworker.cli.render import print_batch
 
     with conn.client() as client:
         batch = client.cancel(cid, jobs, grace)
     if as_json:
-        _print_json(message_to_dict(batch))
+        _batch_json(batch)
     else:
-        print_batch(_stdout_console(), batch)
+        print_batch(_stdout_console(), batch, wide=wide)
 
 
 # -- list ---------------------------------------------------------------------------------
@@ -551,6 +695,7 @@ def cancel(
     help="At most N batches, newest first.",
 )
 @click.option("--all", "show_all", is_flag=True, help="Every batch, whatever --limit says.")
+@wide_option
 @json_option
 @connection_options
 def list_(
@@ -560,21 +705,16 @@ def list_(
     states: tuple[str, ...],
     limit: int,
     show_all: bool,
+    wide: bool,
     as_json: bool,
 ) -> None:
     """List the batches you may see, newest first."""
     from itertools import islice
 
-    from jobworker.cli.render import batches_table, message_to_dict
-    from jobworker.v1 import jobworker_pb2 as pb
+    from jobworker.cli.render import batches_table
+    from jobworker.client import convert, types
 
-    by_name = {
-        "running": pb.BATCH_STATE_RUNNING,
-        "succeeded": pb.BATCH_STATE_SUCCEEDED,
-        "failed": pb.BATCH_STATE_FAILED,
-        "canceled": pb.BATCH_STATE_CANCELED,
-    }
-    wanted = [by_name[name.lower()] for name in states]
+    wanted = [convert.batch_state_pb(name.lower()) for name in states]
     page_size = 1000 if show_all else min(limit + 1, 1000)
     with conn.client() as client:
         found = client.iter_batches(page_size, labels, wanted)
@@ -582,14 +722,15 @@ def list_(
     more = not show_all and len(summaries) > limit
     summaries = summaries[: None if show_all else limit]
     if as_json:
-        _print_json({"batches": [message_to_dict(summary) for summary in summaries]})
+        _print_json(types.BatchList([convert.summary(summary) for summary in summaries]))
         return
     if not summaries:
         click.echo("no batches", err=True)
         return
-    _stdout_console().print(batches_table(summaries))
+    _stdout_console().print(batches_table(summaries, wide=wide))
     if more:
         click.echo(f"(the newest {limit}; more with --limit N or --all)", err=True)
 
 
 COMMANDS: list[click.Command] = [submit, status, logs, cancel, list_]
+"""The commands of this module; verbs.py adds wait, retry, delete and schema."""

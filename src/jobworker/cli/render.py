@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, BinaryIO, TextIO
+from typing import BinaryIO, TextIO
 
 import click
-from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from rich.console import Console
@@ -142,8 +141,8 @@ def format_labels(labels: Iterable[tuple[str, str]]) -> str:
 
 
 def state_text(name: str) -> Text:
-    """A short state name in its colour."""
-    return Text(name, style=_STATE_STYLES.get(name, ""))
+    """A short state name in its colour ("failed #2": the second attempt)."""
+    return Text(name, style=_STATE_STYLES.get(name.partition(" ")[0], ""))
 
 
 def state_change_text(change: pb.JobStateChange) -> str:
@@ -182,31 +181,128 @@ def batch_header(batch: pb.Batch, now: float | None = None) -> Text:
     return header
 
 
-def job_table(batch: pb.Batch, now: float | None = None) -> Table:
-    """One row a job: index, name, state, exit, duration, message."""
+SHORT_ID = 8
+COMMAND_WIDTH = 40
+
+
+def short_id(cid: str, wide: bool = False) -> str:
+    """The first 8 characters of a correlation id (a unique prefix is accepted for it)."""
+    return cid if wide else cid[:SHORT_ID]
+
+
+def command_text(argv: Iterable[str], wide: bool = False) -> str:
+    """argv joined as a shell would read it, shortened with "…" unless `wide`."""
+    import shlex
+
+    args = list(argv)
+    # `sh -c 'make test'` reads best as the script itself.
+    text = args[2] if len(args) == 3 and args[:2] == ["sh", "-c"] else shlex.join(args)
+    text = " ".join(text.split())
+    if wide or len(text) <= COMMAND_WIDTH:
+        return text
+    return text[: COMMAND_WIDTH - 1] + "…"
+
+
+def compact_size(n: int) -> str:
+    """A size in a few characters: "512B", "3.2M", "1.0G"."""
+    value = float(n)
+    for unit in ("B", "K", "M", "G", "T"):
+        if value < 1024 or unit == "T":
+            return f"{int(value)}{unit}" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def cpu_text(job: pb.Job) -> str:
+    """CPU time used (user + system), "" before the job has any."""
+    if not job.HasField("usage"):
+        return ""
+    seconds = job.usage.user_cpu.ToNanoseconds() + job.usage.system_cpu.ToNanoseconds()
+    return human_duration(seconds / 1e9) if job.state != pb.JOB_STATE_QUEUED else ""
+
+
+def memory_text(job: pb.Job) -> str:
+    """Peak memory, "" when not recorded."""
+    rss = job.usage.max_rss_bytes if job.HasField("usage") else 0
+    return compact_size(rss) if rss else ""
+
+
+def waiting_for(job: pb.Job, states: Mapping[str, int]) -> str:
+    """Why a queued job has not started, where the client can tell: "after build".
+
+    `states`: each job's state by name (made once a table: a batch may have 10,000 jobs)."""
+    if job.state != pb.JOB_STATE_QUEUED:
+        return ""
+    pending = [
+        name
+        for name in job.spec.depends_on
+        if states.get(name, pb.JOB_STATE_QUEUED) != pb.JOB_STATE_SUCCEEDED
+    ]
+    return f"after {', '.join(pending)}" if pending else ""
+
+
+_JOB_COLUMNS = ("#", "name", "state", "exit", "duration", "cpu", "mem", "command", "message")
+_RIGHT = frozenset({"#", "exit", "duration", "cpu", "mem"})
+# Past this many jobs a table is laid out by hand: rich measures every cell (~0.5 ms a row).
+PLAIN_TABLE_JOBS = 1000
+
+
+def _job_cells(job: pb.Job, states: Mapping[str, int], now: float | None, wide: bool) -> list[str]:
+    state = job_state_name(job.state)
+    return [
+        str(job.index),
+        job.spec.name,
+        state if job.attempt <= 1 else f"{state} #{job.attempt}",
+        format_exit(job),
+        elapsed(job, "start_time", "end_time", now),
+        cpu_text(job),
+        memory_text(job),
+        command_text(job.spec.argv, wide),
+        job.message or waiting_for(job, states),
+    ]
+
+
+def plain_job_table(batch: pb.Batch, now: float | None = None, wide: bool = False) -> str:
+    """The job table as plain text, columns padded, one line a job, for big batches."""
+    states = {job.spec.name: job.state for job in batch.jobs}
+    rows = [list(_JOB_COLUMNS)] + [_job_cells(job, states, now, wide) for job in batch.jobs]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_JOB_COLUMNS) - 1)]
+    lines = []
+    for row in rows:
+        cells = [
+            cell.rjust(width) if name in _RIGHT else cell.ljust(width)
+            for name, cell, width in zip(_JOB_COLUMNS, row, widths, strict=False)
+        ]
+        lines.append(" ".join([*cells, row[-1]]).rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def job_table(batch: pb.Batch, now: float | None = None, wide: bool = False) -> Table:
+    """One row a job: index, name, state, exit, duration, CPU, peak memory, command, message."""
     table = Table(box=None, pad_edge=False, header_style="bold")
     table.add_column("#", justify="right")
     table.add_column("name")
     table.add_column("state")
     table.add_column("exit", justify="right")
     table.add_column("duration", justify="right")
+    table.add_column("cpu", justify="right")
+    table.add_column("mem", justify="right")
+    table.add_column("command", overflow="fold" if wide else "ellipsis")
     table.add_column("message", overflow="fold")
+    states = {job.spec.name: job.state for job in batch.jobs}
     for job in batch.jobs:
-        table.add_row(
-            str(job.index),
-            Text(job.spec.name),
-            state_text(job_state_name(job.state)),
-            format_exit(job),
-            elapsed(job, "start_time", "end_time", now),
-            Text(job.message),
-        )
+        cells = _job_cells(job, states, now, wide)
+        table.add_row(*cells[:2], state_text(cells[2]), *cells[3:7], Text(cells[7]), Text(cells[8]))
     return table
 
 
-def print_batch(console: Console, batch: pb.Batch, logs: bool = False) -> None:
+def print_batch(console: Console, batch: pb.Batch, logs: bool = False, wide: bool = False) -> None:
     """The batch's header and job table; with `logs`, each job's log tails below."""
     console.print(batch_header(batch), soft_wrap=True)
-    console.print(job_table(batch))
+    if len(batch.jobs) > PLAIN_TABLE_JOBS:
+        console.file.write(plain_job_table(batch, wide=wide))
+    else:
+        console.print(job_table(batch, wide=wide))
     if logs:
         for job in batch.jobs:
             for stream, tail in (("stdout", job.stdout), ("stderr", job.stderr)):
@@ -236,17 +332,20 @@ def jobs_summary(summary: pb.BatchSummary) -> str:
     return ", ".join(parts)
 
 
-def batches_table(summaries: Iterable[pb.BatchSummary], now: float | None = None) -> Table:
-    """One row a batch: correlation id, owner, state, jobs, labels, created, duration."""
+def batches_table(
+    summaries: Iterable[pb.BatchSummary], now: float | None = None, wide: bool = False
+) -> Table:
+    """One row a batch: id (short unless `wide`), owner, state, jobs, labels, created,
+    duration."""
     table = Table(box=None, pad_edge=False, header_style="bold")
-    # An id is no use cut short: it never wraps.
-    table.add_column("correlation id", no_wrap=True)
+    # An id is no use cut short by the table: it never wraps.
+    table.add_column("id", no_wrap=True)
     for name in ("owner", "state", "jobs", "labels", "created"):
         table.add_column(name)
     table.add_column("duration", justify="right")
     for summary in summaries:
         table.add_row(
-            summary.correlation_id,
+            short_id(summary.correlation_id, wide),
             Text(summary.owner),
             state_text(batch_state_name(summary.state)),
             jobs_summary(summary),
@@ -255,16 +354,6 @@ def batches_table(summaries: Iterable[pb.BatchSummary], now: float | None = None
             elapsed(summary, "create_time", "end_time", now),
         )
     return table
-
-
-def message_to_dict(message: Message) -> dict[str, Any]:
-    """A message as JSON-ready data, with the .proto's field names; bytes are base64."""
-    return MessageToDict(
-        message,
-        preserving_proto_field_name=True,
-        always_print_fields_with_no_presence=True,
-        unquote_int64_if_possible=True,
-    )
 
 
 @dataclass(frozen=True)
@@ -286,10 +375,14 @@ class LinePrefixer:
         *,
         color: bool = False,
         prefix: bool = True,
+        timestamps: bool = False,
         max_line_bytes: int = MAX_LINE_BYTES,
     ) -> None:
         self.color = color
         self.prefix = prefix
+        self.timestamps = timestamps
+        # When the first byte of each buffered partial line was written.
+        self._started: dict[_Key, Timestamp | None] = {}
         self.max_line_bytes = max_line_bytes
         self._colors: dict[str, str] = {}
         self._width = 0
@@ -302,22 +395,27 @@ class LinePrefixer:
             self._colors[name] = PALETTE[len(self._colors) % len(PALETTE)]
             self._width = max(self._width, len(name))
 
-    def format(self, job: str, stream: int, text: str) -> str:
-        """One line with its prefix, ending with a newline."""
+    def format(self, job: str, stream: int, text: str, when: Timestamp | None = None) -> str:
+        """One line with its prefix (and time, with `timestamps`), ending with a newline."""
+        stamp = f"{line_time(when)} " if self.timestamps else ""
         if not self.prefix:
-            return text + "\n"
+            return stamp + text + "\n"
         self._learn(job)
         mark = STDERR_MARK if stream == pb.LOG_STREAM_STDERR else STDOUT_MARK
         name = job.ljust(self._width)
         if self.color:
             name = click.style(name, fg=self._colors[job])
             mark = click.style(mark, fg="red" if mark == STDERR_MARK else self._colors[job])
-        return f"{name} {mark} {text}\n"
+        return f"{stamp}{name} {mark} {text}\n"
 
-    def feed(self, job: str, stream: int, data: bytes) -> list[str]:
-        """The complete lines that `data` finishes, formatted; the rest waits."""
+    def feed(self, job: str, stream: int, data: bytes, when: Timestamp | None = None) -> list[str]:
+        """The complete lines that `data` finishes, formatted; the rest waits.
+
+        A line's time is that of the chunk that held its first byte."""
         self._learn(job)
-        buffer = self._buffers.setdefault(_Key(job, stream), bytearray())
+        key = _Key(job, stream)
+        buffer = self._buffers.setdefault(key, bytearray())
+        first = self._started.get(key) if buffer else when
         buffer += data
         lines = []
         start = 0
@@ -325,28 +423,39 @@ class LinePrefixer:
             end = buffer.find(b"\n", start)
             if end < 0:
                 break
-            lines.append(self.format(job, stream, _decode(buffer[start:end])))
-            start = end + 1
+            lines.append(self.format(job, stream, _decode(buffer[start:end]), first))
+            start, first = end + 1, when
         while len(buffer) - start >= self.max_line_bytes:
             piece = buffer[start : start + self.max_line_bytes]
-            lines.append(self.format(job, stream, _decode(piece)))
-            start += self.max_line_bytes
+            lines.append(self.format(job, stream, _decode(piece), first))
+            start, first = start + self.max_line_bytes, when
         del buffer[:start]
+        self._started[key] = first
         return lines
 
     def flush(self, job: str) -> list[str]:
         """The job's partial lines, as if its streams had ended."""
         lines = []
         for stream in (pb.LOG_STREAM_STDOUT, pb.LOG_STREAM_STDERR):
-            buffer = self._buffers.pop(_Key(job, stream), None)
+            key = _Key(job, stream)
+            buffer = self._buffers.pop(key, None)
+            when = self._started.pop(key, None)
             if buffer:
-                lines.append(self.format(job, stream, _decode(buffer)))
+                lines.append(self.format(job, stream, _decode(buffer), when))
         return lines
 
     def flush_all(self) -> list[str]:
         """Every partial line left, in the order the jobs were first seen."""
         jobs = dict.fromkeys(key.job for key in self._buffers)
         return [line for job in jobs for line in self.flush(job)]
+
+
+def line_time(ts: Timestamp | None) -> str:
+    """A log line's time for --timestamps: RFC 3339 in UTC to the millisecond."""
+    if ts is None or (ts.seconds == 0 and ts.nanos == 0):
+        return "-".ljust(24)
+    when = datetime.fromtimestamp(ts.seconds, tz=UTC).replace(microsecond=ts.nanos // 1000)
+    return when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts.nanos // 1_000_000:03d}Z"
 
 
 def _decode(data: bytes | bytearray) -> str:
@@ -369,7 +478,8 @@ class LogPrinter:
         event = response.WhichOneof("event")
         if event == "chunk":
             chunk = response.chunk
-            lines = self.prefixer.feed(chunk.job_name, chunk.stream, chunk.data)
+            when = chunk.time if chunk.HasField("time") else None
+            lines = self.prefixer.feed(chunk.job_name, chunk.stream, chunk.data, when)
         elif event == "state_change":
             change = response.state_change
             # An ended job writes nothing more: its partial lines are complete.
@@ -377,7 +487,10 @@ class LogPrinter:
             lines = self.prefixer.flush(change.job_name) if ended else []
             if self.states:
                 text = state_change_text(change)
-                lines.append(self.prefixer.format(change.job_name, pb.LOG_STREAM_STDOUT, text))
+                when = change.time if change.HasField("time") else None
+                lines.append(
+                    self.prefixer.format(change.job_name, pb.LOG_STREAM_STDOUT, text, when)
+                )
         else:
             return
         self._write(lines)

@@ -1,4 +1,6 @@
-"""The typed Python client of jobworker: a blocking `Client` and a thin `AsyncClient`."""
+"""The protobuf-level client of jobworker: `RpcClient` (blocking) and `AsyncRpcClient`.
+
+The CLI and the dataclass clients of `jobworker.client` are built on these."""
 
 from __future__ import annotations
 
@@ -6,20 +8,15 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
 from google.protobuf.duration_pb2 import Duration
 
+from jobworker.client.config import ClientConfig, Credentials
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
-
-DEFAULT_SERVER = "127.0.0.1:50051"
-DEFAULT_CA = Path("var/certs/ca.pem")
-DEFAULT_CERT = Path("var/certs/admin.pem")
-DEFAULT_KEY = Path("var/certs/admin-key.pem")
 
 MAX_RECEIVE_MESSAGE_BYTES = 8 * 1024 * 1024
 CHANNEL_OPTIONS: tuple[tuple[str, int | str], ...] = (
@@ -53,12 +50,16 @@ _T = TypeVar("_T")
 
 
 class ClientError(Exception):
-    """A request failed; `code_name` is the gRPC status code's name, e.g. "NOT_FOUND"."""
+    """A request failed; `code_name` is the gRPC status code's name, e.g. "NOT_FOUND".
 
-    def __init__(self, code_name: str, details: str) -> None:
+    `hint`, when set, says in plain words why the server could not be reached.
+    """
+
+    def __init__(self, code_name: str, details: str, hint: str = "") -> None:
         super().__init__(f"{code_name}: {details}")
         self.code_name = code_name
         self.details = details
+        self.hint = hint
 
     @classmethod
     def from_rpc_error(cls, err: grpc.RpcError) -> ClientError:
@@ -70,51 +71,6 @@ class ClientError(Exception):
     def unreachable(self) -> bool:
         """True when the server could not be reached or the connection broke."""
         return self.code_name == "UNAVAILABLE"
-
-
-class CredentialsError(Exception):
-    """A certificate or key file of the client is missing or unreadable."""
-
-
-@dataclass(frozen=True)
-class ClientConfig:
-    """Where the server is and the client's certificate files (PEM)."""
-
-    server: str = DEFAULT_SERVER
-    ca: Path = DEFAULT_CA
-    cert: Path = DEFAULT_CERT
-    key: Path = DEFAULT_KEY
-    # The name the server's certificate is checked against, when not the host in `server`.
-    server_name_override: str | None = None
-
-    def credentials(self) -> grpc.ChannelCredentials:
-        """Read the PEM files; a missing one raises CredentialsError naming it."""
-        return grpc.ssl_channel_credentials(
-            root_certificates=_read_pem(self.ca, "CA certificate", "--ca", "JOBWORKER_CA"),
-            private_key=_read_pem(self.key, "client key", "--key", "JOBWORKER_KEY"),
-            certificate_chain=_read_pem(
-                self.cert, "client certificate", "--cert", "JOBWORKER_CERT"
-            ),
-        )
-
-    def channel_options(self) -> list[tuple[str, int | str]]:
-        """The options of every channel to the server."""
-        options = list(CHANNEL_OPTIONS)
-        if self.server_name_override:
-            options.append(("grpc.ssl_target_name_override", self.server_name_override))
-        return options
-
-
-def _read_pem(path: Path, what: str, flag: str, env: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise CredentialsError(
-            f"{what} not found: {path} (run `make build` or `jobworker certs init` to "
-            f"create the certificates, or pass {flag} / set {env})"
-        ) from None
-    except OSError as err:
-        raise CredentialsError(f"cannot read {what} {path}: {err.strerror}") from None
 
 
 @dataclass(frozen=True)
@@ -225,19 +181,59 @@ def _list_request(
 
 
 def _stream_request(
-    cid: str, job_names: Sequence[str], cursor: str, follow: bool
+    cid: str, job_names: Sequence[str], cursor: str, follow: bool, tail_lines: int | None = None
 ) -> pb.StreamBatchLogsRequest:
-    return pb.StreamBatchLogsRequest(
+    request = pb.StreamBatchLogsRequest(
         correlation_id=cid, job_names=job_names, cursor=cursor, follow=follow
     )
+    # A tail counts from where the call starts; a resumed stream goes on from its cursor.
+    if tail_lines is not None and not cursor:
+        request.tail_lines = tail_lines
+    return request
+
+
+def _explained(config: ClientConfig, credentials: Credentials, err: ClientError) -> ClientError:
+    """`err` with a hint of why the server could not be reached, when it is that."""
+    if not err.unreachable or err.hint:
+        return err
+    from jobworker.client.tls import explain_unreachable
+
+    err.hint = (
+        explain_unreachable(
+            config.server,
+            credentials.ca,
+            credentials.cert,
+            credentials.key,
+            config.server_name_override,
+        )
+        or ""
+    )
+    return err
 
 
 OnReconnect = Callable[[str, Exception], None]
 
 
+def channel_credentials(credentials: Credentials) -> grpc.ChannelCredentials:
+    """gRPC's credentials from checked PEMs."""
+    return grpc.ssl_channel_credentials(
+        root_certificates=credentials.ca,
+        private_key=credentials.key,
+        certificate_chain=credentials.cert,
+    )
+
+
+def channel_options(config: ClientConfig) -> list[tuple[str, int | str]]:
+    """The options of every channel to the server."""
+    options = list(CHANNEL_OPTIONS)
+    if config.server_name_override:
+        options.append(("grpc.ssl_target_name_override", config.server_name_override))
+    return options
+
+
 @dataclass
-class Client:
-    """A blocking client; use it as a context manager or call close()."""
+class RpcClient:
+    """A blocking client of protobuf messages; use it as a context manager or call close()."""
 
     config: ClientConfig = field(default_factory=ClientConfig)
     channel: grpc.Channel | None = None
@@ -246,11 +242,13 @@ class Client:
     clock: Callable[[], float] = time.monotonic
 
     def __post_init__(self) -> None:
+        self._credentials: Credentials | None = None
         if self.channel is None:
+            self._credentials = self.config.load_credentials()
             self.channel = grpc.secure_channel(
                 self.config.server,
-                self.config.credentials(),
-                options=self.config.channel_options(),
+                channel_credentials(self._credentials),
+                options=channel_options(self.config),
             )
         # The generated stub is untyped; each method below states what it returns.
         self._stub: Any = pb_grpc.JobWorkerServiceStub(self.channel)  # type: ignore[no-untyped-call]
@@ -260,7 +258,7 @@ class Client:
         if self.channel is not None:
             self.channel.close()
 
-    def __enter__(self) -> Client:
+    def __enter__(self) -> RpcClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -270,7 +268,14 @@ class Client:
         try:
             return method(request, timeout=timeout)
         except grpc.RpcError as err:
-            raise ClientError.from_rpc_error(err) from None
+            raise self.error(err) from None
+
+    def error(self, err: grpc.RpcError) -> ClientError:
+        """The ClientError of `err`, with a hint of why the server is unreachable."""
+        error = ClientError.from_rpc_error(err)
+        if self._credentials is None:
+            return error
+        return _explained(self.config, self._credentials, error)
 
     def schedule(
         self,
@@ -313,6 +318,10 @@ class Client:
         )
         return response.batch
 
+    def delete(self, cid: str, *, timeout: float | None = None) -> None:
+        """Delete an ended batch with its logs."""
+        self._call(self._stub.DeleteBatch, pb.DeleteBatchRequest(correlation_id=cid), timeout)
+
     def list(
         self,
         page_size: int = 0,
@@ -353,17 +362,25 @@ class Client:
         job_names: Sequence[str] = (),
         cursor: str = "",
         follow: bool = False,
+        tail_lines: int | None = None,
     ) -> Iterator[pb.StreamBatchLogsResponse]:
         """The batch's output and state changes from `cursor`; errors are ClientError."""
         try:
-            yield from self._stream_raw(cid, job_names, cursor, follow)
+            yield from self._stream_raw(cid, job_names, cursor, follow, tail_lines)
         except grpc.RpcError as err:
-            raise ClientError.from_rpc_error(err) from None
+            raise self.error(err) from None
 
     def _stream_raw(
-        self, cid: str, job_names: Sequence[str], cursor: str, follow: bool
+        self,
+        cid: str,
+        job_names: Sequence[str],
+        cursor: str,
+        follow: bool,
+        tail_lines: int | None = None,
     ) -> Iterator[pb.StreamBatchLogsResponse]:
-        call = self._stub.StreamBatchLogs(_stream_request(cid, job_names, cursor, follow))
+        call = self._stub.StreamBatchLogs(
+            _stream_request(cid, job_names, cursor, follow, tail_lines)
+        )
         try:
             yield from call
         finally:
@@ -376,6 +393,7 @@ class Client:
         job_names: Sequence[str] = (),
         cursor: str = "",
         on_reconnect: OnReconnect | None = None,
+        tail_lines: int | None = None,
     ) -> Iterator[pb.StreamBatchLogsResponse]:
         """Follow live until the server ends the stream with OK, resuming broken streams.
 
@@ -388,7 +406,7 @@ class Client:
         retry = _Retry(self.backoff, self.clock)
         while True:
             try:
-                for response in self._stream_raw(cid, job_names, cursor, follow=True):
+                for response in self._stream_raw(cid, job_names, cursor, True, tail_lines):
                     retry.succeeded()
                     cursor = response.cursor or cursor
                     yield response
@@ -402,7 +420,7 @@ class Client:
 
 
 @dataclass
-class AsyncClient:
+class AsyncRpcClient:
     """The same requests on grpc.aio; use `async with` or await close()."""
 
     config: ClientConfig = field(default_factory=ClientConfig)
@@ -411,11 +429,13 @@ class AsyncClient:
     clock: Callable[[], float] = time.monotonic
 
     def __post_init__(self) -> None:
+        self._credentials: Credentials | None = None
         if self.channel is None:
+            self._credentials = self.config.load_credentials()
             self.channel = grpc.aio.secure_channel(
                 self.config.server,
-                self.config.credentials(),
-                options=self.config.channel_options(),
+                channel_credentials(self._credentials),
+                options=channel_options(self.config),
             )
         # The generated stub is untyped; each method below states what it returns.
         self._stub: Any = pb_grpc.JobWorkerServiceStub(self.channel)  # type: ignore[no-untyped-call]
@@ -425,7 +445,7 @@ class AsyncClient:
         if self.channel is not None:
             await self.channel.close(None)
 
-    async def __aenter__(self) -> AsyncClient:
+    async def __aenter__(self) -> AsyncRpcClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -435,7 +455,14 @@ class AsyncClient:
         try:
             return await method(request)
         except grpc.RpcError as err:
-            raise ClientError.from_rpc_error(err) from None
+            raise await self.error(err) from None
+
+    async def error(self, err: grpc.RpcError) -> ClientError:
+        """The ClientError of `err`, with a hint of why the server is unreachable."""
+        error = ClientError.from_rpc_error(err)
+        if self._credentials is None:
+            return error
+        return await asyncio.to_thread(_explained, self.config, self._credentials, error)
 
     async def schedule(
         self,
@@ -472,6 +499,10 @@ class AsyncClient:
         )
         return response.batch
 
+    async def delete(self, cid: str) -> None:
+        """Delete an ended batch with its logs."""
+        await self._call(self._stub.DeleteBatch, pb.DeleteBatchRequest(correlation_id=cid))
+
     async def list(
         self,
         page_size: int = 0,
@@ -507,18 +538,26 @@ class AsyncClient:
         job_names: Sequence[str] = (),
         cursor: str = "",
         follow: bool = False,
+        tail_lines: int | None = None,
     ) -> AsyncIterator[pb.StreamBatchLogsResponse]:
         """The batch's output and state changes from `cursor`; errors are ClientError."""
         try:
-            async for response in self._stream_raw(cid, job_names, cursor, follow):
+            async for response in self._stream_raw(cid, job_names, cursor, follow, tail_lines):
                 yield response
         except grpc.RpcError as err:
-            raise ClientError.from_rpc_error(err) from None
+            raise await self.error(err) from None
 
     async def _stream_raw(
-        self, cid: str, job_names: Sequence[str], cursor: str, follow: bool
+        self,
+        cid: str,
+        job_names: Sequence[str],
+        cursor: str,
+        follow: bool,
+        tail_lines: int | None = None,
     ) -> AsyncIterator[pb.StreamBatchLogsResponse]:
-        call = self._stub.StreamBatchLogs(_stream_request(cid, job_names, cursor, follow))
+        call = self._stub.StreamBatchLogs(
+            _stream_request(cid, job_names, cursor, follow, tail_lines)
+        )
         try:
             async for response in call:
                 yield response
@@ -531,12 +570,13 @@ class AsyncClient:
         job_names: Sequence[str] = (),
         cursor: str = "",
         on_reconnect: OnReconnect | None = None,
+        tail_lines: int | None = None,
     ) -> AsyncIterator[pb.StreamBatchLogsResponse]:
         """Like Client.follow: live until OK, resuming broken streams from the cursor."""
         retry = _Retry(self.backoff, self.clock)
         while True:
             try:
-                async for response in self._stream_raw(cid, job_names, cursor, follow=True):
+                async for response in self._stream_raw(cid, job_names, cursor, True, tail_lines):
                     retry.succeeded()
                     cursor = response.cursor or cursor
                     yield response
