@@ -118,7 +118,7 @@ async def test_output_bytes_land_in_the_files_exactly(sup: Supervisor, tmp_path:
     assert info.exit_code == 0
     assert (tmp_path / "j" / "stdout").read_bytes() == b"a\x00b\nc\xff"
     assert (tmp_path / "j" / "stderr").read_bytes() == b"e\x01"
-    assert stat.S_IMODE((tmp_path / "j" / "stdout").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "j" / "stdout").stat().st_mode) == 0o600  # the server's alone
 
 
 async def test_output_is_appended(sup: Supervisor, tmp_path: Path) -> None:
@@ -394,9 +394,10 @@ async def test_cgroups_are_removed_after_each_job(
     assert _left_in(process.cgroup) == []
 
 
-# Two ways in: a job with a pids limit (or on cgroup v2) goes through the join shell; any
-# other job on a v1 host is forked by a spawn thread that sits in the job's groups.
-JOIN_SHELL = Limits(pids_max=50)
+# Two ways in: a job with a cpu or memory limit (or on cgroup v2) goes through the join
+# shell; any other job on a v1 host (a pids limit too) is forked by a thread that sits in
+# the job's groups.
+JOIN_SHELL = Limits(memory_bytes=256 << 20)
 
 
 def _thread_groups(tid: int) -> str:
@@ -654,7 +655,7 @@ async def test_invalid_environment_is_a_spawn_error(
 ) -> None:
     key = _key()
     with pytest.raises(SpawnError, match="invalid argv or environment"):
-        await sup.spawn(_spec("true", env={"A": "x\0y"}), Limits(pids_max=5), tmp_path, key)
+        await sup.spawn(_spec("true", env={"A": "x\0y"}), JOIN_SHELL, tmp_path, key)
     assert backend.open(key) is None
 
 
@@ -754,7 +755,7 @@ async def test_pidfd_open_failure_kills_and_reaps_the_child(
     key = _key()
     before = _open_fds()
     with pytest.raises(SpawnError, match="cannot watch the job's process: Too many open files"):
-        await sup.spawn(_spec("sleep", "1000"), Limits(pids_max=20), tmp_path, key)
+        await sup.spawn(_spec("sleep", "1000"), JOIN_SHELL, tmp_path, key)
     (pid,) = started
     with pytest.raises(ChildProcessError):  # reaped: no zombie, no untracked child
         os.waitpid(pid, os.WNOHANG)
@@ -900,7 +901,7 @@ async def test_a_non_dash_join_shell_never_sees_the_jobs_environment(
 
     key = _key()
     spec = _spec("cat", "/proc/self/cgroup", env=env)
-    process = await safe.spawn(spec, Limits(pids_max=50), tmp_path / "cg", key)
+    process = await safe.spawn(spec, JOIN_SHELL, tmp_path / "cg", key)
     assert (await process.wait()).exit_code == 0
     lines = (tmp_path / "cg" / "stdout").read_text().splitlines()
     joined = [line for line in lines if line.endswith(f"/{key}")]
