@@ -241,7 +241,26 @@ def alive(pid: int) -> bool:
 
 # --- Helpers for the batch tests (schedule, engine, recovery, access) ---
 
-PY = sys.executable  # an absolute python for jobs: their PATH is the server's minimal one
+# An absolute python for jobs (their PATH is the server's minimal one) that the jobs' user
+# can run: a root server runs jobs as nobody, and the test's own python may live where
+# nobody cannot enter (/root).
+PY = next(
+    (p for p in ("/usr/bin/python3", "/usr/local/bin/python3") if os.access(p, os.X_OK)),
+    sys.executable,
+)
+
+
+@pytest.fixture(autouse=True)
+def _jobs_may_write_to_tmp_path(request: pytest.FixtureRequest) -> None:
+    """A root server runs jobs as nobody (contract 6.2): tests whose jobs write markers and
+    pid files into the test's tmp_path get it open to them (pytest makes it root's only).
+    Only the test's own folder is writable; its parents are opened for entering only."""
+    if os.geteuid() != 0 or "tmp_path" not in request.fixturenames:
+        return
+    path: Path = request.getfixturevalue("tmp_path")
+    path.chmod(0o777)
+    for parent in (path.parent, path.parent.parent):  # pytest-N, pytest-of-root
+        parent.chmod(parent.stat().st_mode | 0o111)
 
 
 def serve_expecting_failure(config: Path, *says: str) -> subprocess.CompletedProcess[str]:
