@@ -5,9 +5,11 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -250,17 +252,19 @@ PY = next(
 )
 
 
-@pytest.fixture(autouse=True)
-def _jobs_may_write_to_tmp_path(request: pytest.FixtureRequest) -> None:
-    """A root server runs jobs as nobody (contract 6.2): tests whose jobs write markers and
-    pid files into the test's tmp_path get it open to them (pytest makes it root's only).
-    Only the test's own folder is writable; its parents are opened for entering only."""
-    if os.geteuid() != 0 or "tmp_path" not in request.fixturenames:
+@pytest.fixture
+def tmp_path(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The test's folder, where its jobs may write (markers, pid files). A root server runs
+    jobs as nobody (contract 6.2), and pytest's own tmp folders are root's only (another
+    pytest session resets them to 0700 at its start): as root, a folder of /tmp's kind
+    (sticky: a job cannot replace the test's files), removed at the end."""
+    if os.geteuid() != 0:
+        yield tmp_path_factory.mktemp("test")
         return
-    path: Path = request.getfixturevalue("tmp_path")
-    path.chmod(0o777)
-    for parent in (path.parent, path.parent.parent):  # pytest-N, pytest-of-root
-        parent.chmod(parent.stat().st_mode | 0o111)
+    folder = Path(tempfile.mkdtemp(prefix="jobworker-test-"))
+    folder.chmod(0o1777)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def serve_expecting_failure(config: Path, *says: str) -> subprocess.CompletedProcess[str]:
