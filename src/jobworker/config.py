@@ -113,13 +113,16 @@ def _check_cgroup_name(value: str) -> str:
 
 
 def _check_unix_user(value: str) -> str:
-    if value and os.geteuid() != 0:
+    if not value:
+        return value
+    try:
+        uid = pwd.getpwnam(value).pw_uid
+    except KeyError:
+        raise ValueError(f"no Unix user {value!r} on this host") from None
+    if uid != os.geteuid() and os.geteuid() != 0:
         raise ValueError("running jobs as another user needs the server to run as root")
-    if value:
-        try:
-            pwd.getpwnam(value)
-        except KeyError:
-            raise ValueError(f"no Unix user {value!r} on this host") from None
+    if uid == 0 and value != "root":  # root only where the config says "root" (root_keys)
+        raise ValueError(f'{value!r} has uid 0: say "root" for jobs to run as root')
     return value
 
 
@@ -263,15 +266,30 @@ class JobsConfig(_Section):
     )
     min_free_disk: Size = _size("64MiB", 0)
     run_as: Annotated[str, AfterValidator(_check_unix_user)] = _setting(
-        "", 'a Unix user of this host, or "" for the server\'s own'
+        "", 'a Unix user of this host, or "" ("nobody" when the server is root, else its own)'
     )
     run_as_identity: dict[str, Annotated[str, AfterValidator(_check_unix_user)]] = _setting(
         {}, "a Unix user of this host"
     )
 
     def unix_user_for(self, identity: str) -> str:
-        """The Unix user the jobs of `identity` run as ("": the server's own)."""
-        return self.run_as_identity.get(identity, self.run_as)
+        """The Unix user the jobs of `identity` run as ("": the server's own). Unset or "",
+        that is "nobody" when the server is root: root only where the config says "root"."""
+        user = self.run_as_identity.get(identity) or self.run_as
+        if user:
+            return user
+        return "nobody" if os.geteuid() == 0 else ""
+
+    def root_keys(self) -> list[str]:
+        """The keys that let jobs run as root (for the server's warning), in config order."""
+        if os.geteuid() != 0:
+            return []
+        keys = ["jobs.run_as"] if self.run_as == "root" else []
+        return keys + [
+            f"jobs.run_as_identity.{name}"
+            for name, user in self.run_as_identity.items()
+            if user == "root"
+        ]
 
 
 class AuthConfig(_Section):

@@ -5,9 +5,11 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -241,7 +243,28 @@ def alive(pid: int) -> bool:
 
 # --- Helpers for the batch tests (schedule, engine, recovery, access) ---
 
-PY = sys.executable  # an absolute python for jobs: their PATH is the server's minimal one
+# An absolute python for jobs (their PATH is the server's minimal one) that the jobs' user
+# can run: a root server runs jobs as nobody, and the test's own python may live where
+# nobody cannot enter (/root).
+PY = next(
+    (p for p in ("/usr/bin/python3", "/usr/local/bin/python3") if os.access(p, os.X_OK)),
+    sys.executable,
+)
+
+
+@pytest.fixture
+def tmp_path(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The test's folder, where its jobs may write (markers, pid files). A root server runs
+    jobs as nobody (contract 6.2), and pytest's own tmp folders are root's only (another
+    pytest session resets them to 0700 at its start): as root, a folder of /tmp's kind
+    (sticky: a job cannot replace the test's files), removed at the end."""
+    if os.geteuid() != 0:
+        yield tmp_path_factory.mktemp("test")
+        return
+    folder = Path(tempfile.mkdtemp(prefix="jobworker-test-"))
+    folder.chmod(0o1777)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def serve_expecting_failure(config: Path, *says: str) -> subprocess.CompletedProcess[str]:

@@ -83,6 +83,7 @@ def _counter_job(
     folder: Path, name: str, target: int, hold: float = 3.0
 ) -> pb.ScheduleBatchRequest:
     (folder / "running").mkdir(parents=True, exist_ok=True)
+    (folder / "running").chmod(0o777)  # the jobs run as nobody
     return job(PY, "-c", COUNTER, str(folder), name, str(target), str(hold), name=name)
 
 

@@ -138,6 +138,7 @@ def schedule_gated(stub: object, tmp_path: Path) -> tuple[str, list[Path], Path]
 def three_run_together(server: Server, tmp_path: Path) -> None:
     """Three jobs are running at the same moment (each waits until all three have started)."""
     tmp_path.mkdir(parents=True, exist_ok=True)
+    tmp_path.chmod(0o777)  # the jobs run as nobody
     stub = server.stub("alice")
     cid, marks, go = schedule_gated(stub, tmp_path)
     try:

@@ -148,6 +148,14 @@ def test_the_unit_stops_gracefully_and_reloads_with_sighup() -> None:
     assert "ProtectSystem" not in service  # jobs may write anywhere
 
 
+def test_the_unit_is_bounded_and_its_jobs_can_still_run() -> None:
+    service = _unit_sections()["Service"]
+    # Bounded (issue 11), yet room for max_concurrent (8) jobs at the default pids_max (4096).
+    assert service["TasksMax"].isdigit()
+    assert 8 * 4096 < int(service["TasksMax"]) <= 65536
+    assert service["OOMPolicy"] == "continue"  # a job's OOM kill does not stop the service
+
+
 def test_the_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
     if analyze is None:

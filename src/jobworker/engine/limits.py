@@ -390,12 +390,14 @@ class JobCgroup:
 
 
 class _Slot:
-    """A set of job groups (one per hierarchy) kept for reuse by jobs without limits: made
-    once, with the files a job's start and end touch held open (CgroupBackend.create).
+    """A set of job groups (one per hierarchy) kept for reuse by jobs whose only limit is
+    pids_max: made once, with the files a job's start and end touch held open
+    (CgroupBackend.create).
 
     A job then costs no mkdir, no rmdir and no path walk: its forking thread writes "0"
     (itself) to the open `tasks` files, and the end reads the counters with pread. Between
-    jobs put() resets the counters (cpuacct.usage, memory.max_usage_in_bytes).
+    jobs put() resets the counters (cpuacct.usage, memory.max_usage_in_bytes); pids.max is
+    written only when a job wants another value than the last one's (limit_pids).
     """
 
     def __init__(self, pool: _Pool, name: str, groups: tuple[tuple[Hierarchy, Path], ...]):
@@ -407,7 +409,8 @@ class _Slot:
         self.procs_files = tuple(path / "cgroup.procs" for _, path in groups)
         self.dirs = {h.kind: str(path) for h, path in groups}
         self.tasks: list[int] = []
-        self.acct_all = self.acct_reset = self.peak = self.usage = -1
+        self.acct_all = self.acct_reset = self.peak = self.usage = self.pids = -1
+        self.pids_value = b"max"  # what pids.max says (a new group's: no limit)
         try:
             for hierarchy, path in groups:
                 self.tasks.append(_open(f"{path}/tasks", os.O_WRONLY))
@@ -417,9 +420,18 @@ class _Slot:
                 if hierarchy.kind == "memory":
                     self.peak = _open(f"{path}/memory.max_usage_in_bytes", os.O_RDWR)
                     self.usage = _open(f"{path}/memory.usage_in_bytes", os.O_RDONLY)
+                if hierarchy.kind == "pids":
+                    self.pids = _open(f"{path}/pids.max", os.O_WRONLY)
         except BaseException:
             self.close()
             raise
+
+    def limit_pids(self, pids_max: int) -> None:
+        """Set pids.max for the next job (0: no limit); OSError when it cannot be."""
+        value = str(pids_max).encode() if pids_max else b"max"
+        if self.pids >= 0 and value != self.pids_value:
+            os.write(self.pids, value)
+            self.pids_value = value
 
     def reset(self) -> bool:
         """Ready the groups for the next job: False when they should not serve one."""
@@ -436,10 +448,11 @@ class _Slot:
 
     def close(self) -> None:
         """Close the held files (the groups stay)."""
-        for fd in (*self.tasks, self.acct_all, self.acct_reset, self.peak, self.usage):
+        for fd in (*self.tasks, self.acct_all, self.acct_reset, self.peak, self.usage, self.pids):
             if fd >= 0:
                 os.close(fd)
-        self.tasks, self.acct_all, self.acct_reset, self.peak, self.usage = [], -1, -1, -1, -1
+        self.tasks = []
+        self.acct_all = self.acct_reset = self.peak = self.usage = self.pids = -1
 
 
 class _Pool:
@@ -574,9 +587,9 @@ class CgroupBackend:
             track, spawn = "cgroup.kill", "jobs join their groups through a shell"
         else:
             track = "freezer and SIGKILL" if tracker.kind == "freezer" else "pid-by-pid SIGKILL"
-            spawn = "jobs without cpu, memory or pids limits are forked straight into their "
-            spawn += "groups (pooled and reused by jobs without any limit), others join "
-            spawn += "through a shell"
+            spawn = "jobs without cpu or memory limits are forked straight into their "
+            spawn += "groups (pooled and reused by jobs whose only limit is pids_max), others "
+            spawn += "join through a shell"
         return (
             f"{self.name}: enforces {', '.join(enforced) or 'no limits'}; "
             f"kill via {track}; {spawn}; groups under {groups}"
@@ -612,11 +625,13 @@ class CgroupBackend:
         if self.name == "none":
             return self._rlimits_only(key, limits)
         wanted = _wanted(limits)
+        if self.pooling and wanted <= {"pids"} and limits.pids_max != 1:
+            # No limit but pids_max (the default one) and forked in place (by_thread): a
+            # pooled set of groups, with a pids group whether or not this job limits pids.
+            pooled = self._choose({"pids"})
+            if all(not h.v2 for h in pooled):
+                return self._pooled(key, limits, pooled)
         chosen = self._choose(wanted)
-        if self.pooling and not wanted and all(not h.v2 for h in chosen):
-            # No limit to write and forked in place (by_thread): a pooled set of groups.
-            slot = self._pool.take() or self._new_slot(chosen)
-            return JobCgroup(key, slot.groups, _live=self._live, by_thread=True, slot=slot)
 
         def apply(made: tuple[tuple[Hierarchy, Path], ...]) -> set[str]:
             names: set[str] = set()
@@ -627,11 +642,12 @@ class CgroupBackend:
         groups, enforced_names = self._made(key, chosen, apply)
         enforced = _only(limits, enforced_names)
         # Forked straight into its groups only when no group can stop or throttle the forking
-        # thread: a cpu quota would throttle the event loop, pids.max would count it, and
-        # under a memory limit an OOM during the exec may (on kernels that scan threads)
-        # pick the server. Jobs with those limits join through the shell.
+        # thread: a cpu quota would throttle the event loop, and under a memory limit an OOM
+        # during the exec may (on kernels that scan threads) pick the server. pids.max counts
+        # the thread as one task for the moment it forks: no room for the job only at 1.
+        # Jobs with those limits join through the shell.
         by_thread = all(not h.v2 for h, _ in groups) and not (
-            enforced.cpu_millis or enforced.pids_max or enforced.memory_bytes
+            enforced.cpu_millis or enforced.memory_bytes or enforced.pids_max == 1
         )
         unenforced = tuple(sorted(name for name in wanted if name not in enforced_names))
         rlimit_args: tuple[str, ...] = ()
@@ -649,6 +665,27 @@ class CgroupBackend:
             _field_names(unenforced),
             _live=self._live,
             by_thread=by_thread,
+        )
+
+    def _pooled(self, key: str, limits: Limits, chosen: list[Hierarchy]) -> JobCgroup:
+        """A pooled set of groups for a job whose only limit is pids_max (create)."""
+        slot = self._pool.take() or self._new_slot(chosen)
+        try:
+            slot.limit_pids(limits.pids_max)
+        except BaseException:
+            slot.close()
+            if JobCgroup(slot.name, slot.groups).remove_blocking(timeout=1.0):
+                self._live.discard(slot.name)
+            raise
+        enforced = Limits()
+        unenforced: tuple[str, ...] = ()
+        if slot.pids >= 0:
+            enforced = Limits(pids_max=limits.pids_max)
+        elif limits.pids_max:  # no pids hierarchy on this host
+            unenforced = ("pids_max",)
+            _log.warning("limits_not_enforced", key=key, limits=["pids"])
+        return JobCgroup(
+            key, slot.groups, enforced, (), unenforced, _live=self._live, by_thread=True, slot=slot
         )
 
     def _new_slot(self, chosen: list[Hierarchy]) -> _Slot:

@@ -8,11 +8,12 @@ Forked in place (cgroup v1, the usual case there): the thread that forks moves i
 only itself, into the job's v1 groups (writes "0", itself, to each `tasks` file), forks,
 and moves back (JobCgroup.thread_joined). A child is born in its parent thread's groups, so the job
 never runs outside them, and there is no extra exec. Not for cgroup v2 (it moves whole
-processes), nor for a job with a cpu, memory or pids limit: the forking thread would be
-throttled by the quota, counted against pids.max, or (on kernels whose memory-cgroup OOM
-killer scans threads) mistaken for the culprit of an OOM during the exec.
+processes), nor for a job with a cpu or memory limit: the forking thread would be
+throttled by the quota, or (on kernels whose memory-cgroup OOM killer scans threads)
+mistaken for the culprit of an OOM during the exec. A pids limit is no obstacle: the
+thread counts as one task for the moment it forks (only pids_max = 1 leaves no room).
 
-Through a join shell (cgroup v2; cpu, memory or pids limits): a short exec chain
+Through a join shell (cgroup v2; cpu or memory limits): a short exec chain
 
     /bin/sh -c JOIN jobworker-job <stderr file> <cgroup.procs files...> -- [prlimit ARGS --] argv
 
@@ -29,18 +30,32 @@ job's PATH from the job's environment relative to the job's working directory, w
 exactly what spawn() resolved against beforehand (an argv[0] starting with "-" is replaced
 by its resolved path, since dash's exec has no "--").
 
-Which shell joins, and what environment it sees: the join shell runs before the job is in
-its cgroups, so nothing the client controls may make it run code. The client controls the
-job's environment, and bash imports functions (BASH_FUNC_echo%%=...) and options
-(SHELLOPTS) from its environment, even as sh: with bash as /bin/sh, a job could run code
-outside its cgroup. dash imports neither (nor IFS; the script quotes everything anyway), so
-with dash the shell gets the job's environment and its exec hands it on at no extra cost.
-join_shell() decides once, at startup: /bin/sh if it resolves to dash, else /bin/dash or
-/usr/bin/dash. Only on a host without dash does the shell get a fixed environment (PATH
-only) and exec `/usr/bin/env -i NAME=VALUE... command`: the only way to hand over an
-environment with arbitrary names without any shell parsing it (export takes identifiers
-only) costs an exec per job, and the values show in the argv of the exec chain
-(/proc/<pid>/cmdline) for the milliseconds until the job's own exec.
+Running as another user (jobs.run_as; "nobody" by default when the server is root): the
+exec chain ends in a last link, _last_link(), that holds everything the client controls:
+
+    [join shell ... --] [prlimit ARGS --] setpriv --reuid=U --regid=G --groups=... --
+        env -i --chdir=DIR -- NAME=VALUE... argv
+
+Every step before env(1) runs as root, so none of them gets a byte of the job's: they run
+with a fixed environment (_FIXED_ENV) in "/" (Popen's cwd), and by absolute paths. setpriv
+drops to the user only after the job is in its cgroups; env(1), as the user, empties the
+environment, enters the job's working directory (a folder the user may not enter fails
+there, as it should, never read as root), sets the job's variables and execs argv, which
+it searches in the job's PATH. GNU env reads options up to "--"; after it, words with "="
+are variables and the first without is the command (even "-x"). An argv[0] with "=" cannot
+be told from a variable: refused. The job's variables show in the chain's argv
+(/proc/<pid>/cmdline) for the milliseconds until its exec. spawn() checks the directory
+and the command beforehand as the user would see them (mode bits), for a clear message.
+
+Which shell joins, and what environment it sees, when the job runs as the server's own
+user (no drop: the server is not root, or the config says "root"): the join shell runs
+before the job is in its cgroups. bash imports functions (BASH_FUNC_echo%%=...) and
+options (SHELLOPTS) from its environment, even as sh; dash imports neither (nor IFS; the
+script quotes everything anyway), so with dash the shell gets the job's environment and
+its exec hands it on at no extra cost. join_shell() decides once, at startup: /bin/sh if
+it resolves to dash, else /bin/dash or /usr/bin/dash. Only on a host without dash does the
+shell get a fixed environment and exec `/usr/bin/env -i NAME=VALUE... command`. (Such a
+job has the server's own rights anyway: it runs as root only where the config says so.)
 
 Max RSS: wait4's ru_maxrss of a child started from the server begins at the server's own
 peak RSS (at exec the kernel folds the old mm's high-water mark, here the vfork parent's,
@@ -56,8 +71,8 @@ has exec'd, ~0.1-0.3 ms) cost less there than handing them to a thread: each GIL
 between threads is a futex wake and two context switches, and they cost more than the work
 (measured: server CPU per job 2.1 ms inline against 3.3 ms through the spawn threads). A
 loop on the main thread (tests, embedders), a job with stdin bytes to write first, and a
-job that runs as another Unix user (its name is looked up, and NSS may be slow) use the
-spawn threads.
+job of a Unix user not looked up in the last _ACCOUNT_TTL seconds (NSS may be slow) use
+the spawn threads.
 
 Reaping uses a pidfd watched by the event loop (no threads, no asyncio child watcher);
 os.wait4 gives the status and rusage. The job's result does not wait for its cgroups to be
@@ -94,7 +109,8 @@ SETPRIV = "/usr/bin/setpriv"  # util-linux: drops to a job's Unix user after it 
 _SH = "/bin/sh"
 _DASH = ("/bin/dash", "/usr/bin/dash")
 _ENV = "/usr/bin/env"
-_FIXED_SHELL_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}  # without dash (module doc)
+# The environment of every step that runs before the job's own (module doc): the server's.
+_FIXED_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
 # $1: the job's stderr file; then cgroup.procs files; "--"; the command. Until the exec, fd 2
 # is the gate pipe: whatever reaches it is a failure; the exec swaps in the real stderr.
 _JOIN_SCRIPT = (
@@ -109,6 +125,7 @@ SPAWN_THREADS = 4  # jobs started at once when not forked on the loop's thread (
 # same, with "cannot execute PATH: No such file or directory" (the message names it too).
 _CHECK_TTL = 1.0
 _CHECK_CACHE_SIZE = 1024
+_ACCOUNT_TTL = 10.0  # how long a looked-up Unix account (uid, groups, home) is trusted
 _LEFTOVER_POLL = 0.005  # seconds between checks that a killed job's cgroup emptied
 _LEFTOVER_TIMEOUT = 5.0
 _REMOVE_FIRST_RETRY = 0.005  # seconds until a busy cgroup's removal is retried, doubling...
@@ -405,7 +422,8 @@ class _Prepared:
     resolved: str  # argv[0] resolved against the job's PATH
     job_dir: Path  # absolute
     stdio: tuple[int, int, int]
-    drop: tuple[str, ...] = ()  # setpriv ... -- when the job runs as another user
+    # setpriv ... -- env ... argv (_last_link) when the job runs as another user, else ()
+    last: tuple[str, ...] = ()
 
 
 class Supervisor:
@@ -431,8 +449,12 @@ class Supervisor:
         # What _prepare found usable, until when (_CHECK_TTL): a batch of a thousand jobs
         # of one command checks its directory and searches its PATH once, not 1,000 times.
         self.check_ttl = check_ttl
-        self._checked: dict[str, float] = {}  # working directory -> until
-        self._resolved: dict[tuple[str, str, str], tuple[str, float]] = {}
+        # By (working directory, uid or -1): until when.
+        self._checked: dict[tuple[str, int], float] = {}
+        # By (argv[0], PATH, working directory, uid or -1): (the path, until when).
+        self._resolved: dict[tuple[str, str, str, int], tuple[str, float]] = {}
+        # By user name: the account (None: no drop) and until when (account()).
+        self._accounts: dict[str, tuple[_Account | None, float]] = {}
 
     def environment(self, spec_env: Mapping[str, str]) -> dict[str, str]:
         """The job's environment: a minimal base (not the server's) plus the spec's."""
@@ -458,7 +480,11 @@ class Supervisor:
         failure nothing is left: no fd, no cgroup, no process.
         """
         loop = asyncio.get_running_loop()
-        if not spec.stdin and not user and threading.current_thread() is not _MAIN_THREAD:
+        if (
+            not spec.stdin
+            and self.account_known(user)
+            and threading.current_thread() is not _MAIN_THREAD
+        ):
             # On the loop's own thread (module doc, "Where a job is forked"): a few file
             # system calls and a vfork, cheaper than handing the work to a thread. (Not
             # with stdin bytes to write, nor a user to look up: NSS may be slow.)
@@ -522,39 +548,65 @@ class Supervisor:
     def _prepare(
         self, spec: JobSpec, job_dir: Path, user: str = "", stdin_file: bool = True
     ) -> _Prepared:
-        """Check the command and directory, open the job's files (in a worker thread)."""
+        """Check the command and directory (as `user` sees them when the job drops to it),
+        open the job's files (on the loop's thread or a spawn thread)."""
         if not spec.argv:
             raise SpawnError("empty argv")
         cwd = os.path.join(self.default_working_dir, spec.working_dir)
         now = time.monotonic()
-        if self._checked.get(cwd, 0.0) < now:
-            _check_dir(cwd)
+        who = self.account(user, now)
+        uid = who.uid if who is not None else -1
+        if self._checked.get((cwd, uid), 0.0) < now:
+            _check_dir(cwd, who)
             if len(self._checked) >= _CHECK_CACHE_SIZE:
                 self._checked.clear()
-            self._checked[cwd] = now + self.check_ttl
-        drop: list[str] = []
-        if user:  # setpriv drops to the user after the cgroups are joined (as root)
-            try:
-                account = pwd.getpwnam(user)
-            except KeyError:
-                raise SpawnError(f"no Unix user {user!r} on this host (jobs.run_as)") from None
-            drop = [SETPRIV, f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}"]
-            drop += ["--init-groups", "--"]
-            env = self.environment({"HOME": account.pw_dir, "USER": user, "LOGNAME": user})
+            self._checked[(cwd, uid)] = now + self.check_ttl
+        if who is not None:
+            env = self.environment({"HOME": who.home, "USER": who.name, "LOGNAME": who.name})
             env.update(spec.env)
         else:
             env = self.environment(spec.env)
-        search = (spec.argv[0], env.get("PATH", ""), cwd)
+        search = (spec.argv[0], env.get("PATH", ""), cwd, uid)
         found = self._resolved.get(search)
         if found is None or found[1] < now:
             if len(self._resolved) >= _CHECK_CACHE_SIZE:
                 self._resolved.clear()
-            found = self._resolved[search] = (resolve_executable(*search), now + self.check_ttl)
-        resolved = found[0]
+            resolved = resolve_executable(spec.argv[0], search[1], cwd, who)
+            found = self._resolved[search] = (resolved, now + self.check_ttl)
         if not job_dir.is_absolute():  # the exec chain reopens stderr by path
             job_dir = Path(os.path.abspath(job_dir))
+        last = _last_link(spec, cwd, env, who) if who is not None else ()
         stdio = _open_stdio(job_dir, spec.stdin, stdin_file)
-        return _Prepared(cwd, env, resolved, job_dir, stdio, tuple(drop))
+        return _Prepared(cwd, env, found[0], job_dir, stdio, last)
+
+    def account(self, user: str, now: float | None = None) -> _Account | None:
+        """The Unix account a job of `user` drops to, or None when it runs as the server's
+        own (user "" or the server's own uid, root when the config says "root"). Looked up
+        at most once per _ACCOUNT_TTL; SpawnError when there is no such user."""
+        if not user:
+            return None
+        if now is None:
+            now = time.monotonic()
+        cached = self._accounts.get(user)
+        if cached is not None and cached[1] >= now:
+            return cached[0]
+        try:
+            entry = pwd.getpwnam(user)
+        except KeyError:
+            raise SpawnError(f"no Unix user {user!r} on this host (jobs.run_as)") from None
+        who: _Account | None = None
+        if entry.pw_uid != os.geteuid():
+            groups = tuple(os.getgrouplist(entry.pw_name, entry.pw_gid))
+            who = _Account(entry.pw_name, entry.pw_uid, entry.pw_gid, groups, entry.pw_dir)
+        if len(self._accounts) >= _CHECK_CACHE_SIZE:
+            self._accounts.clear()
+        self._accounts[user] = (who, now + _ACCOUNT_TTL)
+        return who
+
+    def account_known(self, user: str) -> bool:
+        """True when account(user) needs no lookup now (spawn() may fork on the loop)."""
+        cached = self._accounts.get(user)
+        return not user or (cached is not None and cached[1] >= time.monotonic())
 
     def _launch(self, spec: JobSpec, limits: Limits, key: str, prepared: _Prepared) -> _Launched:
         """Make the cgroup and Popen: the child, its cgroup, its start ticks, the gate fd
@@ -605,26 +657,29 @@ class Supervisor:
         cwd, env, resolved, stdio = prepared.cwd, prepared.env, prepared.resolved, prepared.stdio
         argv0 = resolved if spec.argv[0].startswith("-") else spec.argv[0]
         prefix = [PRLIMIT, *cgroup.rlimit_args, "--"] if cgroup.rlimit_args else []
-        prefix += prepared.drop
+        if prepared.last:  # dropped to the job's user in the last link: every step before
+            command = [*prefix, *prepared.last]  # it runs where and with what we choose
+            cwd, env = "/", dict(_FIXED_ENV)
+        else:
+            command = [*prefix, argv0, *spec.argv[1:]]
         if not cgroup.procs_files or cgroup.by_thread:  # no join step
-            argv = [*prefix, argv0, *spec.argv[1:]]
-            executable = prefix[0] if prefix else resolved
+            executable = command[0] if prefix or prepared.last else resolved
             if cgroup.by_thread:
                 try:
                     with cgroup.thread_joined():  # the child is born in the job's groups
-                        return *_popen(argv, executable, cwd, env, stdio), -1
+                        return *_popen(command, executable, cwd, env, stdio), -1
                 except OSError as exc:  # the thread could not join: nothing was started
                     raise _JoinFailed(f"cannot join cgroup {cgroup.key}: {_why(exc)}") from exc
-            return *_popen(argv, executable, cwd, env, stdio), -1
+            return *_popen(command, executable, cwd, env, stdio), -1
         shell_env = env
-        if not self.shell_sees_env:  # no dash here: env(1) hands the job's over (module doc)
+        if not prepared.last and not self.shell_sees_env:  # no dash (module doc)
             if "=" in argv0:  # env(1) would take it for an assignment
                 argv0 = resolved
-            prefix = [_ENV, "-i", *_assignments(env), *prefix]
-            shell_env = dict(_FIXED_SHELL_ENV)
+            command = [_ENV, "-i", *_assignments(env), *prefix, argv0, *spec.argv[1:]]
+            shell_env = dict(_FIXED_ENV)
         procs = [str(p) for p in cgroup.procs_files]
         args = [self.shell, "-c", _JOIN_SCRIPT, "jobworker-job", str(prepared.job_dir / "stderr")]
-        args += [*procs, "--", *prefix, argv0, *spec.argv[1:]]
+        args += [*procs, "--", *command]
         try:
             gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
         except OSError as exc:
@@ -638,6 +693,36 @@ class Supervisor:
         finally:
             os.close(gate_w)
         return popen, ticks, gate_r
+
+
+@dataclass(frozen=True, slots=True)
+class _Account:
+    """A Unix user a job drops to (Supervisor.account)."""
+
+    name: str
+    uid: int
+    gid: int
+    groups: tuple[int, ...]  # supplementary, as initgroups(3) would set them
+    home: str
+
+
+def _last_link(spec: JobSpec, cwd: str, env: Mapping[str, str], who: _Account) -> tuple[str, ...]:
+    """setpriv, as root, drops to `who`; then env(1), as `who`, clears the environment,
+    enters the job's directory and sets the job's variables, and execs its argv (module doc,
+    "Running as another user")."""
+    if "=" in spec.argv[0]:
+        raise SpawnError(
+            f"argv[0] {spec.argv[0][:200]!r} contains '=': a job that runs as another user "
+            "cannot run it (env(1) would take it for a variable); name the command by a "
+            "path without '=' (a symlink)"
+        )
+    groups = ",".join(map(str, who.groups))
+    drop = [SETPRIV, f"--reuid={who.uid}", f"--regid={who.gid}"]
+    drop.append(f"--groups={groups}" if groups else "--clear-groups")
+    # "--" before the assignments: after it no variable name is read as an option, and
+    # the first word without "=" (argv[0], even "-x") is the command.
+    last = [_ENV, "-i", f"--chdir={cwd}", "--", *_assignments(env)]
+    return (*drop, "--", *last, *spec.argv)
 
 
 def _assignments(env: Mapping[str, str]) -> list[str]:
@@ -741,7 +826,11 @@ def _home() -> str:
         return "/"
 
 
-def _check_dir(path: str) -> None:
+def _check_dir(path: str, who: _Account | None = None) -> None:
+    """SpawnError naming `path` unless it is a directory the job can enter (as `who`, when
+    the job drops to that user: env(1) enters it as them, so that is what counts)."""
+    if who is not None and _blocked(path, who, is_dir=True):
+        raise SpawnError(f"working directory {path}: permission denied for Unix user {who.name}")
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -750,23 +839,59 @@ def _check_dir(path: str) -> None:
         raise SpawnError(f"working directory {path}: {exc.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise SpawnError(f"not a directory: {path}")
-    if not os.access(path, os.X_OK):
+    if who is None and not os.access(path, os.X_OK):
         raise SpawnError(f"permission denied: {path}")
 
 
-def resolve_executable(name: str, path: str, cwd: str) -> str:
+def _blocked(path: str, who: _Account, *, is_dir: bool) -> bool:
+    """True when `who` may not search one of the folders on the way to `path` (symlinks
+    resolved), nor `path` itself when `is_dir`. Mode bits only, as the kernel reads them
+    for a user (owner, else group, else other): a check before the start, so that the
+    message is clear; the kernel decides in the end. A folder that is not there, or is
+    not a folder, blocks nothing here (the caller's stat says what is wrong)."""
+    real = os.path.realpath(path)
+    folders = [real] if is_dir else []
+    parent = os.path.dirname(real)
+    while True:
+        folders.append(parent)
+        if parent == "/":
+            break
+        parent = os.path.dirname(parent)
+    for folder in reversed(folders):
+        try:
+            st = os.stat(folder)
+        except OSError:
+            return False
+        if stat.S_ISDIR(st.st_mode) and not _may(st, who, 1):
+            return True
+    return False
+
+
+def _may(st: os.stat_result, who: _Account, bits: int) -> bool:
+    """Whether the mode bits of `st` grant `who` every one of `bits` (4 r, 2 w, 1 x)."""
+    if st.st_uid == who.uid:
+        mode = st.st_mode >> 6
+    elif st.st_gid == who.gid or st.st_gid in who.groups:
+        mode = st.st_mode >> 3
+    else:
+        mode = st.st_mode
+    return mode & bits == bits
+
+
+def resolve_executable(name: str, path: str, cwd: str, who: _Account | None = None) -> str:
     """The file `name` runs as: searched in `path` (relative entries and a name with a slash
-    taken relative to `cwd`), as execvp would; SpawnError naming it when there is none."""
+    taken relative to `cwd`), as execvp would, and as `who` would when given; SpawnError
+    naming it when there is none."""
     if "/" in name:
         candidate = os.path.join(cwd, name)
-        problem = _unexecutable(candidate)
+        problem = _unexecutable(candidate, who)
         if problem:
             raise SpawnError(f"{problem}: {name}")
         return candidate
     denied = ""
     for entry in path.split(":"):
         candidate = os.path.join(cwd, entry or ".", name)
-        problem = _unexecutable(candidate)
+        problem = _unexecutable(candidate, who)
         if not problem:
             return candidate
         if problem != "executable not found" and not denied:
@@ -774,8 +899,11 @@ def resolve_executable(name: str, path: str, cwd: str) -> str:
     raise SpawnError(denied or f"executable not found: {name}")
 
 
-def _unexecutable(path: str) -> str:
-    """Why `path` cannot be executed, or "" when it can."""
+def _unexecutable(path: str, who: _Account | None = None) -> str:
+    """Why `path` cannot be executed (by `who`, when given), or "" when it can."""
+    denied = f"permission denied for Unix user {who.name}" if who is not None else ""
+    if who is not None and _blocked(path, who, is_dir=False):
+        return denied
     try:
         st = os.stat(path)
     except (FileNotFoundError, NotADirectoryError):
@@ -784,9 +912,11 @@ def _unexecutable(path: str) -> str:
         return exc.strerror or "cannot execute"
     if stat.S_ISDIR(st.st_mode):
         return "is a directory"
-    if not stat.S_ISREG(st.st_mode) or not os.access(path, os.X_OK):
-        return "permission denied"
-    return ""
+    if who is not None:
+        can = stat.S_ISREG(st.st_mode) and _may(st, who, 1)
+    else:
+        can = stat.S_ISREG(st.st_mode) and os.access(path, os.X_OK)
+    return "" if can else denied or "permission denied"
 
 
 def _open_stdio(job_dir: Path, stdin: bytes, stdin_file: bool = True) -> tuple[int, int, int]:
@@ -855,16 +985,16 @@ def _open_log(job_dir: Path, name: str) -> int:
     path = f"{job_dir}/{name}"
     flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
     try:
-        return os.open(path, flags, 0o644)
+        return os.open(path, flags, 0o600)
     except (FileNotFoundError, NotADirectoryError):  # no folder (or a file in the way)
         try:
-            job_dir.mkdir(parents=True, exist_ok=True)
+            job_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise SpawnError(f"cannot create the job directory {job_dir}: {_why(exc)}") from exc
     except OSError as exc:
         raise SpawnError(f"cannot open {name} for the job: {path}: {_why(exc)}") from exc
     try:
-        return os.open(path, flags, 0o644)
+        return os.open(path, flags, 0o600)
     except OSError as exc:
         raise SpawnError(f"cannot open {name} for the job: {path}: {_why(exc)}") from exc
 

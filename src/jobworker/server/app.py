@@ -145,6 +145,7 @@ class App:
         self._file_stamp = self._config_stamp()  # the config file as last read
         # Called after each reload with the config applied, or None when it failed.
         self.observers: list[Callable[[Config | None], None]] = [self._count_reload]
+        _warn_root_jobs(config.jobs.root_keys())
 
     # -- the live config, as the parts read it
 
@@ -368,6 +369,8 @@ class App:
             jwlogging.set_level(levels[0])  # the more verbose: this line shows under either
             log.info("config_reloaded", trigger=why, config=str(path), changed=changed)
             jwlogging.set_level(applied.logging.level)
+            if applied.jobs.root_keys() != running.jobs.root_keys():
+                _warn_root_jobs(applied.jobs.root_keys())
             if pending:
                 log.warning(
                     "config_restart_needed",
@@ -551,3 +554,14 @@ def serve(config_path: Path | None) -> None:
         os.close(wake_w)
     if failure:
         raise failure[0]
+
+
+def _warn_root_jobs(keys: list[str]) -> None:
+    """At start, and at a reload that changes them: the config keys that run jobs as root."""
+    if keys:
+        log.warning(
+            "jobs_run_as_root",
+            keys=keys,
+            message="jobs of these identities run as root: they can read the server's keys "
+            "and every batch on disk, and leave their cgroups",
+        )

@@ -265,16 +265,18 @@ def _make_folders(jobs: Path, count: int, stop: threading.Event) -> None:
     """BatchStore.make_folders, on its thread: stops at the first failure or at `stop`."""
     # mknod makes an empty file in one system call (open and close are two): each one lets
     # the event loop's thread take the GIL, and hands it back, a context switch each way.
-    regular = stat.S_IFREG | 0o644
+    # The server's alone (it hands the open files to the job): no job, whatever its Unix
+    # user, reads another's output here.
+    regular = stat.S_IFREG | 0o600
     try:
         with contextlib.suppress(FileExistsError):
-            os.mkdir(jobs)
+            os.mkdir(jobs, 0o700)
         for i in range(count):
             if stop.is_set():
                 return
             folder = f"{jobs}/{i}"
             with contextlib.suppress(FileExistsError):
-                os.mkdir(folder)
+                os.mkdir(folder, 0o700)
             for name in ("stdout", "stderr"):  # the contract's log files
                 with contextlib.suppress(FileExistsError):
                     os.mknod(f"{folder}/{name}", regular)
@@ -392,7 +394,7 @@ class BatchStore:
     def persist(self, owner: str, options: BatchOptions, specs: tuple[JobSpec, ...]) -> BatchRecord:
         """Write a new batch to disk, crash-safe, touching nothing in memory: safe to run in
         a worker thread. register() then makes it known."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(0o700, parents=True, exist_ok=True)
         self._check_free_space()
         cid = str(uuid.uuid4())
         path = self.root / cid
@@ -406,10 +408,11 @@ class BatchStore:
             "jobs": [_spec_to_json(s) for s in specs],
         }
         try:
-            path.mkdir()
+            path.mkdir(0o700)
             for i, spec in enumerate(specs):  # before the metadata: its rename commits all
                 if spec.stdin:
-                    (path / "jobs" / str(i)).mkdir(parents=True)
+                    (path / "jobs").mkdir(0o700, exist_ok=True)
+                    (path / "jobs" / str(i)).mkdir(0o700)
                     _write_synced(path / "jobs" / str(i) / STDIN, spec.stdin)
                     _fsync_dir(path / "jobs" / str(i))
             if any(spec.stdin for spec in specs):

@@ -538,3 +538,47 @@ def test_close_removes_the_pooled_groups(fresh_backend: CgroupBackend) -> None:
     parents = [h.parent for h in fresh_backend.hierarchies]
     fresh_backend.close()
     assert not any(p.exists() for p in parents)
+
+
+@needs_root
+def test_a_pids_limit_alone_keeps_a_job_pooled_with_its_pids_max(backend: CgroupBackend) -> None:
+    """pids_max defaults to 4096: such a job still borrows a pooled set of groups and is
+    forked in place; the slot's pids.max is set to each job's value."""
+    _pooled(backend)
+    if "pids" not in backend.enforceable():
+        pytest.skip("no pids hierarchy here")
+    first = backend.create("pids-a", Limits(pids_max=4096))
+    assert first.slot is not None and first.by_thread
+    assert first.enforced == Limits(pids_max=4096) and first.unenforced == ()
+    pids_dir = next(path for h, path in first.groups if h.kind == "pids")
+    assert (pids_dir / "pids.max").read_text().strip() == "4096"
+    _run_in(first, "for i in 1 2 3; do sleep 0.01 & done; wait")
+    first.remove()
+    second = backend.create("pids-b", Limits(pids_max=7))  # the same slot, a new value
+    assert second.name == first.name
+    assert (pids_dir / "pids.max").read_text().strip() == "7"
+    forks = "n=0; for i in $(seq 20); do sleep 5 & n=$((n+1)); done 2>/dev/null; echo $n"
+    with pytest.raises(subprocess.CalledProcessError):  # the shell cannot fork past 7
+        _run_in(second, forks)
+    second.kill()
+    second.remove_blocking(timeout=5.0)
+    third = backend.create("pids-c", Limits())  # no pids limit: "max" again
+    try:
+        assert third.enforced == Limits() and third.by_thread
+        if third.name == first.name:
+            assert (pids_dir / "pids.max").read_text().strip() == "max"
+    finally:
+        third.remove()
+
+
+@needs_root
+def test_pids_max_one_is_never_forked_in_place(backend: CgroupBackend) -> None:
+    """The forking thread counts as a task: at pids_max = 1 the job could not be forked."""
+    if backend.name == "none" or "pids" not in backend.enforceable():
+        pytest.skip("no pids hierarchy here")
+    group = backend.create("pids-one", Limits(pids_max=1))
+    try:
+        assert group.slot is None and not group.by_thread
+        assert group.enforced.pids_max == 1
+    finally:
+        assert group.remove_blocking()

@@ -106,9 +106,9 @@ NO_LIMITS = Limits()
 
 
 async def _run(
-    sup: Supervisor, spec: JobSpec, job_dir: Path, limits: Limits = NO_LIMITS
+    sup: Supervisor, spec: JobSpec, job_dir: Path, limits: Limits = NO_LIMITS, user: str = ""
 ) -> tuple[Process, ExitInfo]:
-    process = await sup.spawn(spec, limits, job_dir, _key())
+    process = await sup.spawn(spec, limits, job_dir, _key(), user)
     return process, await process.wait()
 
 
@@ -118,7 +118,7 @@ async def test_output_bytes_land_in_the_files_exactly(sup: Supervisor, tmp_path:
     assert info.exit_code == 0
     assert (tmp_path / "j" / "stdout").read_bytes() == b"a\x00b\nc\xff"
     assert (tmp_path / "j" / "stderr").read_bytes() == b"e\x01"
-    assert stat.S_IMODE((tmp_path / "j" / "stdout").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "j" / "stdout").stat().st_mode) == 0o600  # the server's alone
 
 
 async def test_output_is_appended(sup: Supervisor, tmp_path: Path) -> None:
@@ -394,9 +394,10 @@ async def test_cgroups_are_removed_after_each_job(
     assert _left_in(process.cgroup) == []
 
 
-# Two ways in: a job with a pids limit (or on cgroup v2) goes through the join shell; any
-# other job on a v1 host is forked by a spawn thread that sits in the job's groups.
-JOIN_SHELL = Limits(pids_max=50)
+# Two ways in: a job with a cpu or memory limit (or on cgroup v2) goes through the join
+# shell; any other job on a v1 host (a pids limit too) is forked by a thread that sits in
+# the job's groups.
+JOIN_SHELL = Limits(memory_bytes=256 << 20)
 
 
 def _thread_groups(tid: int) -> str:
@@ -654,7 +655,7 @@ async def test_invalid_environment_is_a_spawn_error(
 ) -> None:
     key = _key()
     with pytest.raises(SpawnError, match="invalid argv or environment"):
-        await sup.spawn(_spec("true", env={"A": "x\0y"}), Limits(pids_max=5), tmp_path, key)
+        await sup.spawn(_spec("true", env={"A": "x\0y"}), JOIN_SHELL, tmp_path, key)
     assert backend.open(key) is None
 
 
@@ -754,7 +755,7 @@ async def test_pidfd_open_failure_kills_and_reaps_the_child(
     key = _key()
     before = _open_fds()
     with pytest.raises(SpawnError, match="cannot watch the job's process: Too many open files"):
-        await sup.spawn(_spec("sleep", "1000"), Limits(pids_max=20), tmp_path, key)
+        await sup.spawn(_spec("sleep", "1000"), JOIN_SHELL, tmp_path, key)
     (pid,) = started
     with pytest.raises(ChildProcessError):  # reaped: no zombie, no untracked child
         os.waitpid(pid, os.WNOHANG)
@@ -900,7 +901,7 @@ async def test_a_non_dash_join_shell_never_sees_the_jobs_environment(
 
     key = _key()
     spec = _spec("cat", "/proc/self/cgroup", env=env)
-    process = await safe.spawn(spec, Limits(pids_max=50), tmp_path / "cg", key)
+    process = await safe.spawn(spec, JOIN_SHELL, tmp_path / "cg", key)
     assert (await process.wait()).exit_code == 0
     lines = (tmp_path / "cg" / "stdout").read_text().splitlines()
     joined = [line for line in lines if line.endswith(f"/{key}")]
@@ -967,3 +968,142 @@ async def test_the_forking_threads_own_cpu_is_not_the_jobs(
     assert process.cgroup.by_thread or process.cgroup.name.startswith("pool-")
     assert info.exit_code == 0
     assert info.usage.user_cpu + info.usage.system_cpu < 0.05  # `true`: ~1 ms; not the 0.1 s
+
+
+# ---- jobs as another user: nothing of the job's reaches a root process ----------------------
+
+NOBODY = "nobody"
+
+
+@pytest.fixture
+def shared() -> Iterator[Path]:
+    """A folder under /tmp that nobody can read and enter (pytest's tmp is root's only)."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="jobworker-shared-"))
+    os.chmod(folder, 0o755)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def preload() -> Iterator[Any]:
+    from tests.preload import build_preload
+
+    built = build_preload()
+    yield built
+    built.remove()
+
+
+def _nobody() -> Any:
+    import pwd
+
+    return pwd.getpwnam(NOBODY)
+
+
+@pytest.mark.skipif(not ROOT, reason="dropping to another user needs root")
+@pytest.mark.parametrize("limits", [NO_LIMITS, JOIN_SHELL], ids=["forked-in-place", "shell"])
+async def test_no_byte_of_a_job_as_nobody_reaches_a_root_process(
+    sup: Supervisor,
+    backend: CgroupBackend,
+    tmp_path: Path,
+    shared: Path,
+    preload: Any,
+    limits: Limits,
+) -> None:
+    _needs_cgroup(backend)
+    # Decoys where a step run by name or by a relative path would find them.
+    for name in ("setpriv", "env", "prlimit", "sh", "dash"):
+        decoy = shared / name
+        decoy.write_text(f"#!/bin/sh\necho decoy {name} ran >&2\nexit 99\n")
+        decoy.chmod(0o755)
+    env = {"LD_PRELOAD": str(preload.library), "PATH": f".:{shared}:/usr/bin:/bin"}
+    spec = _spec("id", "-u", env=env, working_dir=str(shared))
+    process = await sup.spawn(spec, limits, tmp_path, _key(), NOBODY)
+    info = await process.wait()
+    assert (info.exit_code, (tmp_path / "stdout").read_text()) == (0, f"{_nobody().pw_uid}\n")
+    assert (tmp_path / "stderr").read_text() == ""
+    loads = preload.loads()
+    assert [load for load in loads if load.uid == 0 or load.euid == 0] == []
+    assert [(load.uid, load.exe, load.cwd) for load in loads] == [
+        (_nobody().pw_uid, "/usr/bin/id", str(shared))
+    ]
+
+
+@pytest.mark.skipif(not ROOT, reason="dropping to another user needs root")
+@pytest.mark.parametrize("limits", [NO_LIMITS, JOIN_SHELL], ids=["forked-in-place", "shell"])
+async def test_a_job_as_nobody_gets_its_env_dir_and_argv_exactly(
+    sup: Supervisor, backend: CgroupBackend, tmp_path: Path, shared: Path, limits: Limits
+) -> None:
+    _needs_cgroup(backend)
+    (shared / "-tool").symlink_to("/usr/bin/cat")  # argv[0] starting with "-"
+    env = {"-x": "1", "FOO": "a b=c", "PATH": f"{shared}:/usr/bin:/bin", "EMPTY": ""}
+    (shared / "A=B").touch()  # cat reads it, relative to the working directory
+    spec = _spec("-tool", "/proc/self/cmdline", "--", "A=B", env=env, working_dir=str(shared))
+    _, info = await _run(sup, spec, tmp_path / "argv", limits, NOBODY)
+    assert info.exit_code == 0
+    assert (tmp_path / "argv" / "stdout").read_bytes() == b"-tool\0/proc/self/cmdline\0--\0A=B\0"
+    process = await sup.spawn(_spec("env", env=env), limits, tmp_path / "env", _key(), NOBODY)
+    assert (await process.wait()).exit_code == 0
+    lines = (tmp_path / "env" / "stdout").read_text().splitlines()
+    assert dict(line.split("=", 1) for line in lines) == {
+        **env,
+        "HOME": _nobody().pw_dir,
+        "USER": NOBODY,
+        "LOGNAME": NOBODY,
+        "LANG": "C.UTF-8",
+    }
+    script = "id -u; id -g; pwd"
+    spec = _spec("sh", "-c", script, working_dir=str(shared))
+    process = await sup.spawn(spec, limits, tmp_path / "who", _key(), NOBODY)
+    assert (await process.wait()).exit_code == 0
+    who = _nobody()
+    expected = f"{who.pw_uid}\n{who.pw_gid}\n{shared}\n"
+    assert (tmp_path / "who" / "stdout").read_text() == expected
+
+
+@pytest.mark.skipif(not ROOT, reason="dropping to another user needs root")
+async def test_what_the_user_cannot_reach_fails_with_a_message_naming_it(
+    sup: Supervisor, backend: CgroupBackend, tmp_path: Path, shared: Path
+) -> None:
+    private = shared / "priv"
+    (private / "pub").mkdir(parents=True)
+    (private / "pub").chmod(0o755)
+    private.chmod(0o700)  # root may enter it, nobody may not
+    tool = private / "pub" / "tool"
+    tool.write_text("#!/bin/sh\necho ran\n")
+    tool.chmod(0o755)
+    sup.default_working_dir = str(shared)
+    (shared / "a=b").symlink_to("/usr/bin/true")
+    cases = [
+        (
+            _spec("true", working_dir="priv/pub"),
+            f"working directory {private}/pub: permission denied for Unix user nobody",
+        ),
+        (_spec(str(tool)), f"permission denied for Unix user nobody: {tool}"),
+        (
+            _spec("tool", env={"PATH": str(private / "pub")}),
+            f"permission denied for Unix user nobody: {tool}",
+        ),
+        (_spec("a=b", env={"PATH": str(shared)}), "argv[0] 'a=b' contains '='"),
+    ]
+    for spec, message in cases:
+        key = _key()
+        with pytest.raises(SpawnError) as caught:
+            await sup.spawn(spec, NO_LIMITS, tmp_path, key, NOBODY)
+        assert message in caught.value.message
+        assert backend.open(key) is None
+    assert not (tmp_path / "stdout").exists()  # nothing started
+    # The same job as the server's own user (root) runs.
+    _, info = await _run(sup, _spec(str(tool), working_dir="priv/pub"), tmp_path)
+    assert (info.exit_code, (tmp_path / "stdout").read_text()) == (0, "ran\n")
+
+
+@pytest.mark.skipif(not ROOT, reason="needs root")
+def test_root_and_the_servers_own_user_drop_nothing(sup: Supervisor) -> None:
+    assert sup.account("") is None
+    assert sup.account("root") is None  # the server's own uid: no setpriv, no env(1)
+    who = sup.account(NOBODY)
+    assert who is not None and who.uid == _nobody().pw_uid
+    with pytest.raises(SpawnError, match="no Unix user 'no-such-user-here'"):
+        sup.account("no-such-user-here")

@@ -118,7 +118,7 @@ def test_job_folders_and_empty_logs_are_made_ahead_of_the_jobs(tmp_path: Path) -
         for name in ("stdout", "stderr"):
             log = batch.path / "jobs" / str(i) / name
             assert log.read_bytes() == b""
-            assert log.stat().st_mode & 0o777 == 0o644
+            assert log.stat().st_mode & 0o777 == 0o600  # the server's alone: jobs get fds
 
 
 def test_job_folders_never_bring_a_deleted_batch_back(tmp_path: Path) -> None:
