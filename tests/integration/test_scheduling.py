@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import signal
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -287,7 +288,8 @@ def test_a_job_writing_past_max_log_bytes_is_stopped(
     job_dir = data_dir_of(srv) / "batches" / cid / "jobs" / "0"
     pids: list[int] = []
     try:
-        pids = [int(str(wait_until(lambda: (job_dir / other).read_text().strip(), 30, "pid")))]
+        # The job's folder is made by a store thread while the batch starts: it may not exist yet.
+        pids = [int(str(wait_until(lambda: _text(job_dir / other), 30, "pid")))]
         batch = wait_batch(stub, cid, 60, log_tail_bytes=0)
         loud = batch.jobs[0]
         assert loud.state == pb.JOB_STATE_FAILED, loud
@@ -306,6 +308,13 @@ def test_output_under_max_log_bytes_is_left_alone(make_server: ServerFactory) ->
     reply = schedule(stub, job(PY, "-c", write, name="exact"))
     batch = wait_batch(stub, reply.correlation_id, 60, log_tail_bytes=0)
     assert batch.jobs[0].state == pb.JOB_STATE_SUCCEEDED, batch.jobs[0].message
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        return ""
 
 
 def _seconds(value: float) -> object:
