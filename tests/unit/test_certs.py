@@ -19,7 +19,17 @@ from jobworker import certs
 from jobworker.cli import main
 from jobworker.errors import JobWorkerError
 
-SIX = ("ca.pem", "ca-key.pem", "server.pem", "server-key.pem", "admin.pem", "admin-key.pem")
+SIX = ("ca.pem", "ca/ca-key.pem", "server.pem", "server-key.pem", "admin.pem", "admin-key.pem")
+FILES = sorted((*SIX, "crl.pem"))  # and ca/issued/, a copy of each certificate issued
+
+
+def tree(directory: Path) -> list[str]:
+    """The files below `directory` (but ca/issued/), as paths relative to it."""
+    return sorted(
+        str(p.relative_to(directory))
+        for p in directory.rglob("*")
+        if p.is_file() and p.parent.name != "issued"
+    )
 
 
 def load(path: Path) -> x509.Certificate:
@@ -40,8 +50,9 @@ def pki(tmp_path: Path) -> certs.PkiPaths:
 
 
 def test_init_writes_six_files_with_safe_modes(pki: certs.PkiPaths) -> None:
-    assert sorted(p.name for p in pki.directory.iterdir()) == sorted(SIX)
+    assert tree(pki.directory) == FILES
     assert mode(pki.directory) == 0o700
+    assert mode(pki.ca_key.parent) == 0o700  # the CA key apart from what the server reads
     for key in (pki.ca_key, pki.server_key, pki.admin_key):
         assert mode(key) == 0o600
     for cert in (pki.ca_cert, pki.server_cert, pki.admin_cert):
@@ -97,7 +108,7 @@ def test_second_init_refuses_and_keeps_the_ca(pki: certs.PkiPaths) -> None:
         certs.init_pki(pki.directory)
     assert isinstance(info.value, JobWorkerError)
     assert {name: (pki.directory / name).read_bytes() for name in SIX} == before
-    assert sorted(p.name for p in pki.directory.iterdir()) == sorted(SIX)
+    assert tree(pki.directory) == FILES
 
 
 def test_init_refuses_when_only_the_ca_key_exists(tmp_path: Path) -> None:
@@ -143,7 +154,7 @@ def test_issue_client_refuses_duplicates(pki: certs.PkiPaths) -> None:
 def test_issue_client_rejects_bad_names(pki: certs.PkiPaths, name: str) -> None:
     with pytest.raises(certs.InvalidCertName):
         certs.issue_client(pki.directory, name)
-    assert sorted(p.name for p in pki.directory.iterdir()) == sorted(SIX)
+    assert tree(pki.directory) == FILES
 
 
 def test_issue_client_without_a_ca(tmp_path: Path) -> None:
@@ -162,7 +173,7 @@ def test_issue_server_replaces_only_the_server_pair(pki: certs.PkiPaths) -> None
     assert "DNS:new.example.com" in certs.describe(pki.server_cert)["sans"]
     load(pki.server_cert).verify_directly_issued_by(load(pki.ca_cert))
     certs.read_pair(pki.server_cert, pki.server_key)  # the new key matches the new cert
-    assert sorted(p.name for p in pki.directory.iterdir()) == sorted(SIX)
+    assert tree(pki.directory) == FILES
 
 
 def test_read_pair_rejects_a_mismatch(pki: certs.PkiPaths) -> None:
@@ -211,7 +222,7 @@ def test_cli_init_issue_show(tmp_path: Path) -> None:
         main, ["certs", "init", "--dir", str(directory), "--host", "jobs.example.com"]
     )
     assert result.exit_code == 0, result.output
-    for name in SIX:
+    for name in (*SIX, "crl.pem"):
         assert str(directory / name) in result.output
         assert (directory / name).is_file()
 

@@ -57,7 +57,11 @@ def init_cmd(directory: Path, hosts: tuple[str, ...], days: int) -> None:
         paths = lib.init_pki(directory, hosts, days)
     except lib.CertsError as e:
         raise click.ClickException(str(e)) from None
-    _wrote(paths.files())
+    _wrote([*paths.files(), paths.crl])
+    click.echo(
+        f"the CA key is in {paths.ca_key.parent}/, which the server never needs: keep it "
+        "there (0700) or offline"
+    )
     click.echo(
         f"the client identity is the certificate's common name: {paths.admin_cert} is "
         f"{lib.ADMIN_NAME!r}; give it a role in the config"
