@@ -3,22 +3,38 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import threading
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+from click.testing import CliRunner
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from jobworker import certs
+from jobworker.cli import main
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
 
-from .conftest import PY, Server, job, rpc_error, schedule, serve_expecting_failure
+from .conftest import (
+    PY,
+    Server,
+    ServerFactory,
+    job,
+    rpc_error,
+    schedule,
+    serve_expecting_failure,
+    wait_until,
+)
 
 SERVICE = "/jobworker.v1.JobWorkerService/"
 LINE_LIMIT = 1024
@@ -149,3 +165,131 @@ def test_server_key_readable_by_others_is_refused_at_start(pki: Path, tmp_path: 
         tls={"server_key": str(key), "server_cert": str(keys / "server.pem")},
     )
     serve_expecting_failure(config, str(key), "chmod 600")
+
+
+class _Follower:
+    """A follow stream read on a thread: when it ended, and with what code."""
+
+    def __init__(self, call: Any) -> None:
+        self.call = call
+        self.first = threading.Event()
+        self.code: grpc.StatusCode | None = None
+        self.details = ""
+        self.ended_at = 0.0
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        try:
+            for _ in self.call:
+                self.first.set()
+            self.code = grpc.StatusCode.OK
+        except grpc.RpcError as exc:
+            self.code, self.details = exc.code(), exc.details() or ""
+        self.ended_at = time.monotonic()
+        self.first.set()
+
+
+def _follow(stub: pb_grpc.JobWorkerServiceStub, cid: str) -> _Follower:
+    follower = _Follower(
+        stub.StreamBatchLogs(
+            pb.StreamBatchLogsRequest(correlation_id=cid, follow=True), timeout=120
+        )
+    )
+    assert follower.first.wait(30) and follower.code is None, follower.details
+    return follower
+
+
+def _sleeper(stub: pb_grpc.JobWorkerServiceStub) -> str:
+    # echo first: the follower's first message says the stream is open. No root needed.
+    return str(
+        schedule(
+            stub, job("/bin/sh", "-c", "echo started; exec sleep 120", name="s")
+        ).correlation_id
+    )
+
+
+def test_a_role_taken_away_ends_open_calls_within_5s(make_server: ServerFactory) -> None:
+    server = make_server()
+    alice = server.stub("alice")
+    cid = _sleeper(alice)
+    follower = _follow(alice, cid)
+    release = threading.Event()
+
+    def requests() -> Iterator[pb.ScheduleBatchRequest]:
+        yield job("/bin/true", name="u")
+        release.wait(60)  # an upload that is slow to send its next message
+
+    upload: dict[str, object] = {}
+
+    def send() -> None:
+        try:
+            alice.ScheduleBatch(requests(), timeout=120)
+        except grpc.RpcError as exc:
+            upload["code"], upload["at"] = exc.code(), time.monotonic()
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    time.sleep(0.5)  # the upload's first message is read
+    try:
+        # alice becomes a viewer: her upload must end, her follow may go on
+        text = server.config.read_text().replace(
+            "[auth.roles]\n", '[auth.roles]\nalice = "viewer"\n'
+        )
+        server.config.write_text(text)
+        reloaded = time.monotonic()
+        server.signal(signal.SIGHUP)
+        wait_until(lambda: "code" in upload, 10, "the upload ended")
+        assert upload["code"] == grpc.StatusCode.PERMISSION_DENIED
+        assert float(upload["at"]) - reloaded < 5  # type: ignore[arg-type]
+        assert follower.code is None  # a viewer may still read
+        # then role none: the follower ends too
+        server.config.write_text(text.replace('alice = "viewer"', 'alice = "none"'))
+        reloaded = time.monotonic()
+        server.signal(signal.SIGHUP)
+        follower.thread.join(10)
+        assert follower.code == grpc.StatusCode.PERMISSION_DENIED, (follower.code, follower.details)
+        assert follower.ended_at - reloaded < 5
+        assert "none" in follower.details
+    finally:
+        release.set()
+        server.stub("admin").CancelBatch(pb.CancelBatchRequest(correlation_id=cid), timeout=30)
+
+
+def test_a_revoked_certificate_is_unauthenticated_and_its_calls_end(
+    make_server: ServerFactory, pki: Path, tmp_path: Path
+) -> None:
+    own = tmp_path / "pki"
+    shutil.copytree(pki, own)
+    certs.issue_client(own, "carol")
+    server = make_server(tls={"crl": str(own / "crl.pem")})
+    channel = server.channel("carol", pki=own)
+    carol = pb_grpc.JobWorkerServiceStub(channel)
+    cid = _sleeper(carol)
+    follower = _follow(carol, cid)
+    try:
+        result = CliRunner().invoke(main, ["certs", "revoke", "carol", "--dir", str(own)])
+        assert result.exit_code == 0, result.output
+        assert "revoked serial" in result.output
+        revoked = time.monotonic()
+        follower.thread.join(10)
+        assert follower.code == grpc.StatusCode.UNAUTHENTICATED, (follower.code, follower.details)
+        assert follower.ended_at - revoked < 5
+        err = rpc_error(lambda: carol.ListBatches(pb.ListBatchesRequest(), timeout=10))
+        assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "revoked" in (err.details() or "")
+        # a CRL the CA did not sign is refused, logged, and the one in force kept
+        other_ca, other_key = certs.new_ca("someone else")
+        forged = tmp_path / "forged"
+        forged.mkdir()
+        (forged / "ca.pem").write_bytes((own / "ca.pem").read_bytes())
+        certs.write_crl(certs.PkiPaths.in_dir(forged), other_ca, other_key, [])
+        (own / "crl.pem").write_bytes((forged / "crl.pem").read_bytes())
+        server.wait_for_log("crl_refused", timeout=10)
+        assert rpc_error(lambda: carol.ListBatches(pb.ListBatchesRequest(), timeout=10)).code() == (
+            grpc.StatusCode.UNAUTHENTICATED
+        )
+        assert server.stub("alice").ListBatches(pb.ListBatchesRequest(), timeout=10) is not None
+    finally:
+        channel.close()
+        server.stub("admin").CancelBatch(pb.CancelBatchRequest(correlation_id=cid), timeout=30)

@@ -98,6 +98,26 @@ def renew_server_cmd(directory: Path, hosts: tuple[str, ...], days: int) -> None
     _wrote([cert_path, key_path])
 
 
+@certs.command("revoke")
+@click.argument("target", metavar="NAME|SERIAL")
+@_dir_option
+def revoke_cmd(target: str, directory: Path) -> None:
+    """Revoke every certificate of identity NAME (or the one of SERIAL, in hex) in crl.pem.
+
+    A server whose [tls] crl names that file refuses the certificate from its next call
+    and ends its open calls within a second: no reload needed."""
+    from jobworker import certs as lib
+
+    try:
+        revoked, crl = lib.revoke(directory, target)
+    except lib.CertsError as e:
+        raise click.ClickException(str(e)) from None
+    for r in revoked:
+        where = f" ({r.path})" if r.path else ""
+        click.echo(f"revoked serial {r.serial:x} CN={r.common_name or '?'}{where}")
+    _wrote([crl])
+
+
 @certs.command("show")
 @_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
