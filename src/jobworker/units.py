@@ -104,9 +104,9 @@ def shorten(text: str, limit: int = 200) -> str:
     room = limit - len(marker)
     if room < 2:
         return text.encode(errors="surrogatepass")[:limit].decode(errors="ignore")
-    # Characters, then trimmed by bytes: a non-ASCII text takes up to 4 bytes a character.
-    head, tail = text[: room // 2], text[len(text) - (room - room // 2) :]
-    while len((head + tail).encode(errors="surrogatepass")) > room:
-        head, tail = head[: len(head) * 3 // 4], tail[len(tail) // 4 :]
+    # Cut as bytes; a character split at either cut is dropped whole.
+    data = text.encode(errors="surrogatepass")
+    head = data[: room // 2].decode(errors="ignore")
+    tail = data[len(data) - (room - room // 2) :].decode(errors="ignore")
     cut = len(text) - len(head) - len(tail)
     return f"{head}...[{cut} chars cut]...{tail}"

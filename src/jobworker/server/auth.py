@@ -56,6 +56,8 @@ def status_of(exc: BaseException) -> grpc.StatusCode:
     for kind, code in _CODES.items():
         if isinstance(exc, kind):
             return code
+    if isinstance(exc, NotImplementedError):  # the generated servicer's own, for an RPC
+        return grpc.StatusCode.UNIMPLEMENTED  # of the .proto this server does not serve yet
     return grpc.StatusCode.INTERNAL
 
 
