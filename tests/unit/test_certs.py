@@ -290,3 +290,60 @@ def test_cli_renew_server(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert (directory / "server.pem").read_bytes() != old
     assert "IP:192.0.2.7" in certs.describe(directory / "server.pem")["sans"]
+
+
+def _crl(pki: certs.PkiPaths) -> x509.CertificateRevocationList:
+    crl = x509.load_pem_x509_crl(pki.crl.read_bytes())
+    assert crl.is_signature_valid(load(pki.ca_cert).public_key())  # type: ignore[arg-type]
+    return crl
+
+
+def test_revoke_by_name_finds_every_certificate_of_it(pki: certs.PkiPaths) -> None:
+    assert list(_crl(pki)) == []  # init writes an empty one
+    first, first_key = certs.issue_client(pki.directory, "bob")
+    serial_1 = load(first).serial_number
+    first.rename(pki.directory / "old-bob.pem")  # a second bob; the first still somewhere
+    first_key.unlink()
+    serial_2 = load(certs.issue_client(pki.directory, "bob")[0]).serial_number
+    (pki.directory / "old-bob.pem").unlink()  # gone from the folder: ca/issued/ remembers it
+    revoked, path = certs.revoke(pki.directory, "bob")
+    assert path == pki.crl
+    assert {r.serial for r in revoked} == {serial_1, serial_2}
+    assert {e.serial_number for e in _crl(pki)} == {serial_1, serial_2}
+    assert mode(pki.crl) == 0o644
+
+
+def test_revoke_by_serial_keeps_what_was_revoked(pki: certs.PkiPaths) -> None:
+    bob = load(certs.issue_client(pki.directory, "bob")[0]).serial_number
+    certs.revoke(pki.directory, "bob")
+    admin = load(pki.admin_cert).serial_number
+    revoked, _ = certs.revoke(pki.directory, f"{admin:x}")
+    assert [(r.serial, r.common_name) for r in revoked] == [(admin, "admin")]
+    crl = _crl(pki)
+    assert {e.serial_number for e in crl} == {bob, admin}
+    assert crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number == 3
+
+
+def test_revoke_refuses_an_unknown_name_and_the_ca(pki: certs.PkiPaths) -> None:
+    with pytest.raises(certs.CertsError, match="no certificate of 'zed'"):
+        certs.revoke(pki.directory, "zed")
+    with pytest.raises(certs.CertsError, match="itself"):
+        certs.revoke(pki.directory, f"{load(pki.ca_cert).serial_number:x}")
+
+
+def test_cli_revoke(pki: certs.PkiPaths) -> None:
+    result = CliRunner().invoke(main, ["certs", "revoke", "admin", "--dir", str(pki.directory)])
+    assert result.exit_code == 0, result.output
+    assert f"revoked serial {load(pki.admin_cert).serial_number:x} CN=admin" in result.output
+    assert str(pki.crl) in result.output
+
+
+def test_a_key_open_to_others_is_refused(pki: certs.PkiPaths) -> None:
+    pki.server_key.chmod(0o640)
+    with pytest.raises(certs.CertsError, match=r"chmod 600 .*server-key\.pem"):
+        certs.read_pair(pki.server_cert, pki.server_key)
+
+
+def test_the_ca_key_of_an_older_release_is_still_found(pki: certs.PkiPaths) -> None:
+    pki.ca_key.rename(pki.legacy_ca_key)
+    assert certs.issue_client(pki.directory, "bob")[0].exists()

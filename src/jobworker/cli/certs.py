@@ -139,13 +139,14 @@ def show_cmd(directory: Path, as_json: bool) -> None:
         (
             Path(i["path"]).name,
             i["common_name"],
+            i["serial"],
             ",".join(i["usages"]) or "-",
             i["not_after"][:10] + (" EXPIRED" if i["expired"] else ""),
             " ".join(i["sans"]) or "-",
         )
         for i in infos
     ]
-    header = ("FILE", "COMMON NAME", "USAGE", "EXPIRES", "SANS")
+    header = ("FILE", "COMMON NAME", "SERIAL", "USAGE", "EXPIRES", "SANS")
     widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header) - 1)]
     for row in [header, *rows]:
         cells = [cell.ljust(w) for cell, w in zip(row, widths, strict=False)]
