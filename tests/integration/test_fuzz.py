@@ -207,7 +207,7 @@ def test_fuzzed_requests_get_proper_statuses_and_memory_stays_flat(
     )
     assert server.proc is not None
     calls = Calls(server)
-    _fuzz(calls, max(50, EXAMPLES // 10))  # warm-up: caches, pools, the allocator's arenas
+    _fuzz(calls, max(1000, EXAMPLES // 10))  # warm-up: caches, pools, the allocator's arenas
     wait_until(lambda: _batches(server) == 0, 60, "the warm-up's batches retired")
     before = _rss(server.proc.pid)
     started = time.monotonic()
