@@ -22,6 +22,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from jobworker import certs
 from jobworker.cli import main
+from jobworker.client import CHANNEL_OPTIONS
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
 
@@ -292,4 +293,44 @@ def test_a_revoked_certificate_is_unauthenticated_and_its_calls_end(
         assert server.stub("alice").ListBatches(pb.ListBatchesRequest(), timeout=10) is not None
     finally:
         channel.close()
+        server.stub("admin").CancelBatch(pb.CancelBatchRequest(correlation_id=cid), timeout=30)
+
+
+def test_a_client_that_pings_too_often_is_dropped_and_ours_is_not(
+    make_server: ServerFactory,
+) -> None:
+    server = make_server()
+    alice = server.stub("alice")
+    cid = _sleeper(alice)
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=(server.pki / "ca.pem").read_bytes(),
+        private_key=(server.pki / "alice-key.pem").read_bytes(),
+        certificate_chain=(server.pki / "alice.pem").read_bytes(),
+    )
+    pinger = grpc.secure_channel(
+        server.address,
+        creds,
+        options=[
+            ("grpc.keepalive_time_ms", 200),
+            ("grpc.keepalive_timeout_ms", 5000),
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ],
+    )
+    ours: grpc.Channel | None = None
+    try:
+        follower = _follow(pb_grpc.JobWorkerServiceStub(pinger), cid)
+        # The project's client's policy (client.py), pinging every 6 s instead of 30 s: still
+        # above the server's 5 s minimum, so two pings happen within the test.
+        options = dict(CHANNEL_OPTIONS) | {"grpc.keepalive_time_ms": 6000}
+        ours = grpc.secure_channel(server.address, creds, options=list(options.items()))
+        polite = _follow(pb_grpc.JobWorkerServiceStub(ours), cid)
+        follower.thread.join(30)
+        assert follower.code == grpc.StatusCode.UNAVAILABLE, (follower.code, follower.details)
+        polite.thread.join(14)
+        assert polite.code is None, (polite.code, polite.details)  # ours goes on
+    finally:
+        pinger.close()
+        if ours is not None:
+            ours.close()
         server.stub("admin").CancelBatch(pb.CancelBatchRequest(correlation_id=cid), timeout=30)
