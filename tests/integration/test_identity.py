@@ -118,6 +118,21 @@ def test_undecodable_bytes_to_each_rpc_are_invalid_argument(server: Server) -> N
         upload = channel.stream_unary(SERVICE + "ScheduleBatch")
         err = rpc_error(lambda: upload(iter([garbage]), timeout=10))
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+        # and the other services' (health, reflection) the same
+        check = channel.unary_unary("/grpc.health.v1.Health/Check")
+        assert rpc_error(lambda: check(garbage, timeout=10)).code() == (
+            grpc.StatusCode.INVALID_ARGUMENT
+        )
+        watch = channel.unary_stream("/grpc.health.v1.Health/Watch")
+        assert rpc_error(lambda: list(watch(garbage, timeout=10))).code() == (
+            grpc.StatusCode.INVALID_ARGUMENT
+        )
+        info = channel.stream_stream(
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+        )
+        assert rpc_error(lambda: list(info(iter([garbage]), timeout=10))).code() == (
+            grpc.StatusCode.INVALID_ARGUMENT
+        )
     finally:
         channel.close()
     time.sleep(0.5)

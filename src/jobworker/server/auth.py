@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -115,6 +116,82 @@ class _Requests:
             raise
 
 
+async def _refuse(
+    context: aio.ServicerContext[Any, Any], method: str, request: Undecodable
+) -> None:
+    log.info("rpc", method=method, code="INVALID_ARGUMENT", error=request.message)
+    jwlogging.flush()
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, shorten(request.message, MESSAGE_LIMIT))
+
+
+class _CheckedRequests:
+    """A client stream of another service's RPC (reflection): undecodable ends it."""
+
+    def __init__(
+        self, requests: AsyncIterator[Any], context: aio.ServicerContext[Any, Any], method: str
+    ) -> None:
+        self._requests, self._context, self._method = requests, context, method
+
+    def __aiter__(self) -> _CheckedRequests:
+        return self
+
+    async def __anext__(self) -> Any:
+        request = await anext(self._requests)
+        if isinstance(request, Undecodable):
+            await _refuse(self._context, self._method, request)
+        return request
+
+
+def _checked(handler: grpc.RpcMethodHandler[Any, Any], method: str) -> Any:
+    """`handler` of another service (health, reflection), answering a request that does not
+    decode INVALID_ARGUMENT instead of grpc's UNKNOWN and traceback."""
+    decode = _decoding(handler.request_deserializer, method)
+    serialize = handler.response_serializer
+    if handler.unary_unary is not None:
+        unary: Any = handler.unary_unary
+
+        async def unary_unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+            if isinstance(request, Undecodable):
+                await _refuse(context, method, request)
+            return await unary(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary, decode, serialize)
+    if handler.unary_stream is not None:
+        stream: Any = handler.unary_stream
+
+        async def unary_stream(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+            if isinstance(request, Undecodable):
+                await _refuse(context, method, request)
+            result = stream(request, context)
+            if inspect.isasyncgen(result):  # an async generator: its items written here
+                async with contextlib.aclosing(result):
+                    async for item in result:
+                        await context.write(item)
+                return None
+            return await result  # it writes with context.write itself
+
+        return grpc.unary_stream_rpc_method_handler(unary_stream, decode, serialize)
+    many: Any = handler.stream_unary or handler.stream_stream
+
+    async def streams(requests: AsyncIterator[Any], context: aio.ServicerContext[Any, Any]) -> Any:
+        return await many(_CheckedRequests(requests, context, method), context)
+
+    async def stream_items(
+        requests: AsyncIterator[Any], context: aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        async with contextlib.aclosing(
+            many(_CheckedRequests(requests, context, method), context)
+        ) as items:
+            async for item in items:
+                yield item
+
+    # grpc tells an async generator function from a coroutine function: keep which it was.
+    behavior = stream_items if inspect.isasyncgenfunction(many) else streams
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(behavior, decode, serialize)
+    return grpc.stream_stream_rpc_method_handler(behavior, decode, serialize)
+
+
 # -- calls that stay open
 
 
@@ -153,8 +230,11 @@ class AuthInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
     ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(details)
         method: str = details.method
-        if handler is None or not method.startswith(SERVICE):
-            return handler  # health and reflection: any certificate of our CA may ask
+        if handler is None:
+            return handler
+        if not method.startswith(SERVICE):
+            checked: grpc.RpcMethodHandler[Any, Any] = _checked(handler, method)
+            return checked  # health and reflection: any certificate of our CA may ask
         name = method.removeprefix(SERVICE)
         decode = _decoding(handler.request_deserializer, name)
         if handler.unary_unary is not None:
