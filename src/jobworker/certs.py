@@ -9,6 +9,7 @@ import os
 import re
 import secrets
 import socket
+import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,9 @@ ADMIN_NAME = "admin"
 _BACKDATE = dt.timedelta(minutes=5)
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 # These would collide with the CA's or the server's files.
-_RESERVED_NAMES = frozenset({"ca", "ca-key", "server", "server-key"})
+_RESERVED_NAMES = frozenset({"ca", "ca-key", "server", "server-key", "crl"})
+CA_DIR = "ca"  # the CA's key and its record of issued certificates: never the server's to read
+CRL_DAYS = 3650  # the server does not expire the CRL it is given; other readers might
 
 
 class CertsError(JobWorkerError):
@@ -56,7 +59,7 @@ class PkiPaths:
 
     directory: Path
     ca_cert: Path
-    ca_key: Path
+    ca_key: Path  # in ca/, apart from what the server reads
     server_cert: Path
     server_key: Path
     admin_cert: Path
@@ -68,12 +71,27 @@ class PkiPaths:
         return cls(
             directory=directory,
             ca_cert=directory / "ca.pem",
-            ca_key=directory / "ca-key.pem",
+            ca_key=directory / CA_DIR / "ca-key.pem",
             server_cert=directory / "server.pem",
             server_key=directory / "server-key.pem",
             admin_cert=directory / f"{ADMIN_NAME}.pem",
             admin_key=directory / f"{ADMIN_NAME}-key.pem",
         )
+
+    @property
+    def crl(self) -> Path:
+        """The revocation list `certs revoke` writes (point tls.crl at it)."""
+        return self.directory / "crl.pem"
+
+    @property
+    def issued(self) -> Path:
+        """A copy of every certificate the CA issued, by serial: what `revoke NAME` finds."""
+        return self.directory / CA_DIR / "issued"
+
+    @property
+    def legacy_ca_key(self) -> Path:
+        """Where releases before 0.3 kept the CA key: beside the server's files."""
+        return self.directory / "ca-key.pem"
 
     def files(self) -> tuple[Path, ...]:
         """Every file, CA first."""
@@ -302,6 +320,11 @@ def _stage(items: Sequence[tuple[Path, bytes, int]]) -> list[tuple[Path, Path]]:
     return staged
 
 
+def _fsync_parents(staged: Sequence[tuple[Path, Path]]) -> None:
+    for directory in dict.fromkeys(final.parent for _, final in staged):
+        _fsync_dir(directory)
+
+
 def _install_new(staged: Sequence[tuple[Path, Path]]) -> None:
     """Move staged files into place, none overwriting an existing file, all or nothing."""
     linked: list[Path] = []
@@ -320,7 +343,7 @@ def _install_new(staged: Sequence[tuple[Path, Path]]) -> None:
     finally:
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)
-    _fsync_dir(staged[0][1].parent)
+    _fsync_parents(staged)
 
 
 def _install_replace(staged: Sequence[tuple[Path, Path]]) -> None:
@@ -331,7 +354,7 @@ def _install_replace(staged: Sequence[tuple[Path, Path]]) -> None:
     finally:
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)
-    _fsync_dir(staged[0][1].parent)
+    _fsync_parents(staged)
 
 
 def _pair_items(
@@ -363,11 +386,14 @@ def _ensure_dir(directory: Path) -> None:
 
 
 def load_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """Load ca.pem and ca-key.pem from `directory`."""
+    """Load ca.pem and ca/ca-key.pem (or, made by an older release, ca-key.pem) from `directory`."""
     paths = PkiPaths.in_dir(directory)
+    key_path = paths.ca_key
+    if not key_path.exists() and paths.legacy_ca_key.exists():
+        key_path = paths.legacy_ca_key
     try:
         cert_pem = paths.ca_cert.read_bytes()
-        key_pem = paths.ca_key.read_bytes()
+        key_pem = key_path.read_bytes()
     except FileNotFoundError as e:
         raise CaMissing(
             f"no CA in {directory} ({Path(str(e.filename)).name} is missing); "
@@ -379,9 +405,9 @@ def load_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateK
     except (ValueError, TypeError) as e:
         raise CertsError(f"cannot read the CA in {directory}: {e}") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise CertsError(f"{paths.ca_key} is not an EC private key")
+        raise CertsError(f"{key_path} is not an EC private key")
     if key.public_key() != cert.public_key():
-        raise CertsError(f"{paths.ca_key} does not match {paths.ca_cert}")
+        raise CertsError(f"{key_path} does not match {paths.ca_cert}")
     return cert, key
 
 
@@ -391,7 +417,7 @@ def load_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateK
 def init_pki(directory: Path, hosts: Sequence[str] = (), days: int = LEAF_DAYS) -> PkiPaths:
     """Create the CA, the server's certificate and the admin's client certificate in `directory`."""
     paths = PkiPaths.in_dir(directory)
-    for existing in (paths.ca_cert, paths.ca_key):
+    for existing in (paths.ca_cert, paths.ca_key, paths.legacy_ca_key):
         if existing.exists():
             raise CertsExist(
                 f"a CA already exists in {directory} ({existing.name}); refusing to overwrite it"
@@ -405,6 +431,8 @@ def init_pki(directory: Path, hosts: Sequence[str] = (), days: int = LEAF_DAYS) 
     )
     admin_cert, admin_key = sign_certificate(ca_cert, ca_key, ADMIN_NAME, server=False, days=days)
     _ensure_dir(directory)
+    _ensure_dir(paths.ca_key.parent)  # ca/, 0700: mkdir's parents would get the umask's mode
+    _ensure_dir(paths.issued)
     ca_staged = _stage(
         [(paths.ca_key, _key_bytes(ca_key), 0o600), (paths.ca_cert, _cert_bytes(ca_cert), 0o644)]
     )
@@ -432,6 +460,9 @@ def init_pki(directory: Path, hosts: Sequence[str] = (), days: int = LEAF_DAYS) 
         paths.ca_cert.unlink(missing_ok=True)
         paths.ca_key.unlink(missing_ok=True)
         raise
+    for cert in (server_cert, admin_cert):
+        _record(paths, cert)
+    write_crl(paths, ca_cert, ca_key, [])  # empty: tls.crl can name it from the start
     return paths
 
 
@@ -446,6 +477,7 @@ def issue_server(
     )
     # Each file is replaced by rename, so a reader sees an old or a new file, never a torn one.
     write_pair(cert, key, paths.server_cert, paths.server_key, overwrite=True)
+    _record(paths, cert)
     return paths.server_cert, paths.server_key
 
 
@@ -472,6 +504,7 @@ def issue_client(directory: Path, name: str, days: int = LEAF_DAYS) -> tuple[Pat
     ca_cert, ca_key = load_ca(directory)
     cert, key = sign_certificate(ca_cert, ca_key, name, server=False, days=days)
     write_pair(cert, key, cert_path, key_path)
+    _record(PkiPaths.in_dir(directory), cert)
     return cert_path, key_path
 
 
@@ -488,8 +521,20 @@ def common_name(cert_pem: bytes) -> str:
     return value if isinstance(value, str) else value.decode()
 
 
+def check_key_mode(key_path: Path) -> None:
+    """CertsError when a private key file grants group or others any access."""
+    mode = stat.S_IMODE(key_path.stat().st_mode)
+    if mode & 0o077:
+        raise CertsError(
+            f"{key_path} is open to group or others (mode {mode:04o}); a private key must "
+            f"be readable by its owner only: chmod 600 {key_path}"
+        )
+
+
 def read_pair(cert_path: Path, key_path: Path) -> tuple[bytes, bytes]:
-    """Read a certificate and its key as PEM, checking that they belong together."""
+    """Read a certificate and its key as PEM, checking that they belong together and that
+    the key is its owner's only."""
+    check_key_mode(key_path)
     cert_pem, key_pem = cert_path.read_bytes(), key_path.read_bytes()
     try:
         cert = x509.load_pem_x509_certificate(cert_pem)
@@ -567,6 +612,116 @@ def list_certificates(directory: Path) -> list[Path]:
     """The certificate files in `directory` (every *.pem but keys), CA and server first."""
     if not directory.is_dir():
         raise CaMissing(f"{directory} is not a directory; create it with `jobworker certs init`")
-    found = [p for p in directory.glob("*.pem") if not p.name.endswith("-key.pem")]
+    found = [
+        p
+        for p in directory.glob("*.pem")
+        if not p.name.endswith("-key.pem") and p.name != "crl.pem"
+    ]
     order = {"ca.pem": 0, "server.pem": 1}
     return sorted(found, key=lambda p: (order.get(p.name, 2), p.name))
+
+
+# --- revocation -------------------------------------------------------------------------
+
+
+def _record(paths: PkiPaths, cert: x509.Certificate) -> None:
+    """Keep a copy of an issued certificate in ca/issued/, named by its serial."""
+    paths.issued.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _install_replace(
+        _stage([(paths.issued / f"{cert.serial_number:x}.pem", _cert_bytes(cert), 0o644)])
+    )
+
+
+def _issued(paths: PkiPaths) -> dict[int, tuple[str, Path]]:
+    """Every certificate to be found in the folder and in ca/issued: serial -> (CN, file)."""
+    found: dict[int, tuple[str, Path]] = {}
+    files = sorted(paths.issued.glob("*.pem")) if paths.issued.is_dir() else []
+    files += [p for p in list_certificates(paths.directory) if p != paths.ca_cert]
+    for path in files:
+        try:
+            cert = x509.load_pem_x509_certificate(path.read_bytes())
+        except (OSError, ValueError):
+            continue  # not a certificate: nothing of it to revoke
+        names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        value = names[0].value if len(names) == 1 else ""
+        found.setdefault(cert.serial_number, (str(value), path))
+    return found
+
+
+def _read_crl(paths: PkiPaths, ca_cert: x509.Certificate) -> x509.CertificateRevocationList | None:
+    try:
+        crl = x509.load_pem_x509_crl(paths.crl.read_bytes())
+    except FileNotFoundError:
+        return None
+    except ValueError as e:
+        raise CertsError(
+            f"{paths.crl} is not a PEM CRL ({e}); move it away to start anew"
+        ) from None
+    if crl.issuer != ca_cert.subject or not crl.is_signature_valid(ca_cert.public_key()):  # type: ignore[arg-type]
+        raise CertsError(f"{paths.crl} is not signed by the CA in {paths.ca_cert}")
+    return crl
+
+
+def write_crl(
+    paths: PkiPaths,
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    serials: Iterable[int],
+) -> Path:
+    """Write crl.pem (atomically, by rename): what it revoked already plus `serials`."""
+    old = _read_crl(paths, ca_cert)
+    now = _now()
+    number = 1
+    builder = x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject)
+    revoked: set[int] = set()
+    if old is not None:
+        with contextlib.suppress(x509.ExtensionNotFound):
+            number = old.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number + 1
+        for entry in old:
+            revoked.add(entry.serial_number)
+            builder = builder.add_revoked_certificate(entry)
+    for serial in serials:
+        if serial not in revoked:
+            revoked.add(serial)
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build()
+            )
+    crl = (
+        builder.last_update(now - _BACKDATE)
+        .next_update(now + dt.timedelta(days=CRL_DAYS))
+        .add_extension(x509.CRLNumber(number), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    _install_replace(_stage([(paths.crl, crl.public_bytes(serialization.Encoding.PEM), 0o644)]))
+    return paths.crl
+
+
+@dataclass(frozen=True, slots=True)
+class Revoked:
+    """One certificate `revoke` put on the CRL: its serial, CN and file, where known."""
+
+    serial: int
+    common_name: str
+    path: Path | None
+
+
+def revoke(directory: Path, target: str) -> tuple[list[Revoked], Path]:
+    """Revoke every certificate found whose common name is `target`, else the one whose
+    serial (hex, as `certs show` prints it) it is; what was revoked, and the CRL written."""
+    paths = PkiPaths.in_dir(directory)
+    ca_cert, ca_key = load_ca(directory)
+    found = _issued(paths)
+    chosen = [Revoked(s, cn, p) for s, (cn, p) in found.items() if cn == target]
+    if not chosen:
+        digits = target.lower().removeprefix("0x").replace(":", "")
+        if not digits or any(c not in "0123456789abcdef" for c in digits):
+            raise CertsError(
+                f"no certificate of {target!r} in {directory} or {paths.issued}, and it is not "
+                "a serial number (hex, as `jobworker certs show` prints it)"
+            )
+        serial = int(digits, 16)
+        cn, path = found.get(serial, ("", None))
+        chosen = [Revoked(serial, cn, path)]
+    if any(r.serial == ca_cert.serial_number for r in chosen):
+        raise CertsError("the CA cannot revoke itself; make a new CA instead")
+    return chosen, write_crl(paths, ca_cert, ca_key, [r.serial for r in chosen])

@@ -17,6 +17,10 @@ class NotFound(JobWorkerError):
     """The batch does not exist or the caller may not see it."""
 
 
+class Unauthenticated(JobWorkerError):
+    """The client certificate names no usable identity, or it is revoked."""
+
+
 class PermissionDenied(JobWorkerError):
     """The caller's role does not allow this."""
 

@@ -14,6 +14,8 @@ from typing import Any, TextIO
 
 import structlog
 
+from jobworker.units import ECHO_LIMIT, shorten
+
 _LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -57,6 +59,7 @@ def setup(level: str = "info", fmt: str = "json") -> None:
         _timestamp,
         structlog.processors.StackInfoRenderer(),
         structlog.processors.format_exc_info if fmt == "json" else _noop,
+        _shorten_fields,
         renderer,
     ]
     sink = _Sink(sys.stderr)
@@ -230,8 +233,46 @@ _ENCODER = json.JSONEncoder(default=_json_default)
 
 
 def _to_json(event_dict: EventDict, **_dumps_kw: Any) -> str:
-    """JSONRenderer's serializer (its `default` is _ENCODER's own)."""
-    return _ENCODER.encode(event_dict)
+    """JSONRenderer's serializer (its `default` is _ENCODER's own); a line longer than
+    ECHO_LIMIT has its longest fields shortened until it fits (contract 6.1)."""
+    text = _ENCODER.encode(event_dict)
+    if len(text) <= ECHO_LIMIT or "exception" in event_dict:
+        return text
+    return _fit(dict(event_dict), text)
+
+
+# A field's share of a line; a line's own fields (its name, time, level) are never cut.
+FIELD_LIMIT = 512
+_UNCUT = frozenset({"event", "timestamp", "level", "exception"})
+
+
+def _shorten_fields(_logger: Any, _method: str, event: EventDict) -> EventDict:
+    """Every long string field (client input echoed: a name, an id) cut to FIELD_LIMIT.
+
+    The stack of a server bug ("exception") is the server's own text and kept whole."""
+    for key, value in event.items():
+        if isinstance(value, str) and len(value) > FIELD_LIMIT // 4 and key not in _UNCUT:
+            event[key] = shorten(value, FIELD_LIMIT)
+    return event
+
+
+def _fit(fields: dict[str, Any], text: str) -> str:
+    """`fields` encoded with their longest values shortened until the line fits."""
+    for _ in range(len(fields)):
+        over = len(text) - ECHO_LIMIT
+        sizes = {
+            k: len(_ENCODER.encode(v))
+            for k, v in fields.items()
+            if k not in _UNCUT and isinstance(v, str | list | dict | tuple)
+        }
+        if over <= 0 or not sizes:
+            break
+        key = max(sizes, key=sizes.__getitem__)
+        value = fields[key] if isinstance(fields[key], str) else _ENCODER.encode(fields[key])
+        # JSON takes up to 6 bytes for one byte of UTF-8 ("\u0000"): aim low, then look again.
+        fields[key] = shorten(value, max(32, (sizes[key] - over) // 6))
+        text = _ENCODER.encode(fields)
+    return text
 
 
 # The current second, formatted once: [(seconds since the epoch, "YYYY-MM-DDTHH:MM:SS")].

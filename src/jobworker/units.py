@@ -84,3 +84,29 @@ def format_size(n: int) -> str:
         decimals = f"{rest * 100 // factor:02d}".rstrip("0")
         return f"{whole}.{decimals} {unit}" if decimals else f"{whole} {unit}"
     return f"{n} B"
+
+
+ECHO_LIMIT = 1024
+"""Bytes of UTF-8 a status message, log line or audit line may take (contract 6.1)."""
+
+
+def shorten(text: str, limit: int = 200) -> str:
+    """`text` cut to at most `limit` bytes of UTF-8, keeping its start and end.
+
+    What is cut is said in the middle ("...[12345 chars cut]..."): a message that echoes a
+    client's 20,000-character name still ends with the field's limit."""
+    if limit < 0:
+        raise ValueError(f"{limit!r} is negative; a limit is 0 or more")
+    if len(text) <= limit // 4 or len(text.encode(errors="surrogatepass")) <= limit:
+        return text
+    cut = len(text)
+    marker = f"...[{cut} chars cut]..."
+    room = limit - len(marker)
+    if room < 2:
+        return text.encode(errors="surrogatepass")[:limit].decode(errors="ignore")
+    # Cut as bytes; a character split at either cut is dropped whole.
+    data = text.encode(errors="surrogatepass")
+    head = data[: room // 2].decode(errors="ignore")
+    tail = data[len(data) - (room - room // 2) :].decode(errors="ignore")
+    cut = len(text) - len(head) - len(tail)
+    return f"{head}...[{cut} chars cut]...{tail}"

@@ -19,7 +19,17 @@ from jobworker import certs
 from jobworker.cli import main
 from jobworker.errors import JobWorkerError
 
-SIX = ("ca.pem", "ca-key.pem", "server.pem", "server-key.pem", "admin.pem", "admin-key.pem")
+SIX = ("ca.pem", "ca/ca-key.pem", "server.pem", "server-key.pem", "admin.pem", "admin-key.pem")
+FILES = sorted((*SIX, "crl.pem"))  # and ca/issued/, a copy of each certificate issued
+
+
+def tree(directory: Path) -> list[str]:
+    """The files below `directory` (but ca/issued/), as paths relative to it."""
+    return sorted(
+        str(p.relative_to(directory))
+        for p in directory.rglob("*")
+        if p.is_file() and p.parent.name != "issued"
+    )
 
 
 def load(path: Path) -> x509.Certificate:
@@ -40,8 +50,9 @@ def pki(tmp_path: Path) -> certs.PkiPaths:
 
 
 def test_init_writes_six_files_with_safe_modes(pki: certs.PkiPaths) -> None:
-    assert sorted(p.name for p in pki.directory.iterdir()) == sorted(SIX)
+    assert tree(pki.directory) == FILES
     assert mode(pki.directory) == 0o700
+    assert mode(pki.ca_key.parent) == 0o700  # the CA key apart from what the server reads
     for key in (pki.ca_key, pki.server_key, pki.admin_key):
         assert mode(key) == 0o600
     for cert in (pki.ca_cert, pki.server_cert, pki.admin_cert):
@@ -97,7 +108,7 @@ def test_second_init_refuses_and_keeps_the_ca(pki: certs.PkiPaths) -> None:
         certs.init_pki(pki.directory)
     assert isinstance(info.value, JobWorkerError)
     assert {name: (pki.directory / name).read_bytes() for name in SIX} == before
-    assert sorted(p.name for p in pki.directory.iterdir()) == sorted(SIX)
+    assert tree(pki.directory) == FILES
 
 
 def test_init_refuses_when_only_the_ca_key_exists(tmp_path: Path) -> None:
@@ -143,7 +154,7 @@ def test_issue_client_refuses_duplicates(pki: certs.PkiPaths) -> None:
 def test_issue_client_rejects_bad_names(pki: certs.PkiPaths, name: str) -> None:
     with pytest.raises(certs.InvalidCertName):
         certs.issue_client(pki.directory, name)
-    assert sorted(p.name for p in pki.directory.iterdir()) == sorted(SIX)
+    assert tree(pki.directory) == FILES
 
 
 def test_issue_client_without_a_ca(tmp_path: Path) -> None:
@@ -162,7 +173,7 @@ def test_issue_server_replaces_only_the_server_pair(pki: certs.PkiPaths) -> None
     assert "DNS:new.example.com" in certs.describe(pki.server_cert)["sans"]
     load(pki.server_cert).verify_directly_issued_by(load(pki.ca_cert))
     certs.read_pair(pki.server_cert, pki.server_key)  # the new key matches the new cert
-    assert sorted(p.name for p in pki.directory.iterdir()) == sorted(SIX)
+    assert tree(pki.directory) == FILES
 
 
 def test_read_pair_rejects_a_mismatch(pki: certs.PkiPaths) -> None:
@@ -211,7 +222,7 @@ def test_cli_init_issue_show(tmp_path: Path) -> None:
         main, ["certs", "init", "--dir", str(directory), "--host", "jobs.example.com"]
     )
     assert result.exit_code == 0, result.output
-    for name in SIX:
+    for name in (*SIX, "crl.pem"):
         assert str(directory / name) in result.output
         assert (directory / name).is_file()
 
@@ -279,3 +290,60 @@ def test_cli_renew_server(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert (directory / "server.pem").read_bytes() != old
     assert "IP:192.0.2.7" in certs.describe(directory / "server.pem")["sans"]
+
+
+def _crl(pki: certs.PkiPaths) -> x509.CertificateRevocationList:
+    crl = x509.load_pem_x509_crl(pki.crl.read_bytes())
+    assert crl.is_signature_valid(load(pki.ca_cert).public_key())  # type: ignore[arg-type]
+    return crl
+
+
+def test_revoke_by_name_finds_every_certificate_of_it(pki: certs.PkiPaths) -> None:
+    assert list(_crl(pki)) == []  # init writes an empty one
+    first, first_key = certs.issue_client(pki.directory, "bob")
+    serial_1 = load(first).serial_number
+    first.rename(pki.directory / "old-bob.pem")  # a second bob; the first still somewhere
+    first_key.unlink()
+    serial_2 = load(certs.issue_client(pki.directory, "bob")[0]).serial_number
+    (pki.directory / "old-bob.pem").unlink()  # gone from the folder: ca/issued/ remembers it
+    revoked, path = certs.revoke(pki.directory, "bob")
+    assert path == pki.crl
+    assert {r.serial for r in revoked} == {serial_1, serial_2}
+    assert {e.serial_number for e in _crl(pki)} == {serial_1, serial_2}
+    assert mode(pki.crl) == 0o644
+
+
+def test_revoke_by_serial_keeps_what_was_revoked(pki: certs.PkiPaths) -> None:
+    bob = load(certs.issue_client(pki.directory, "bob")[0]).serial_number
+    certs.revoke(pki.directory, "bob")
+    admin = load(pki.admin_cert).serial_number
+    revoked, _ = certs.revoke(pki.directory, f"{admin:x}")
+    assert [(r.serial, r.common_name) for r in revoked] == [(admin, "admin")]
+    crl = _crl(pki)
+    assert {e.serial_number for e in crl} == {bob, admin}
+    assert crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number == 3
+
+
+def test_revoke_refuses_an_unknown_name_and_the_ca(pki: certs.PkiPaths) -> None:
+    with pytest.raises(certs.CertsError, match="no certificate of 'zed'"):
+        certs.revoke(pki.directory, "zed")
+    with pytest.raises(certs.CertsError, match="itself"):
+        certs.revoke(pki.directory, f"{load(pki.ca_cert).serial_number:x}")
+
+
+def test_cli_revoke(pki: certs.PkiPaths) -> None:
+    result = CliRunner().invoke(main, ["certs", "revoke", "admin", "--dir", str(pki.directory)])
+    assert result.exit_code == 0, result.output
+    assert f"revoked serial {load(pki.admin_cert).serial_number:x} CN=admin" in result.output
+    assert str(pki.crl) in result.output
+
+
+def test_a_key_open_to_others_is_refused(pki: certs.PkiPaths) -> None:
+    pki.server_key.chmod(0o640)
+    with pytest.raises(certs.CertsError, match=r"chmod 600 .*server-key\.pem"):
+        certs.read_pair(pki.server_cert, pki.server_key)
+
+
+def test_the_ca_key_of_an_older_release_is_still_found(pki: certs.PkiPaths) -> None:
+    pki.ca_key.rename(pki.legacy_ca_key)
+    assert certs.issue_client(pki.directory, "bob")[0].exists()

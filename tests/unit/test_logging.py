@@ -222,3 +222,18 @@ def test_timestamps_are_utc_iso_with_microseconds(capsys: pytest.CaptureFixture[
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", stamp)
         when = datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
         assert before - datetime.timedelta(seconds=1) <= when <= after
+
+
+def test_no_line_is_longer_than_1_kib(capsys: pytest.CaptureFixture[str]) -> None:
+    jwlogging.setup("info", "json")
+    log = structlog.get_logger("t")
+    log.info("rpc", correlation_id="c" * 100_000, error="\x00" * 5000, names=["n" * 3000] * 5)
+    jwlogging.line("info", "job_ended", {"job_name": "\u00e9" * 20_000, "job_index": 3})
+    raw = capsys.readouterr().err.splitlines()
+    assert len(raw) == 2
+    assert all(len(line.encode()) <= 1024 for line in raw), [len(x) for x in raw]
+    first, second = (json.loads(line) for line in raw)
+    assert first["event"] == "rpc"
+    assert str(first["correlation_id"]).startswith("ccc")
+    assert "chars cut" in str(first["correlation_id"])
+    assert second["job_index"] == 3

@@ -1,10 +1,10 @@
 """Durations and sizes: what people write, what they read, and what is refused."""
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jobworker.units import format_duration, format_size, parse_duration, parse_size
+from jobworker.units import format_duration, format_size, parse_duration, parse_size, shorten
 
 
 @pytest.mark.parametrize(
@@ -113,3 +113,22 @@ def test_duration_round_trip(seconds: int) -> None:
 @given(st.integers(min_value=0, max_value=10**12))
 def test_duration_round_trip_millis(millis: int) -> None:
     assert round(parse_duration(format_duration(millis / 1000)) * 1000) == millis
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(st.characters(codec="utf-8"), max_size=3000), st.integers(0, 1200))
+def test_shorten_fits_any_text_in_its_limit(text: str, limit: int) -> None:
+    short = shorten(text, limit)
+    assert len(short.encode()) <= limit
+    if len(text.encode()) <= limit:
+        assert short == text
+
+
+def test_shorten_keeps_both_ends_and_says_what_it_cut() -> None:
+    text = "job 'n" + "n" * 20_000 + "': name: at most 64 characters"
+    short = shorten(text, 200)
+    assert short.startswith("job 'nnn")
+    assert short.endswith("': name: at most 64 characters")
+    assert "chars cut]" in short
+    assert len(short) <= 200
+    assert shorten("\U0001f600" * 1000, 101).endswith("\U0001f600")  # no half characters

@@ -57,7 +57,11 @@ def init_cmd(directory: Path, hosts: tuple[str, ...], days: int) -> None:
         paths = lib.init_pki(directory, hosts, days)
     except lib.CertsError as e:
         raise click.ClickException(str(e)) from None
-    _wrote(paths.files())
+    _wrote([*paths.files(), paths.crl])
+    click.echo(
+        f"the CA key is in {paths.ca_key.parent}/, which the server never needs: keep it "
+        "there (0700) or offline"
+    )
     click.echo(
         f"the client identity is the certificate's common name: {paths.admin_cert} is "
         f"{lib.ADMIN_NAME!r}; give it a role in the config"
@@ -94,6 +98,26 @@ def renew_server_cmd(directory: Path, hosts: tuple[str, ...], days: int) -> None
     _wrote([cert_path, key_path])
 
 
+@certs.command("revoke")
+@click.argument("target", metavar="NAME|SERIAL")
+@_dir_option
+def revoke_cmd(target: str, directory: Path) -> None:
+    """Revoke every certificate of identity NAME (or the one of SERIAL, in hex) in crl.pem.
+
+    A server whose [tls] crl names that file refuses the certificate from its next call
+    and ends its open calls within a second: no reload needed."""
+    from jobworker import certs as lib
+
+    try:
+        revoked, crl = lib.revoke(directory, target)
+    except lib.CertsError as e:
+        raise click.ClickException(str(e)) from None
+    for r in revoked:
+        where = f" ({r.path})" if r.path else ""
+        click.echo(f"revoked serial {r.serial:x} CN={r.common_name or '?'}{where}")
+    _wrote([crl])
+
+
 @certs.command("show")
 @_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
@@ -115,13 +139,14 @@ def show_cmd(directory: Path, as_json: bool) -> None:
         (
             Path(i["path"]).name,
             i["common_name"],
+            i["serial"],
             ",".join(i["usages"]) or "-",
             i["not_after"][:10] + (" EXPIRED" if i["expired"] else ""),
             " ".join(i["sans"]) or "-",
         )
         for i in infos
     ]
-    header = ("FILE", "COMMON NAME", "USAGE", "EXPIRES", "SANS")
+    header = ("FILE", "COMMON NAME", "SERIAL", "USAGE", "EXPIRES", "SANS")
     widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header) - 1)]
     for row in [header, *rows]:
         cells = [cell.ljust(w) for cell, w in zip(row, widths, strict=False)]

@@ -30,6 +30,7 @@ from jobworker.engine.scheduler import Engine
 from jobworker.errors import ConfigError, NotFound
 from jobworker.metrics import Metrics
 from jobworker.server.auth import AuthInterceptor
+from jobworker.server.identity import Revocations
 from jobworker.server.service import JobWorkerService, Settings
 from jobworker.store.batches import BatchStore
 from jobworker.store.inotify import Inotify
@@ -39,6 +40,7 @@ log = structlog.get_logger("jobworker.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["JobWorkerService"].full_name
 FLUSH_INTERVAL = 0.2  # journal group commit: a power cut loses at most this much
+CRL_INTERVAL = 1.0  # how often tls.crl is looked at: open calls of a revoked cert end by then
 SWEEP_INTERVAL = 60.0  # at most; a short retention.max_age is swept a tenth as often
 _LEVEL_ORDER = ["debug", "info", "warning", "error"]
 
@@ -164,35 +166,14 @@ class App:
         cfg = self.config
         # Unreadable or mismatched certificates stop the start before any job is recovered.
         self.tls = TlsFiles(cfg)
+        self.revocations = Revocations(cfg.tls.crl, cfg.tls.ca_cert)
+        self.auth = AuthInterceptor(self.role_of, [self.metrics.observe_rpc], self.revocations)
         data_dir = cfg.server.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         self._data_lock = lock_data_dir(data_dir)
         # Listen before anything else: a port in use stops the start before recovery, which
         # would start queued jobs only for the failed start to stop them and record them LOST.
-        keepalive_ms = int(cfg.server.keepalive_interval * 1000)
-        self.server = aio.server(
-            interceptors=[AuthInterceptor(self.role_of, [self.metrics.observe_rpc])],
-            options=[
-                ("grpc.keepalive_time_ms", keepalive_ms),
-                ("grpc.keepalive_timeout_ms", 10_000),
-                ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
-                ("grpc.http2.max_ping_strikes", 0),
-                ("grpc.max_receive_message_length", 4 * 1024 * 1024),
-                # gRPC sets SO_REUSEPORT by default: a second server on the same port would
-                # start and share its connections. It must fail to listen instead.
-                ("grpc.so_reuseport", 0),
-            ],
-        )
-        try:
-            self.port = self.server.add_secure_port(cfg.server.listen, self.tls.credentials())
-        except RuntimeError:  # grpcio's "Failed to bind": in use, or not an address of ours
-            self.port = 0
-        if self.port == 0:
-            raise OSError(
-                f"cannot listen on {cfg.server.listen}: gRPC could not bind it (the port is "
-                "in use, or the address is not one of this host's)"
-            )
+        self.server = self._listen(cfg)
         if cfg.metrics.listen:
             # Before server_ready: whoever waits for that line can scrape at once.
             try:
@@ -249,6 +230,7 @@ class App:
         self._own(self._flush_loop(), "journal flush")
         self._own(self._sweep_loop(), "retention sweep")
         self._own(self._watch_config(), "config watch")
+        self._own(self._watch_crl(), "crl watch")
         # One turn of the loop: the watch task sets up its inotify watch in its first step, so
         # a change made as soon as server_ready is logged is seen.
         await asyncio.sleep(0)
@@ -263,6 +245,36 @@ class App:
             pid=os.getpid(),
         )
         jwlogging.flush()  # at once, not with the next info lines: tools wait for this one
+
+    def _listen(self, cfg: Config) -> aio.Server:
+        """The gRPC server, bound to server.listen (OSError when it cannot be)."""
+        keepalive_ms = int(cfg.server.keepalive_interval * 1000)
+        server = aio.server(
+            interceptors=[self.auth],
+            options=[
+                ("grpc.keepalive_time_ms", keepalive_ms),
+                ("grpc.keepalive_timeout_ms", 10_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+                # A client may ping every 5 s on a quiet call (ours ping every 30 s, client.py);
+                # one that pings more often is told GOAWAY after 2 strikes, not served for ever.
+                ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+                ("grpc.http2.max_ping_strikes", 2),
+                ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+                # gRPC sets SO_REUSEPORT by default: a second server on the same port would
+                # start and share its connections. It must fail to listen instead.
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        try:
+            self.port = server.add_secure_port(cfg.server.listen, self.tls.credentials())
+        except RuntimeError:  # grpcio's "Failed to bind": in use, or not an address of ours
+            self.port = 0
+        if self.port == 0:
+            raise OSError(
+                f"cannot listen on {cfg.server.listen}: gRPC could not bind it (the port is "
+                "in use, or the address is not one of this host's)"
+            )
+        return server
 
     async def run(self, *, signals: bool = True) -> None:
         """Serve until SIGTERM or SIGINT; SIGHUP reloads the config.
@@ -365,6 +377,7 @@ class App:
             self.tls.config = applied
             self.store.min_free_disk = applied.jobs.min_free_disk
             self.engine.update_settings(applied.jobs)
+            self.revocations.configure(applied.tls.crl, applied.tls.ca_cert)
             levels = sorted((running.logging.level, applied.logging.level), key=_LEVEL_ORDER.index)
             jwlogging.set_level(levels[0])  # the more verbose: this line shows under either
             log.info("config_reloaded", trigger=why, config=str(path), changed=changed)
@@ -378,8 +391,14 @@ class App:
                     message="these keys take effect only after a restart; "
                     "the server runs with their old values",
                 )
+            self._end_refused_calls(why)
             self._notify(applied)
             return True
+
+    def _end_refused_calls(self, why: str) -> None:
+        """End the open calls (followers, uploads) whose identity lost its right to them."""
+        if ended := self.auth.recheck():
+            log.info("open_calls_ended", trigger=why, count=ended)
 
     def _config_stamp(self) -> tuple[int, int, int] | None:
         # lstat: a symlinked config changes when the link does (or on SIGHUP), the same
@@ -438,6 +457,13 @@ class App:
             except Exception:  # retention must go on
                 log.exception("retention_sweep_failed")
             await asyncio.sleep(min(SWEEP_INTERVAL, max(0.1, max_age / 10)))
+
+    async def _watch_crl(self) -> None:
+        # Calls look at the CRL themselves; open ones are checked here once it changed.
+        while True:
+            await asyncio.sleep(CRL_INTERVAL)
+            if self.revocations.refresh():
+                self._end_refused_calls("crl changed")
 
     async def _watch_config(self) -> None:
         path = self.config.source
