@@ -10,8 +10,10 @@ import secrets
 import shutil
 import signal
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -252,3 +254,71 @@ def test_a_reload_that_runs_jobs_as_root_logs_a_warning(make_server: ServerFacto
 def _add_root_identity(srv: Server, identity: str) -> None:
     text = srv.config.read_text()
     srv.config.write_text(text + f'\n[jobs.run_as_identity]\n{identity} = "root"\n')
+
+
+# Stops every new child of the server's (its parent's) it sees: a pid at or after the
+# last one handed out whose parent is the server. Nothing outside the server's tree.
+_STOPPER = """
+import os, signal, sys
+server, me = os.getppid(), os.getpid()
+print("ready", flush=True)
+while True:
+    with open("/proc/sys/kernel/ns_last_pid") as f:
+        last = int(f.read())
+    for pid in range(last - 1, last + 4):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                parent = int(f.read().rsplit(b")", 1)[1].split()[1])
+            if parent == server and pid != me:
+                os.kill(pid, signal.SIGSTOP)
+        except (OSError, ValueError, IndexError):
+            pass
+"""
+
+
+# Guards the start of jobs as nobody: a process that already runs as the job's user
+# between the server's vfork and its exec (the forking thread switching its own ids
+# instead of exec'ing setpriv: branch h6-raw-creds-unsafe) can be stopped by any job as
+# nobody, and with it the server's event loop, for good. Against that change this failed:
+# ScheduleBatch of the 100 jobs got DEADLINE_EXCEEDED. The jobs the stopper reaches hang
+# (they share its uid); the server must not.
+def test_a_job_as_nobody_stopping_the_servers_children_does_not_stop_the_server(
+    make_server: ServerFactory,
+) -> None:
+    srv = make_server()
+    alice, bob = srv.stub("alice"), srv.stub("bob")
+    marker = f"stopper-{secrets.token_hex(6)}"
+    stopper = schedule(alice, job(PYTHON, "-c", _STOPPER, marker, name="stopper"))
+    try:
+        wait_until(lambda: _log_of(alice, stopper.correlation_id) == "ready\n", what="stopper")
+        requests = iter([job("true") for _ in range(100)])
+        victims = bob.ScheduleBatch(requests, timeout=15)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # the server keeps answering while jobs start
+            request = pb.GetBatchRequest(correlation_id=victims.correlation_id, log_tail_bytes=0)
+            bob.GetBatch(request, timeout=10)
+            time.sleep(0.1)
+        batches = ((alice, stopper.correlation_id), (bob, victims.correlation_id))
+        for stub, cid in batches:
+            stub.CancelBatch(pb.CancelBatchRequest(correlation_id=cid), timeout=10)
+        for stub, cid in batches:
+            assert wait_batch(stub, cid).state == pb.BATCH_STATE_CANCELED
+    finally:  # after a failure: the stopper gone, whatever it stopped resumed
+        _kill(_processes_with(marker))
+        if srv.proc is not None:
+            _resume_children_of(srv.proc.pid)
+
+
+def _log_of(stub: Any, cid: str) -> str:
+    batch = stub.GetBatch(pb.GetBatchRequest(correlation_id=cid), timeout=10).batch
+    return _stdout(batch, "stopper")
+
+
+def _resume_children_of(parent: int) -> None:
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                if int(f.read().rsplit(b")", 1)[1].split()[1]) == parent:
+                    os.kill(int(entry), signal.SIGCONT)
+        except (OSError, ValueError, IndexError):
+            continue
