@@ -278,8 +278,8 @@ while True:
 
 # Guards the start of jobs as nobody: a process that already runs as the job's user
 # between the server's vfork and its exec (the forking thread switching its own ids
-# instead of exec'ing setpriv: branch h6-raw-creds-unsafe) can be stopped by any job as
-# nobody, and with it the server's event loop, for good. Against that change this failed:
+# instead of exec'ing setpriv: tried, see docs/benchmarks.md) can be stopped by any job
+# as nobody, and with it the server's event loop, for good. Against that change this failed:
 # ScheduleBatch of the 100 jobs got DEADLINE_EXCEEDED. The jobs the stopper reaches hang
 # (they share its uid); the server must not.
 def test_a_job_as_nobody_stopping_the_servers_children_does_not_stop_the_server(
