@@ -181,6 +181,14 @@ def schedule_throughput(ctx: Context) -> Result:
     n = ctx.sizes.schedule_jobs
     server = ctx.server("schedule", jobs={"max_concurrent": WIDTH}).start()
     ctx.note_limits(server)
+    # Jobs run as nobody by default when the server is root: the same batch as root too
+    # (no setpriv and env steps), as the server ran jobs before the second release.
+    root_server = ctx.server(
+        "schedule-root",
+        server={"cgroup_root": f"jobworker-bench-root-{os.getpid()}"},
+        jobs={"max_concurrent": WIDTH, "run_as": "root"},
+    ).start()
+    as_root: list[dict[str, float]] = []
     streamed: list[dict[str, float]] = []
     polled: list[dict[str, float]] = []
     loops: list[dict[str, float]] = []
@@ -219,12 +227,14 @@ def schedule_throughput(ctx: Context) -> Result:
             )
             streamed.append(asyncio.run(_schedule_once(server, ctx, n)))
             polled.append(asyncio.run(_schedule_once(server, ctx, n, poll=True)))
+            as_root.append(asyncio.run(_schedule_once(root_server, ctx, n, poll=True, tag="root")))
             if other_server is not None:
                 other.append(
                     asyncio.run(_schedule_once(other_server, ctx, n, poll=True, tag=other_kind))
                 )
     finally:
         server.stop()
+        root_server.stop()
         if other_server is not None:
             other_server.stop()
         if other_dir is not None:
@@ -254,6 +264,9 @@ def schedule_throughput(ctx: Context) -> Result:
             "other_fs_server_cpu_ms_per_job": med(other, "server_cpu_ms_per_job")
             if other
             else None,
+            "as_root_jobs_per_s": [f["jobs_per_s"] for f in as_root],
+            "as_root_ratio": med(as_root, "jobs_per_s") / median(base),
+            "as_root_server_cpu_ms_per_job": med(as_root, "server_cpu_ms_per_job"),
             "followed_jobs_per_s": [f["jobs_per_s"] for f in streamed],
             "followed_ratio": med(streamed, "jobs_per_s") / median(base),
             "server_cpu_ms_per_job": med(polled, "server_cpu_ms_per_job"),
