@@ -289,11 +289,12 @@ def schedule_throughput(ctx: Context) -> Result:
 
 
 async def _populate(server: Server, ctx: Context, batches: int, per_batch: int) -> float:
-    """Schedule `batches` batches of `per_batch` `true` jobs, 16 RPCs in flight; wait for all."""
+    """Schedule `batches` batches of `per_batch` `true` jobs, as many RPCs in flight as the
+    server's default server.max_uploads_per_identity lets one identity have; wait for all."""
     start = time.perf_counter()
     async with aio_channel(server.address, ctx.pki) as channel:
         client = stub(channel)
-        gate = asyncio.Semaphore(16)
+        gate = asyncio.Semaphore(4)
         jobs = [pb.JobSpec(argv=["true"]) for _ in range(per_batch)]
 
         async def one() -> str:

@@ -29,6 +29,11 @@ from jobworker.store.logs import CHUNK
 from jobworker.v1 import jobworker_pb2 as pb
 
 MB = 1_000_000  # throughput is in MB/s (10^6 bytes a second)
+# Jobs run as nobody under a root server: a venv's python under /root is out of its reach.
+JOB_PYTHON = next(
+    (p for p in ("/usr/bin/python3", "/usr/local/bin/python3") if os.access(p, os.X_OK)),
+    sys.executable,
+)
 
 
 @dataclass
@@ -269,7 +274,7 @@ EVERY = 0.02
 def writer_argv(lines: int) -> list[str]:
     # An absolute interpreter: a job's PATH is the server's minimal one. 0.3 s of delay lets
     # the follower attach before the first line.
-    return [sys.executable, "-I", "-c", WRITER, str(lines), str(EVERY), "0.3"]
+    return [JOB_PYTHON, "-I", "-c", WRITER, str(lines), str(EVERY), "0.3"]
 
 
 class Lines:
