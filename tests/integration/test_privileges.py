@@ -9,9 +9,7 @@ import pwd
 import secrets
 import shutil
 import signal
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,29 +25,12 @@ from tests.integration.conftest import (
     wait_job,
     wait_until,
 )
-from tests.preload import Preload, build_preload
+from tests.preload import Preload
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="a root server drops to nobody")
 
 NOBODY = pwd.getpwnam("nobody")
 PYTHON = "/usr/bin/python3"  # the test's own python lives under /root, which nobody cannot enter
-
-
-@pytest.fixture
-def shared() -> Iterator[Path]:
-    """A folder every user may enter (pytest's tmp is root's only): only the modes of what
-    is inside decide what a job as nobody may read there."""
-    folder = Path(tempfile.mkdtemp(prefix="jobworker-priv-"))
-    os.chmod(folder, 0o755)
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
-
-
-@pytest.fixture
-def preload() -> Iterator[Preload]:
-    built = build_preload()
-    yield built
-    built.remove()
 
 
 def _job_of(batch: pb.Batch, name: str) -> pb.Job:

@@ -975,26 +975,6 @@ async def test_the_forking_threads_own_cpu_is_not_the_jobs(
 NOBODY = "nobody"
 
 
-@pytest.fixture
-def shared() -> Iterator[Path]:
-    """A folder under /tmp that nobody can read and enter (pytest's tmp is root's only)."""
-    import tempfile
-
-    folder = Path(tempfile.mkdtemp(prefix="jobworker-shared-"))
-    os.chmod(folder, 0o755)
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
-
-
-@pytest.fixture
-def preload() -> Iterator[Any]:
-    from tests.preload import build_preload
-
-    built = build_preload()
-    yield built
-    built.remove()
-
-
 def _nobody() -> Any:
     import pwd
 
