@@ -182,13 +182,16 @@ ServerFactory = Callable[..., Server]
 def make_server(tmp_path: Path, pki: Path) -> Iterator[ServerFactory]:
     """Start servers with a config of the test's choosing; all are stopped at the end."""
     started: list[Server] = []
+    # A server started again on the same data_dir keeps its cgroup root, as in production:
+    # it then removes what a killed run left there (pooled groups), and nothing is left.
+    roots: dict[Path, str] = {}
 
     def factory(data_dir: Path | None = None, **sections: dict[str, object]) -> Server:
+        directory = data_dir or tmp_path / "data"
+        root = roots.setdefault(directory, f"jobworker-test-{os.getpid()}-{next(_SERVER_NUMBERS)}")
+        sections["server"] = {"cgroup_root": root, **sections.get("server", {})}
         config = write_config(
-            tmp_path / f"jobworker-{len(started)}.toml",
-            pki,
-            data_dir or tmp_path / "data",
-            **sections,
+            tmp_path / f"jobworker-{len(started)}.toml", pki, directory, **sections
         )
         server = Server(config, pki)
         started.append(server)
