@@ -168,6 +168,10 @@ class Engine:
         """Jobs waiting to run (ready or waiting for dependencies)."""
         return self._queued
 
+    def has_jobs_left(self, cid: str) -> bool:
+        """True while batch `cid` has a job queued, waiting to retry or running."""
+        return cid in self._active
+
     # -- inputs
 
     def update_settings(self, settings: JobSettings) -> None:

@@ -65,7 +65,7 @@ class PerIdentity:
 
 
 class JobWorkerService(pb_grpc.JobWorkerServiceServicer):
-    """The five RPCs of jobworker.v1.JobWorkerService."""
+    """The six RPCs of jobworker.v1.JobWorkerService."""
 
     def __init__(
         self,
@@ -158,6 +158,13 @@ class JobWorkerService(pb_grpc.JobWorkerServiceServicer):
         batch = await self.core.cancel(caller, request.correlation_id, request.job_names, grace)
         redact = not caller.can_read_secrets(batch.owner)
         return pb.CancelBatchResponse(batch=convert.batch_to_pb(batch, strict=False, redact=redact))
+
+    async def DeleteBatch(
+        self, request: pb.DeleteBatchRequest, context: aio.ServicerContext[Any, Any]
+    ) -> pb.DeleteBatchResponse:
+        set_correlation_id(request.correlation_id)
+        await self.core.delete(current_caller(), request.correlation_id)
+        return pb.DeleteBatchResponse()
 
     async def ListBatches(
         self, request: pb.ListBatchesRequest, context: aio.ServicerContext[Any, Any]
