@@ -78,6 +78,8 @@ class _Run:
     """A job that was handed to the supervisor: its task and, once spawned, its process."""
 
     index: int
+    attempt: int = 1  # 1 for the first (RetryPolicy)
+    base: tuple[int, int] = (0, 0)  # its log files' sizes as it started: earlier attempts'
     task: asyncio.Task[None] | None = None
     process: Process | None = None
     reason: JobState | None = None  # why it is being stopped: CANCELED, TIMED_OUT or LOST
@@ -98,6 +100,8 @@ class _BatchRun:
     unmet: dict[int, int] = field(default_factory=dict)  # waiting job -> deps not yet succeeded
     dependents: dict[int, list[int]] = field(default_factory=dict)
     runs: dict[int, _Run] = field(default_factory=dict)
+    # Jobs waiting out a retry's backoff (counted as queued); None: no timer (shutting down).
+    waiting: dict[int, asyncio.TimerHandle | None] = field(default_factory=dict)
     # Jobs a cancel is ending in one sweep: they end CANCELED, not SKIPPED by each other.
     canceling: set[int] = field(default_factory=set)
     offered: bool = False  # in its owner's heap of batches that may start a job
@@ -215,11 +219,13 @@ class Engine:
                 br.dependents.setdefault(j, []).append(i)
                 if batch.statuses[j].state is not JobState.SUCCEEDED:
                     unmet += 1
-            if unmet:
+            if status.retry_at:  # a retry waiting for its backoff (before a restart, too)
+                self._wait_retry(br, i, status.retry_at - time.time())
+            elif unmet:
                 br.unmet[i] = unmet
             else:
                 br.ready.append(i)
-        if not br.ready and not br.unmet:
+        if not br.ready and not br.unmet and not br.waiting:
             self._forget_if_idle(owner)
             return
         self._active[batch.cid] = br
@@ -279,7 +285,8 @@ class Engine:
                 message = "server restarted while it ran"
                 if killed:
                     message += "; its processes were killed"
-                self._emit(batch, i, JobState.LOST, message=message)
+                if not self._emit_retry(batch, i, status.attempt, JobState.LOST, message):
+                    self._emit(batch, i, JobState.LOST, message=message, attempt=status.attempt)
             if not batch.ended:
                 self.submit(batch)
 
@@ -359,7 +366,8 @@ class Engine:
             self._startable.pop(owner.name, None)
 
     def _start(self, br: _BatchRun, index: int) -> None:
-        run = _Run(index)
+        status = br.batch.statuses[index]
+        run = _Run(index, attempt=status.attempt + 1, base=status.log_sizes)
         br.runs[index] = run
         self._running += 1
         self._queued -= 1
@@ -430,6 +438,8 @@ class Engine:
             pid=process.pid,
             pid_start=process.pid_start,
             cgroup=process.cgroup.name if process.cgroup.slot is not None else "",
+            attempt=run.attempt,
+            offsets=run.base,
         )
         # One info line a job, at its end (like an access log); the start is for debugging.
         jwlogging.line(
@@ -503,9 +513,9 @@ class Engine:
         self._log_timer = None
         limit = self.settings.max_log_bytes
         for run in list(self._watched) if limit else ():
-            for stream, path in zip(_STREAMS, run.logs, strict=True):
+            for stream, path, base in zip(_STREAMS, run.logs, run.base, strict=True):
                 try:
-                    size = os.stat(path).st_size
+                    size = os.stat(path).st_size - base  # this attempt's bytes
                 except OSError:  # not there: nothing written
                     continue
                 if size > limit:
@@ -542,18 +552,68 @@ class Engine:
         self._running -= 1
         owner = self._owners[br.batch.owner]
         owner.running -= 1
+        usage = info.usage if info else None
+        ending: dict[str, Any] = {"exit_code": exit_code, "signal": signal, "time_": time_}
+        if self._emit_retry(br.batch, run.index, run.attempt, state, message, usage, **ending):
+            self._queued += 1
+            owner.queued += 1
+            delay = br.batch.statuses[run.index].retry_at - time.time()
+            self._wait_retry(br, run.index, delay)
+            self._dispatch()
+            return
         self._emit(
-            br.batch,
-            run.index,
-            state,
-            message=message,
-            exit_code=exit_code,
-            signal=signal,
-            time_=time_,
-            usage=info.usage if info else None,
+            br.batch, run.index, state, message=message, usage=usage, attempt=run.attempt, **ending
         )
         self._after_end(br, run.index, state)
         self._forget_if_idle(owner)
+
+    def _emit_retry(
+        self,
+        batch: BatchRecord,
+        i: int,
+        attempt: int,
+        state: JobState,
+        message: str,
+        usage: Usage | None = None,
+        **ending: Any,
+    ) -> bool:
+        """Record that attempt `attempt`, ended in `state`, is followed by another after its
+        backoff, when the job's policy says so (a QUEUED event saying when); else False."""
+        policy = batch.specs[i].retry
+        if policy is None or not policy.retries(state, attempt):
+            return False
+        delay = policy.backoff(attempt + 1)
+        said = (
+            f"{message}; retrying in {format_duration(delay)}, "
+            f"attempt {attempt + 1} of {policy.max_attempts}"
+        )
+        self._emit(
+            batch,
+            i,
+            JobState.QUEUED,
+            message=said,
+            attempt=attempt + 1,
+            retry_at=time.time() + delay,
+            offsets=_log_sizes(batch.job_dir(i)),
+            usage=usage,
+            **ending,
+        )
+        return True
+
+    def _wait_retry(self, br: _BatchRun, i: int, delay: float) -> None:
+        """Hold job `i` back until its backoff is over, then make it ready."""
+        if self._closing:  # it runs after the restart, when its time has come
+            br.waiting[i] = None
+            return
+        loop = asyncio.get_running_loop()
+        br.waiting[i] = loop.call_later(max(0.0, delay), self._retry_due, br, i)
+
+    def _retry_due(self, br: _BatchRun, i: int) -> None:
+        if br.waiting.pop(i, None) is None:
+            return
+        br.ready.append(i)
+        self._offer(br)
+        self._dispatch()
 
     def _end_unstarted(self, br: _BatchRun, i: int, state: JobState, message: str) -> None:
         """End a job that never started (cancelled or skipped), and what follows from it."""
@@ -562,7 +622,11 @@ class Engine:
 
     def _drop(self, br: _BatchRun, i: int, state: JobState, message: str) -> None:
         """Record the end of a job that never started; nothing more."""
-        if i in br.unmet:
+        if i in br.waiting:  # a retry waiting for its backoff: it never runs
+            handle = br.waiting.pop(i)
+            if handle is not None:
+                handle.cancel()
+        elif i in br.unmet:
             del br.unmet[i]
         elif br.ready and br.ready[0] == i:  # a sweep in index order: no search
             br.ready.popleft()
@@ -571,7 +635,7 @@ class Engine:
                 br.ready.remove(i)
         self._queued -= 1
         self._owners[br.batch.owner].queued -= 1
-        self._emit(br.batch, i, state, message=message)
+        self._emit(br.batch, i, state, message=message, attempt=br.batch.statuses[i].attempt)
 
     def _after_end(self, br: _BatchRun, i: int, state: JobState) -> None:
         batch = br.batch
@@ -621,7 +685,7 @@ class Engine:
                     work.append(d)
 
     def _finish_if_done(self, br: _BatchRun) -> None:
-        if not br.ready and not br.unmet and not br.runs:
+        if not br.ready and not br.unmet and not br.runs and not br.waiting:
             self._active.pop(br.batch.cid, None)
 
     def _emit(
@@ -638,6 +702,9 @@ class Engine:
         pid_start: int = 0,
         usage: Usage | None = None,
         cgroup: str = "",
+        attempt: int = 1,
+        retry_at: float = 0.0,
+        offsets: tuple[int, int] = (0, 0),
     ) -> None:
         event = JobEvent(
             seq=self.store.next_seq(batch),
@@ -651,10 +718,24 @@ class Engine:
             pid_start=pid_start,
             usage=usage,
             cgroup=cgroup,
+            attempt=attempt,
+            retry_at=retry_at,
+            offsets=offsets,
         )
         self.store.append(batch, event)
         for listener in self.listeners:
             listener(batch, event)
+
+
+def _log_sizes(folder: Any) -> tuple[int, int]:
+    """The sizes of a job's stdout and stderr files (0 for one not there)."""
+    sizes = []
+    for name in _STREAMS:
+        try:
+            sizes.append(os.stat(f"{folder}/{name}").st_size)
+        except OSError:
+            sizes.append(0)
+    return sizes[0], sizes[1]
 
 
 def _lost_stdin(batch: BatchRecord, index: int) -> str:

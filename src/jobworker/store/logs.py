@@ -65,6 +65,7 @@ class Chunk:
     stream: int  # 1 stdout, 2 stderr (the wire enum)
     data: bytes
     time: float
+    attempt: int = 1
 
 
 Item = Chunk | JobEvent
@@ -131,6 +132,7 @@ class Follower:
         # each file up to its size at the first read, so a busy job cannot keep it going.
         self._end_seq: int | None = None
         self._end_size: dict[tuple[int, int], int] | None = None
+        self._attempts: dict[int, int] = {}  # job index -> the attempt its bytes belong to
         if cursor.seq > len(batch.events):
             raise InvalidArgument("cursor: points past the batch's end")
         # Jobs running as of the cursor's event: keep their offsets, start new ones at 0.
@@ -139,8 +141,9 @@ class Follower:
             if event.index not in self.selected:
                 continue
             if event.state is JobState.RUNNING:
-                running[event.index] = cursor.offsets.get(event.index, [0, 0])
-            elif event.state.ended:
+                running[event.index] = cursor.offsets.get(event.index, list(event.offsets))
+                self._attempts[event.index] = event.attempt
+            elif event.state.ended or event.attempt > 1:  # ended, or an attempt did
                 running.pop(event.index, None)
         cursor.offsets = running
 
@@ -200,9 +203,16 @@ class Follower:
             event = events[self.cursor.seq]
             if event.index in self.selected:
                 if event.state is JobState.RUNNING:
-                    self.cursor.offsets[event.index] = [0, 0]
-                elif event.state.ended and event.index in self.cursor.offsets:
-                    async for chunk in self._read(event.index, drain=True):
+                    # A retry's output follows the earlier attempts' in the same files.
+                    self.cursor.offsets[event.index] = list(event.offsets)
+                    self._attempts[event.index] = event.attempt
+                elif event.index in self.cursor.offsets and (
+                    event.state.ended or event.attempt > 1
+                ):
+                    # An attempt's end (a retry's QUEUED names where it ended): its bytes
+                    # first, and no byte of the next attempt with them.
+                    until = None if event.state.ended else event.offsets
+                    async for chunk in self._read(event.index, drain=True, until=until):
                         yield chunk
                     del self.cursor.offsets[event.index]
                     self._close_files(event.index)
@@ -210,20 +220,25 @@ class Follower:
             if event.index in self.selected:
                 yield event
 
-    async def _read(self, index: int, *, drain: bool) -> AsyncIterator[Chunk]:
-        """Chunks of job `index` past its offsets: a round per stream, or everything if `drain`."""
+    async def _read(
+        self, index: int, *, drain: bool, until: tuple[int, int] | None = None
+    ) -> AsyncIterator[Chunk]:
+        """Chunks of job `index` past its offsets: a round per stream, or everything if
+        `drain` (up to the offsets `until`, when given)."""
         offsets = self.cursor.offsets[index]
+        attempt = self._attempts.get(index, 1)
         for k in range(len(STREAMS)):
             for _ in itertools.count() if drain else range(ROUND):
-                data = self._pread(index, k, offsets[k])
+                size = CHUNK if until is None else min(CHUNK, until[k] - offsets[k])
+                data = self._pread(index, k, offsets[k], size) if size > 0 else b""
                 if not data:
                     break
                 offsets[k] += len(data)
-                yield Chunk(index, k + 1, data, time.time())
-                if len(data) < CHUNK:
+                yield Chunk(index, k + 1, data, time.time(), attempt)
+                if len(data) < size:
                     break
 
-    def _pread(self, index: int, k: int, offset: int) -> bytes:
+    def _pread(self, index: int, k: int, offset: int, size: int = CHUNK) -> bytes:
         fd = self._fds.get((index, k))
         if fd is None:
             path = os.path.join(self.batch.job_dir(index), STREAMS[k])
@@ -235,10 +250,9 @@ class Follower:
             except FileNotFoundError:
                 return b""
             self._fds[(index, k)] = fd
-        size = CHUNK
         if self._end_size is not None:
             end = self._end_size.setdefault((index, k), os.fstat(fd).st_size)
-            size = min(CHUNK, end - offset)
+            size = min(size, end - offset)
         return os.pread(fd, size, offset) if size > 0 else b""
 
     def _sync_watches(self) -> bool:
