@@ -37,6 +37,15 @@ FLAKY = (
     "sys.exit(0 if n >= int(sys.argv[2]) else 3)\n"
 )
 
+WAIT_FOR_2 = (
+    "import pathlib, sys, time\n"
+    "p = pathlib.Path(sys.argv[1])\n"
+    "for _ in range(600):\n"
+    "    if p.exists() and p.read_text() == '2': sys.exit(0)\n"
+    "    time.sleep(0.05)\n"
+    "sys.exit(1)\n"
+)
+
 
 def seconds(value: float) -> Duration:
     d = Duration()
@@ -123,13 +132,25 @@ def test_the_last_attempt_decides_and_fail_fast_waits_for_it(
         stub,
         options(fail_fast=True),
         job(PY, "-c", FLAKY, str(tmp_path / "a"), "2", name="flaky", retry=policy(2)),
-        job(PY, "-c", "import time; time.sleep(1.5)", name="slow"),
-        job(PY, "-c", FLAKY, str(tmp_path / "b"), "9", name="hopeless", retry=policy(2)),
+        # Runs until flaky's second attempt has begun: fail_fast at the first failure
+        # would cancel it.
+        job(PY, "-c", WAIT_FOR_2, str(tmp_path / "a"), name="slow"),
+        job(
+            PY,
+            "-c",
+            FLAKY,
+            str(tmp_path / "b"),
+            "9",
+            name="hopeless",
+            retry=policy(2),
+            depends_on=["slow"],
+        ),
         job(PY, "-c", "pass", name="never", depends_on=["hopeless"]),
     ).correlation_id
     batch = wait_batch(stub, cid, timeout=60)
     states = {j.spec.name: (j.state, j.attempt) for j in batch.jobs}
     assert states["flaky"] == (pb.JOB_STATE_SUCCEEDED, 2)
+    assert states["slow"] == (pb.JOB_STATE_SUCCEEDED, 1)
     assert states["hopeless"] == (pb.JOB_STATE_FAILED, 2)
     assert states["never"][0] == pb.JOB_STATE_SKIPPED
     assert batch.state == pb.BATCH_STATE_FAILED
