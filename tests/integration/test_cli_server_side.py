@@ -3,11 +3,14 @@ real server: `certs issue --profile`, `delete`, prefixes, `logs --tail/--timesta
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import shutil
 from pathlib import Path
 
-from .conftest import Server
+from jobworker.v1 import jobworker_pb2 as pb
+
+from .conftest import PY, Server
 from .test_client_cli import cli, flags
 
 
@@ -45,3 +48,56 @@ def test_certs_issue_profile_is_used_from_another_directory(server: Server, tmp_
     assert "refusing to overwrite" in again.stderr
     assert not (pki / "dave.pem").exists()
     assert flags(server)  # the module's helpers are shared with test_client_cli
+
+
+def _ended_batch(server: Server, script: str) -> str:
+    submitted = cli("submit", "--json", "--", PY, "-c", script, env=flags(server))
+    assert submitted.returncode == 0, submitted.stderr
+    cid = str(json.loads(submitted.stdout)["correlation_id"])
+    waited = cli("wait", cid, env=flags(server))
+    assert waited.returncode == 0, waited.stderr
+    return cid
+
+
+def test_logs_tail_and_timestamps(server: Server) -> None:
+    cid = _ended_batch(server, "for i in range(5): print(f'line {i}')")
+    tailed = cli("logs", cid[:8], "--tail", "2", "--no-prefix", env=flags(server))
+    assert tailed.returncode == 0, tailed.stderr
+    assert tailed.stdout == "line 3\nline 4\n"
+    stamped = cli("logs", cid, "--tail", "2", "--timestamps", "--no-prefix", env=flags(server))
+    assert stamped.returncode == 0, stamped.stderr
+    lines = stamped.stdout.splitlines()
+    assert [line.split(" ", 1)[1] for line in lines] == ["line 3", "line 4"]
+    for line in lines:
+        when = dt.datetime.fromisoformat(line.split(" ", 1)[0].replace("Z", "+00:00"))
+        assert abs((dt.datetime.now(dt.UTC) - when).total_seconds()) < 120
+
+
+def test_tail_lines_over_the_wire_per_stream(server: Server) -> None:
+    script = (
+        "import sys\n"
+        "for i in range(50): print(f'out {i}'); print(f'err {i}', file=sys.stderr)\n"
+        "sys.stdout.write('partial')\n"
+    )
+    cid = _ended_batch(server, script)
+    request = pb.StreamBatchLogsRequest(correlation_id=cid, tail_lines=3)
+    got: dict[int, bytes] = {}
+    states = []
+    for r in server.stub().StreamBatchLogs(request, timeout=30):
+        if r.HasField("chunk"):
+            got[r.chunk.stream] = got.get(r.chunk.stream, b"") + r.chunk.data
+        else:
+            states.append(r.state_change.state)
+    assert got == {1: b"out 48\nout 49\npartial", 2: b"err 47\nerr 48\nerr 49\n"}
+    assert states[-1] == pb.JOB_STATE_SUCCEEDED  # the state changes come all the same
+
+
+def test_delete_and_short_prefix_through_the_cli(server: Server) -> None:
+    cid = _ended_batch(server, "pass")
+    short = cli("status", cid[:5], env=flags(server))
+    assert short.returncode == 2, short.stderr
+    assert "shorter than 8 characters" in short.stderr
+    deleted = cli("delete", cid[:8], env=flags(server))
+    assert deleted.returncode == 0, deleted.stderr
+    gone = cli("status", cid, env=flags(server))
+    assert gone.returncode == 3, gone.stderr

@@ -16,7 +16,7 @@ from jobworker.server import convert
 from jobworker.server.auth import current_caller, set_correlation_id
 from jobworker.store.batches import BatchView
 from jobworker.store.inotify import Inotify
-from jobworker.store.logs import Cursor, Follower
+from jobworker.store.logs import Cursor, Follower, tail_offsets
 from jobworker.units import format_duration
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
@@ -203,8 +203,12 @@ class JobWorkerService(pb_grpc.JobWorkerServiceServicer):
         refusal = (
             f"{caller.identity!r} has {mine} streams open, server.max_streams_per_identity ({mine})"
         )
+        floors = None
+        if request.HasField("tail_lines") and not request.cursor:
+            folders = {i: batch.job_dir(i) for i in selected if batch.statuses[i].start_time}
+            floors = await asyncio.to_thread(tail_offsets, folders, request.tail_lines)
         with self.streams_of.hold(caller.identity, mine, refusal):
-            follower = Follower(batch, selected, cursor, self.inotify, self.closing)
+            follower = Follower(batch, selected, cursor, self.inotify, self.closing, floors)
             self.streams += 1
             self.on_stream(1)
             try:

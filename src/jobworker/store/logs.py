@@ -46,6 +46,49 @@ def read_tail(path: str | Path, limit: int) -> Tail:
     return Tail(data, size, start > 0 or (limit == 0 and size > 0))
 
 
+TAIL_BLOCK = 64 * 1024  # read backwards in blocks this size to find the last lines
+
+
+def tail_offset(path: str | Path, lines: int) -> int:
+    """Where the last `lines` lines of `path` begin (a last line without its newline counts),
+    found by reading backwards from the end in blocks: a big log costs no more than its tail."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return 0
+    try:
+        end = os.fstat(fd).st_size
+        if not end or not lines:
+            return end
+        # A newline that ends the file ends the last line; it does not begin another.
+        need = lines + 1 if os.pread(fd, 1, end - 1) == b"\n" else lines
+        while end > 0:
+            start = max(0, end - TAIL_BLOCK)
+            block = os.pread(fd, end - start, start)
+            found = block.count(b"\n")
+            if found >= need:
+                cut = len(block)
+                for _ in range(need):
+                    cut = block.rfind(b"\n", 0, cut)
+                return start + cut + 1
+            need -= found
+            end = start
+        return 0
+    finally:
+        os.close(fd)
+
+
+def tail_offsets(folders: dict[int, Path], lines: int) -> dict[int, tuple[int, int]]:
+    """For each job folder, where the last `lines` lines of stdout and of stderr begin
+    (jobs whose files are empty or missing left out). Blocking: for a worker thread."""
+    out: dict[int, tuple[int, int]] = {}
+    for index, folder in folders.items():
+        pair = (tail_offset(folder / STREAMS[0], lines), tail_offset(folder / STREAMS[1], lines))
+        if pair != (0, 0):
+            out[index] = pair
+    return out
+
+
 def log_size(path: str | Path) -> int:
     """Bytes in a log file (0 when the job never started)."""
     try:
@@ -120,8 +163,11 @@ class Follower:
         cursor: Cursor,
         inotify: Inotify | None,
         closing: Callable[[], bool],
+        floors: dict[int, tuple[int, int]] | None = None,
     ) -> None:
         self.batch = batch
+        # StreamBatchLogsRequest.tail_lines: per job, the offsets below which nothing is sent.
+        self.floors = floors or {}
         self.selected = set(selected)
         self.cursor = cursor
         self.inotify = inotify
@@ -141,7 +187,7 @@ class Follower:
             if event.index not in self.selected:
                 continue
             if event.state is JobState.RUNNING:
-                running[event.index] = cursor.offsets.get(event.index, list(event.offsets))
+                running[event.index] = cursor.offsets.get(event.index) or self._start(event)
                 self._attempts[event.index] = event.attempt
             elif event.state.ended or event.attempt > 1:  # ended, or an attempt did
                 running.pop(event.index, None)
@@ -204,7 +250,7 @@ class Follower:
             if event.index in self.selected:
                 if event.state is JobState.RUNNING:
                     # A retry's output follows the earlier attempts' in the same files.
-                    self.cursor.offsets[event.index] = list(event.offsets)
+                    self.cursor.offsets[event.index] = self._start(event)
                     self._attempts[event.index] = event.attempt
                 elif event.index in self.cursor.offsets and (
                     event.state.ended or event.attempt > 1
@@ -219,6 +265,13 @@ class Follower:
             self.cursor.seq += 1
             if event.index in self.selected:
                 yield event
+
+    def _start(self, event: JobEvent) -> list[int]:
+        """The offsets where an attempt's output begins for this follower."""
+        floor = self.floors.get(event.index)
+        if floor is None:
+            return list(event.offsets)
+        return [max(event.offsets[0], floor[0]), max(event.offsets[1], floor[1])]
 
     async def _read(
         self, index: int, *, drain: bool, until: tuple[int, int] | None = None
