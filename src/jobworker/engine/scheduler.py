@@ -28,6 +28,7 @@ from jobworker.engine.process import ExitInfo, Process, SpawnError, Supervisor, 
 from jobworker.errors import ResourceExhausted, Unavailable
 from jobworker.model import JobEvent, JobState, Limits, Usage
 from jobworker.store.batches import BatchRecord, BatchStore
+from jobworker.store.logs import append_time, seal_times, times_path
 from jobworker.units import format_duration, format_size
 
 log = structlog.get_logger("jobworker.engine")
@@ -37,12 +38,13 @@ EventListener = Callable[[BatchRecord, JobEvent], None]
 
 _FAILURES = frozenset({JobState.FAILED, JobState.TIMED_OUT, JobState.LOST})
 _STREAMS = ("stdout", "stderr")
-# How often the sizes of running jobs' log files are checked against jobs.max_log_bytes: one
-# timer for all jobs, two stat calls a job, spread out further when thousands run (at most
-# _LOG_STATS_PER_SECOND). A writer gets past the limit by what it writes in one interval,
-# and, if it ignores SIGTERM, in kill_grace more.
-_LOG_CHECK_INTERVAL = 0.25
-_LOG_STATS_PER_SECOND = 8000
+# How often the sizes of running jobs' log files are sampled, for their write-time indexes
+# (LogChunk.time, within 100 ms) and against jobs.max_log_bytes: one timer for all jobs, two
+# stat calls a job, spread out further only past _LOG_STATS_PER_SECOND (2,000 running jobs).
+# A writer gets past the limit by what it writes in one interval, and, if it ignores
+# SIGTERM, in kill_grace more.
+_LOG_CHECK_INTERVAL = 0.1
+_LOG_STATS_PER_SECOND = 40_000
 
 
 class JobSettings(Protocol):
@@ -88,6 +90,8 @@ class _Run:
     timeout: float = 0.0
     user: str = ""  # the Unix user it runs as ("": the server's own)
     logs: tuple[str, str] = ("", "")  # paths of its stdout and stderr files
+    seen: list[int] = field(default_factory=lambda: [0, 0])  # their sizes at the last sample
+    times: list[int] = field(default_factory=lambda: [-1, -1])  # their write-time index fds
 
 
 @dataclass(eq=False)
@@ -282,6 +286,8 @@ class Engine:
                     status.cgroup or f"{batch.cid}-{i}",
                     self.supervisor.backend,
                 )
+                # Its output since the last sample before the restart: first seen now.
+                await asyncio.to_thread(seal_times, batch.job_dir(i), time.time())
                 message = "server restarted while it ran"
                 if killed:
                     message += "; its processes were killed"
@@ -503,29 +509,59 @@ class Engine:
         goes from the process straight into its files, so the sizes are polled."""
         folder = batch.job_dir(run.index)
         run.logs = (f"{folder}/stdout", f"{folder}/stderr")
+        run.seen = list(run.base)
         self._watched[run] = None
         if self._log_timer is None and not self._closing:
             loop = asyncio.get_running_loop()
             self._log_timer = loop.call_later(_LOG_CHECK_INTERVAL, self._check_logs)
 
     def _check_logs(self) -> None:
-        """Stop (FAILED) every running job with a stream past jobs.max_log_bytes."""
+        """Sample every running job's log sizes: index what grew with the time it was first
+        seen; stop (FAILED) a job with a stream past jobs.max_log_bytes in this attempt."""
         self._log_timer = None
         limit = self.settings.max_log_bytes
-        for run in list(self._watched) if limit else ():
-            for stream, path, base in zip(_STREAMS, run.logs, run.base, strict=True):
-                try:
-                    size = os.stat(path).st_size - base  # this attempt's bytes
-                except OSError:  # not there: nothing written
-                    continue
-                if size > limit:
+        now = time.time()
+        for run in list(self._watched):
+            for k in (0, 1):
+                size = self._sample(run, k, now)
+                if limit and size - run.base[k] > limit:
                     del self._watched[run]
-                    message = f"stopped: {stream} passed jobs.max_log_bytes ({format_size(limit)})"
+                    message = (
+                        f"stopped: {_STREAMS[k]} passed jobs.max_log_bytes ({format_size(limit)})"
+                    )
                     self._stop(run, JobState.FAILED, message, self.settings.kill_grace)
                     break
         if self._watched and not self._closing:
             delay = max(_LOG_CHECK_INTERVAL, 2 * len(self._watched) / _LOG_STATS_PER_SECOND)
             self._log_timer = asyncio.get_running_loop().call_later(delay, self._check_logs)
+
+    @staticmethod
+    def _sample(run: _Run, k: int, now: float) -> int:
+        """The size of the job's stream `k`, recorded in its write-time index if it grew."""
+        try:
+            size = os.stat(run.logs[k]).st_size
+        except OSError:  # not there: nothing written
+            return 0
+        if size > run.seen[k]:
+            try:
+                if run.times[k] < 0:  # made at the first output: most streams have none
+                    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+                    run.times[k] = os.open(times_path(*run.logs[k].rsplit("/", 1)), flags, 0o600)
+                append_time(run.times[k], size, now)
+                run.seen[k] = size
+            except OSError as exc:  # disk full, say: the bytes then take their reader's time
+                log.warning("log_times_write_failed", path=run.logs[k], error=str(exc))
+        return size
+
+    def _seal_logs(self, run: _Run) -> None:
+        """The last sample of an attempt that ended, then its index files are closed."""
+        if run.logs[0]:
+            now = time.time()
+            for k in (0, 1):
+                self._sample(run, k, now)
+                if run.times[k] >= 0:
+                    os.close(run.times[k])
+                    run.times[k] = -1
 
     def _stop(self, run: _Run, reason: JobState, message: str, grace: float) -> None:
         """Ask a running job to stop; the first reason given is the one recorded."""
@@ -549,6 +585,7 @@ class Engine:
     ) -> None:
         del br.runs[run.index]
         self._watched.pop(run, None)
+        self._seal_logs(run)
         self._running -= 1
         owner = self._owners[br.batch.owner]
         owner.running -= 1

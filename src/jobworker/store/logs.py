@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import os
-import time
+import struct
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +44,93 @@ def read_tail(path: str | Path, limit: int) -> Tail:
     finally:
         os.close(fd)
     return Tail(data, size, start > 0 or (limit == 0 and size > 0))
+
+
+# --- write times -----------------------------------------------------------------------------
+# Beside each log, <stream>.times indexes when its bytes were first seen: one record each time
+# the server's sampler (the scheduler's log timer) sees the log grown, (its size then, the
+# time). Bytes below a record's size and at or past the one before it were first seen at
+# its time; a follower cuts its chunks at records, so every replay shows the same times.
+
+TIMES = ".times"
+_RECORD = struct.Struct("<Qd")
+
+
+def times_path(folder: str | Path, stream: str) -> str:
+    """The write-time index of a job's `stream` ("stdout" or "stderr")."""
+    return f"{folder}/{stream}{TIMES}"
+
+
+def append_time(fd: int, size: int, when: float) -> None:
+    """Record that the log held `size` bytes when first seen at `when`."""
+    os.write(fd, _RECORD.pack(size, when))
+
+
+def seal_times(folder: str | Path, when: float) -> None:
+    """Index whatever a job's logs hold past their indexes' last records, as first seen at
+    `when`: for a job that ended while no sampler watched it (a server restart)."""
+    for stream in STREAMS:
+        size = log_size(f"{folder}/{stream}")
+        path = times_path(folder, stream)
+        try:
+            with open(path, "rb") as f:
+                f.seek(-_RECORD.size, os.SEEK_END)
+                last = _RECORD.unpack(f.read(_RECORD.size))[0]
+        except (FileNotFoundError, OSError, struct.error):
+            last = 0
+        if size > last:
+            with contextlib.suppress(OSError):
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+                try:
+                    append_time(fd, size, when)
+                finally:
+                    os.close(fd)
+
+
+class TimeIndex:
+    """Reads one stream's write-time index for a follower: mostly forwards, record by record."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = -1
+        self._next = 0  # the record after the current one
+        self._start = self._end = 0  # the current record covers [start, end)
+        self._time = 0.0
+
+    def covering(self, offset: int) -> tuple[int, float] | None:
+        """(end, time): byte `offset` and those after it up to `end` were first seen at
+        `time`; None while the sampler has not seen the byte yet."""
+        if self._start <= offset < self._end:
+            return self._end, self._time
+        if self.fd < 0:
+            try:
+                self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return None
+        count = os.fstat(self.fd).st_size // _RECORD.size
+        lo = self._next if offset >= self._end else 0
+        hi = count
+        while lo < hi:  # the first record whose size is past the offset
+            mid = (lo + hi) // 2
+            if self._read(mid)[0] > offset:
+                hi = mid
+            else:
+                lo = mid + 1
+        if lo == count:
+            return None
+        self._end, self._time = self._read(lo)
+        self._start = self._read(lo - 1)[0] if lo else 0
+        self._next = lo + 1
+        return self._end, self._time
+
+    def _read(self, number: int) -> tuple[int, float]:
+        end, when = _RECORD.unpack(os.pread(self.fd, _RECORD.size, number * _RECORD.size))
+        return int(end), float(when)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 TAIL_BLOCK = 64 * 1024  # read backwards in blocks this size to find the last lines
@@ -179,6 +266,7 @@ class Follower:
         self._end_seq: int | None = None
         self._end_size: dict[tuple[int, int], int] | None = None
         self._attempts: dict[int, int] = {}  # job index -> the attempt its bytes belong to
+        self._times: dict[tuple[int, int], TimeIndex] = {}  # (job index, stream) -> its index
         if cursor.seq > len(batch.events):
             raise InvalidArgument("cursor: points past the batch's end")
         # Jobs running as of the cursor's event: keep their offsets, start new ones at 0.
@@ -258,7 +346,8 @@ class Follower:
                     # An attempt's end (a retry's QUEUED names where it ended): its bytes
                     # first, and no byte of the next attempt with them.
                     until = None if event.state.ended else event.offsets
-                    async for chunk in self._read(event.index, drain=True, until=until):
+                    chunks = self._read(event.index, drain=True, until=until, when=event.time)
+                    async for chunk in chunks:
                         yield chunk
                     del self.cursor.offsets[event.index]
                     self._close_files(event.index)
@@ -274,20 +363,39 @@ class Follower:
         return [max(event.offsets[0], floor[0]), max(event.offsets[1], floor[1])]
 
     async def _read(
-        self, index: int, *, drain: bool, until: tuple[int, int] | None = None
+        self,
+        index: int,
+        *,
+        drain: bool,
+        until: tuple[int, int] | None = None,
+        when: float = 0.0,
     ) -> AsyncIterator[Chunk]:
-        """Chunks of job `index` past its offsets: a round per stream, or everything if
-        `drain` (up to the offsets `until`, when given)."""
+        """Chunks of job `index` past its offsets, each within one record of its write-time
+        index: a round per stream, or, if `drain` (the attempt has ended), everything (up
+        to the offsets `until`, when given; bytes no sampler saw get the end's time `when`)."""
         offsets = self.cursor.offsets[index]
         attempt = self._attempts.get(index, 1)
         for k in range(len(STREAMS)):
+            times = self._times.get((index, k))
+            if times is None:
+                folder = self.batch.job_dir(index)
+                times = self._times[(index, k)] = TimeIndex(times_path(folder, STREAMS[k]))
             for _ in itertools.count() if drain else range(ROUND):
                 size = CHUNK if until is None else min(CHUNK, until[k] - offsets[k])
-                data = self._pread(index, k, offsets[k], size) if size > 0 else b""
+                if size <= 0:
+                    break
+                seen = times.covering(offsets[k])
+                if seen is not None:
+                    size, at = min(size, seen[0] - offsets[k]), seen[1]
+                elif drain:
+                    at = when
+                else:  # not seen by the sampler yet: sent once it has been (<= 100 ms)
+                    break
+                data = self._pread(index, k, offsets[k], size)
                 if not data:
                     break
                 offsets[k] += len(data)
-                yield Chunk(index, k + 1, data, time.time(), attempt)
+                yield Chunk(index, k + 1, data, at, attempt)
                 if len(data) < size:
                     break
 
@@ -328,6 +436,9 @@ class Follower:
             fd = self._fds.pop((index, k), None)
             if fd is not None:
                 os.close(fd)
+            times = self._times.pop((index, k), None)
+            if times is not None:
+                times.close()
 
     def _release(self) -> None:
         """Give back the watches and files this follower holds."""
@@ -335,6 +446,9 @@ class Follower:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        for times in self._times.values():
+            times.close()
+        self._times.clear()
 
     def _drop_watches(self) -> None:
         if self.inotify is not None:
