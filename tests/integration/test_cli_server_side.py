@@ -101,3 +101,17 @@ def test_delete_and_short_prefix_through_the_cli(server: Server) -> None:
     assert deleted.returncode == 0, deleted.stderr
     gone = cli("status", cid, env=flags(server))
     assert gone.returncode == 3, gone.stderr
+
+
+def test_delete_of_a_running_batch_says_to_cancel_first(server: Server) -> None:
+    submitted = cli(
+        "submit", "--json", "--", PY, "-c", "import time; time.sleep(60)", env=flags(server)
+    )
+    cid = str(json.loads(submitted.stdout)["correlation_id"])
+    try:
+        refused = cli("delete", cid, env=flags(server))
+        assert refused.returncode == 1, refused.stderr
+        assert "cancel it first" in refused.stderr
+    finally:
+        assert cli("cancel", cid, env=flags(server)).returncode in (0, 1)
+    assert cli("delete", cid, env=flags(server)).returncode == 0
