@@ -7,7 +7,7 @@ import time
 
 from jobworker.v1 import jobworker_pb2 as pb
 
-from .conftest import PY, Server, data_dir_of, job, schedule, wait_batch
+from .conftest import PY, Server, data_dir_of, job, schedule, wait_batch, wait_until
 
 # Three bursts a second apart, each line naming the time the job wrote it.
 WRITER = (
@@ -67,3 +67,18 @@ def test_replayed_times_equal_live_ones_and_are_write_times(server: Server) -> N
     folder = data_dir_of(server) / "batches" / cid / "jobs" / "0"
     assert (folder / "stdout").read_bytes().count(b"\n") == 9
     assert (folder / "stdout.times").stat().st_size > 0
+
+
+def test_without_follow_a_running_jobs_output_is_sent_at_once(server: Server) -> None:
+    # What exists when the call starts is sent, not only what the 100 ms sampler has seen.
+    stub = server.stub()
+    script = "import time\nprint('ready', flush=True)\ntime.sleep(60)\n"
+    cid = schedule(stub, job(PY, "-c", script)).correlation_id
+    stdout = data_dir_of(server) / "batches" / cid / "jobs" / "0" / "stdout"
+    try:
+        wait_until(lambda: stdout.exists() and stdout.read_bytes() == b"ready\n")
+        request = pb.StreamBatchLogsRequest(correlation_id=cid)
+        got = b"".join(r.chunk.data for r in stub.StreamBatchLogs(request, timeout=30))
+        assert got == b"ready\n"
+    finally:
+        stub.CancelBatch(pb.CancelBatchRequest(correlation_id=cid), timeout=60)

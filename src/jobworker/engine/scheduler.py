@@ -180,6 +180,16 @@ class Engine:
         """True while batch `cid` has a job queued, waiting to retry or running."""
         return cid in self._active
 
+    def sample_logs(self, cid: str, index: int) -> None:
+        """Index job `index`'s output up to now (a stream without follow sends what exists
+        when it starts, not only what the 100 ms sampler has seen)."""
+        br = self._active.get(cid)
+        run = br.runs.get(index) if br is not None else None
+        if run is not None and run.logs[0]:
+            now = time.time()
+            self._sample(run, 0, now)
+            self._sample(run, 1, now)
+
     # -- inputs
 
     def update_settings(self, settings: JobSettings) -> None:

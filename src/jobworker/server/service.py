@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
@@ -208,7 +209,15 @@ class JobWorkerService(pb_grpc.JobWorkerServiceServicer):
             folders = {i: batch.job_dir(i) for i in selected if batch.statuses[i].start_time}
             floors = await asyncio.to_thread(tail_offsets, folders, request.tail_lines)
         with self.streams_of.hold(caller.identity, mine, refusal):
-            follower = Follower(batch, selected, cursor, self.inotify, self.closing, floors)
+            follower = Follower(
+                batch,
+                selected,
+                cursor,
+                self.inotify,
+                self.closing,
+                floors,
+                functools.partial(self.core.engine.sample_logs, batch.cid),
+            )
             self.streams += 1
             self.on_stream(1)
             try:

@@ -251,10 +251,13 @@ class Follower:
         inotify: Inotify | None,
         closing: Callable[[], bool],
         floors: dict[int, tuple[int, int]] | None = None,
+        sample: Callable[[int], None] | None = None,
     ) -> None:
         self.batch = batch
         # StreamBatchLogsRequest.tail_lines: per job, the offsets below which nothing is sent.
         self.floors = floors or {}
+        # Indexes a running job's output up to now: without follow, what exists is sent.
+        self.sample = sample
         self.selected = set(selected)
         self.cursor = cursor
         self.inotify = inotify
@@ -385,6 +388,9 @@ class Follower:
                 if size <= 0:
                     break
                 seen = times.covering(offsets[k])
+                if seen is None and self._end_size is not None and self.sample is not None:
+                    self.sample(index)
+                    seen = times.covering(offsets[k])
                 if seen is not None:
                     size, at = min(size, seen[0] - offsets[k]), seen[1]
                 elif drain:
