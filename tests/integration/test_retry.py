@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+import tomllib
 from pathlib import Path
 
 import grpc
@@ -45,6 +46,19 @@ WAIT_FOR_2 = (
     "    time.sleep(0.05)\n"
     "sys.exit(1)\n"
 )
+
+
+def remove_cgroups(server: Server) -> None:
+    """Remove the (empty) cgroups of a server this test killed: a killed server cannot, and
+    the one restarted on its data_dir has a cgroup root of its own."""
+    root = tomllib.loads(server.config.read_text())["server"]["cgroup_root"]
+    for hierarchy in Path("/sys/fs/cgroup").iterdir():
+        top = hierarchy / root
+        if not top.is_dir():
+            continue
+        for folder in sorted((p for p in top.rglob("*") if p.is_dir()), reverse=True):
+            folder.rmdir()
+        top.rmdir()
 
 
 def seconds(value: float) -> Duration:
@@ -215,10 +229,12 @@ def test_a_retry_waiting_at_a_crash_runs_after_the_restart(
             == pb.JOB_STATE_QUEUED
         )
     )
-    server.kill()
-    server = make_server(data_dir_of(server))
+    killed = server
+    killed.kill()
+    server = make_server(data_dir_of(killed))
     stub = server.stub()
     batch = wait_batch(stub, cid, timeout=60)
+    remove_cgroups(killed)
     assert (batch.jobs[0].state, batch.jobs[0].attempt) == (pb.JOB_STATE_SUCCEEDED, 2)
     folder = data_dir_of(server) / "batches" / cid / "jobs" / "0"
     assert (folder / "stdout").read_bytes() == b"run 1 out\nrun 2 out\n"
@@ -240,13 +256,15 @@ def test_a_job_running_at_a_crash_is_retried_when_its_policy_names_lost(
     lost_too = policy(2, 0.1, retry_on=[pb.JOB_STATE_LOST])
     cid = schedule(stub, job(PY, "-c", script, str(marker), retry=lost_too)).correlation_id
     wait_until(lambda: marker.exists() and len(marker.read_text().split()) == 2)
-    server.kill()
+    killed = server
+    killed.kill()
     # Its process gone with the server (as after a reboot): nothing recorded how it ended,
     # so it is LOST, which its policy retries.
     os.kill(int(marker.read_text().split()[1]), signal.SIGKILL)
-    server = make_server(data_dir_of(server))
+    server = make_server(data_dir_of(killed))
     stub = server.stub()
     batch = wait_batch(stub, cid, timeout=60)
+    remove_cgroups(killed)
     job0 = batch.jobs[0]
     assert (job0.state, job0.attempt) == (pb.JOB_STATE_SUCCEEDED, 2), job0
     assert marker.read_text().split()[0] == "2"
