@@ -17,6 +17,10 @@ class NotFound(JobWorkerError):
     """The batch does not exist or the caller may not see it."""
 
 
+class FailedPrecondition(JobWorkerError):
+    """The batch is not in a state that allows this (deleting one that has jobs left)."""
+
+
 class Unauthenticated(JobWorkerError):
     """The client certificate names no usable identity, or it is revoked."""
 

@@ -93,6 +93,28 @@ class Limits:
         )
 
 
+DEFAULT_RETRY_ON = frozenset({JobState.FAILED, JobState.TIMED_OUT})
+RETRYABLE = frozenset({JobState.FAILED, JobState.TIMED_OUT, JobState.LOST})
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """When and how often a job runs again after an attempt ends badly (contract 6.4)."""
+
+    max_attempts: int = 1  # in all, the first included
+    initial_backoff: float = 1.0  # seconds before the second attempt; doubles each time
+    max_backoff: float = 300.0
+    retry_on: frozenset[JobState] = DEFAULT_RETRY_ON
+
+    def backoff(self, attempt: int) -> float:
+        """Seconds to wait before attempt `attempt` (2 for the first retry)."""
+        return min(self.max_backoff, self.initial_backoff * 2.0 ** min(attempt - 2, 60))
+
+    def retries(self, state: JobState, attempt: int) -> bool:
+        """True when an attempt numbered `attempt` that ended in `state` runs again."""
+        return state in self.retry_on and attempt < self.max_attempts
+
+
 @dataclass(frozen=True, slots=True)
 class JobSpec:
     """What to run: a validated job as the client sent it (name filled in)."""
@@ -105,6 +127,7 @@ class JobSpec:
     timeout: float | None = None  # seconds; None: the server's default
     limits: Limits = field(default_factory=Limits)  # unset fields: the server's defaults
     depends_on: tuple[str, ...] = ()
+    retry: RetryPolicy | None = None  # None: one attempt
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +164,13 @@ class JobEvent:
     pid_start: int = 0
     usage: Usage | None = None  # end states of jobs that ran
     cgroup: str = ""  # RUNNING: its groups' name when not the job's key (a pooled set)
+    # The attempt it belongs to (1 for the first); a QUEUED event of a retry names the
+    # attempt to come, with when it may start and the log sizes where it will begin.
+    attempt: int = 1
+    retry_at: float = 0.0  # QUEUED for a retry: not before this time (seconds since epoch)
+    # RUNNING: the stdout and stderr sizes where the attempt began; QUEUED for a retry:
+    # where the attempt before it ended.
+    offsets: tuple[int, int] = (0, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,11 +187,29 @@ class JobStatus:
     pid: int = 0
     pid_start: int = 0
     cgroup: str = ""  # while RUNNING (JobEvent.cgroup): what a restart kills by name
+    attempt: int = 0  # attempts started so far
+    retry_at: float = 0.0  # QUEUED for a retry: when it may start
+    log_sizes: tuple[int, int] = (
+        0,
+        0,
+    )  # QUEUED for a retry: where the next attempt's output begins
 
     def apply(self, event: JobEvent) -> JobStatus:
         """The status after `event`."""
         if event.state is JobState.QUEUED:
-            return JobStatus()
+            if event.attempt <= 1:
+                return JobStatus()
+            # A retry: what the last attempt did stays to be seen until the next starts.
+            return JobStatus(
+                exit_code=event.exit_code,
+                signal=event.signal,
+                message=event.message,
+                start_time=self.start_time,
+                usage=event.usage,
+                attempt=event.attempt - 1,
+                retry_at=event.retry_at,
+                log_sizes=event.offsets,
+            )
         if event.state is JobState.RUNNING:
             return JobStatus(
                 state=JobState.RUNNING,
@@ -169,6 +217,7 @@ class JobStatus:
                 pid=event.pid,
                 pid_start=event.pid_start,
                 cgroup=event.cgroup,
+                attempt=event.attempt,
             )
         return JobStatus(
             state=event.state,
@@ -180,6 +229,7 @@ class JobStatus:
             usage=event.usage,
             pid=self.pid,
             pid_start=self.pid_start,
+            attempt=event.attempt,  # the scheduler's count: a failed spawn is an attempt too
         )
 
 

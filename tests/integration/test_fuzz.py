@@ -128,6 +128,14 @@ def _safe_argv(msg: Message) -> Message:
         argv = list(msg.job.argv)
         del msg.job.argv[:]
         msg.job.argv.extend(["/nonexistent-fuzz/x", *argv[1:]])
+        if msg.job.HasField("retry"):
+            # A fuzzed policy (100 attempts a day apart) would keep its batch from ending
+            # and retiring for the run's length: at most one retry, under a second away.
+            # Negative (invalid) durations and the nanos stay fuzzed.
+            retry = msg.job.retry
+            retry.max_attempts = min(retry.max_attempts, 2)
+            retry.initial_backoff.seconds = min(retry.initial_backoff.seconds, 0)
+            retry.max_backoff.seconds = min(retry.max_backoff.seconds, 0)
     return msg
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import click
@@ -72,15 +73,75 @@ def init_cmd(directory: Path, hosts: tuple[str, ...], days: int) -> None:
 @click.argument("name")
 @_dir_option
 @_days_option
-def issue_cmd(name: str, directory: Path, days: int) -> None:
+@click.option(
+    "--profile",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write a ready client profile to this file (server address, CA, certificate "
+    "and key; mode 0600): copy it to ~/.config/jobworker/client.toml on the client's machine.",
+)
+@click.option(
+    "--server",
+    metavar="ADDRESS",
+    help="The server's address as the client reaches it, for --profile "
+    "[default: this host's name, port 50051].",
+)
+@click.option(
+    "--context",
+    metavar="NAME",
+    help="The profile's context name, for --profile [default: the server's host name].",
+)
+def issue_cmd(
+    name: str,
+    directory: Path,
+    days: int,
+    profile: Path | None,
+    server: str | None,
+    context: str | None,
+) -> None:
     """Issue a client certificate whose common name (the identity) is NAME."""
     from jobworker import certs as lib
 
+    if profile is None and (server or context):
+        raise click.UsageError("--server and --context go with --profile")
+    if profile is not None and profile.exists():  # checked before a certificate is made
+        raise click.ClickException(f"{profile} exists; refusing to overwrite it")
     try:
         cert_path, key_path = lib.issue_client(directory, name, days)
     except lib.CertsError as e:
         raise click.ClickException(str(e)) from None
     _wrote([cert_path, key_path])
+    if profile is not None:
+        _write_profile(profile, directory, cert_path, key_path, server, context)
+
+
+def _write_profile(
+    profile: Path,
+    directory: Path,
+    cert_path: Path,
+    key_path: Path,
+    server: str | None,
+    context: str | None,
+) -> None:
+    from jobworker.client import write_profile
+
+    address = server or f"{socket.gethostname()}:50051"
+    host = address.rsplit(":", 1)[0].strip("[]")
+    try:
+        write_profile(
+            profile,
+            context=context or host or "default",
+            server=address,
+            ca_pem=(directory / "ca.pem").read_bytes(),
+            cert_pem=cert_path.read_bytes(),
+            key_pem=key_path.read_bytes(),
+        )
+    except OSError as e:
+        raise click.ClickException(f"cannot write the profile {profile}: {e.strerror}") from None
+    _wrote([profile])
+    click.echo(
+        f"copy {profile} to ~/.config/jobworker/client.toml on the client's machine; it "
+        "holds a private key"
+    )
 
 
 @certs.command("renew-server")

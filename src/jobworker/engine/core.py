@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import structlog
 
 from jobworker.engine.scheduler import Engine
-from jobworker.errors import InvalidArgument, NotFound, PermissionDenied
+from jobworker.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from jobworker.model import BatchOptions, BatchState, Caller, JobSpec
 from jobworker.store.batches import BatchRecord, BatchStore
 
@@ -22,6 +22,7 @@ log = structlog.get_logger("jobworker.core")
 DEFAULT_PAGE = 50
 MAX_PAGE = 1000
 PAGE_BYTES = 3 * 1024 * 1024  # a page ends early rather than pass gRPC's 4 MiB message limit
+MIN_PREFIX = 8  # the shortest correlation id prefix accepted (contract 6.1)
 
 
 @dataclass(frozen=True)
@@ -81,12 +82,56 @@ class JobWorker:
         return batch
 
     def get(self, caller: Caller, cid: str) -> BatchRecord:
-        """The batch `cid` if the caller may see it; NotFound otherwise, exactly as if missing."""
+        """The batch `cid` (or the one batch the caller may see whose id starts with it, at
+        least MIN_PREFIX characters) if the caller may see it; NotFound otherwise, exactly
+        as if missing; INVALID_ARGUMENT for an ambiguous or too short prefix."""
         self._require_reader(caller)
-        batch = self.store.get(cid)
+        try:
+            batch = self.store.get(cid)
+        except NotFound:
+            return self._by_prefix(caller, cid)
         if not caller.can_see(batch.owner):
-            raise NotFound(f"batch {cid} not found")
+            return self._by_prefix(caller, cid)
         return batch
+
+    def _by_prefix(self, caller: Caller, prefix: str) -> BatchRecord:
+        # A walk over the caller's batches: prefixes are typed by people, not sent in bulk.
+        owner = None if caller.can_see_all else caller.identity
+        matches = []
+        for batch in self.store.newest_first(owner):
+            if batch.cid.startswith(prefix) and caller.can_see(batch.owner):
+                matches.append(batch.cid)
+                if len(matches) > 1:
+                    break
+        if not prefix or not matches:
+            raise NotFound(f"batch {prefix} not found")
+        if len(prefix) < MIN_PREFIX:
+            raise InvalidArgument(
+                f"correlation_id: prefix {prefix!r} is shorter than {MIN_PREFIX} characters"
+            )
+        if len(matches) > 1:
+            raise InvalidArgument(
+                f"correlation_id: prefix {prefix!r} matches more than one batch "
+                f"({matches[0]}, {matches[1]}); give more characters"
+            )
+        return self.store.get(matches[0])
+
+    async def delete(self, caller: Caller, cid: str) -> str:
+        """Delete an ended batch with its folder, at once; its full id."""
+        batch = self.get(caller, cid)
+        if not caller.can_change(batch.owner):
+            raise PermissionDenied(
+                f"role {caller.role!r} of {caller.identity!r} may not delete batch {batch.cid}"
+            )
+        if not batch.ended or self.engine.has_jobs_left(batch.cid):
+            left = sum(1 for s in batch.statuses if not s.state.ended)
+            raise FailedPrecondition(
+                f"batch {batch.cid} has {left} jobs queued or running: cancel it first"
+            )
+        log.info("batch_delete", correlation_id=batch.cid, identity=caller.identity)
+        trash = self.store.delete(batch)
+        await asyncio.to_thread(shutil.rmtree, trash, True)
+        return batch.cid
 
     async def cancel(
         self, caller: Caller, cid: str, names: Iterable[str], grace: float | None
@@ -95,12 +140,12 @@ class JobWorker:
         batch = self.get(caller, cid)
         if not caller.can_change(batch.owner):
             raise PermissionDenied(
-                f"role {caller.role!r} of {caller.identity!r} may not cancel batch {cid}"
+                f"role {caller.role!r} of {caller.identity!r} may not cancel batch {batch.cid}"
             )
         indexes = batch.select(names)
         log.info(
             "batch_cancel",
-            correlation_id=cid,
+            correlation_id=batch.cid,
             identity=caller.identity,
             jobs=len(indexes),
         )

@@ -28,6 +28,7 @@ from jobworker.engine.process import ExitInfo, Process, SpawnError, Supervisor, 
 from jobworker.errors import ResourceExhausted, Unavailable
 from jobworker.model import JobEvent, JobState, Limits, Usage
 from jobworker.store.batches import BatchRecord, BatchStore
+from jobworker.store.logs import append_time, seal_times, times_path
 from jobworker.units import format_duration, format_size
 
 log = structlog.get_logger("jobworker.engine")
@@ -37,12 +38,13 @@ EventListener = Callable[[BatchRecord, JobEvent], None]
 
 _FAILURES = frozenset({JobState.FAILED, JobState.TIMED_OUT, JobState.LOST})
 _STREAMS = ("stdout", "stderr")
-# How often the sizes of running jobs' log files are checked against jobs.max_log_bytes: one
-# timer for all jobs, two stat calls a job, spread out further when thousands run (at most
-# _LOG_STATS_PER_SECOND). A writer gets past the limit by what it writes in one interval,
-# and, if it ignores SIGTERM, in kill_grace more.
-_LOG_CHECK_INTERVAL = 0.25
-_LOG_STATS_PER_SECOND = 8000
+# How often the sizes of running jobs' log files are sampled, for their write-time indexes
+# (LogChunk.time, within 100 ms) and against jobs.max_log_bytes: one timer for all jobs, two
+# stat calls a job, spread out further only past _LOG_STATS_PER_SECOND (2,000 running jobs).
+# A writer gets past the limit by what it writes in one interval, and, if it ignores
+# SIGTERM, in kill_grace more.
+_LOG_CHECK_INTERVAL = 0.1
+_LOG_STATS_PER_SECOND = 40_000
 
 
 class JobSettings(Protocol):
@@ -78,6 +80,8 @@ class _Run:
     """A job that was handed to the supervisor: its task and, once spawned, its process."""
 
     index: int
+    attempt: int = 1  # 1 for the first (RetryPolicy)
+    base: tuple[int, int] = (0, 0)  # its log files' sizes as it started: earlier attempts'
     task: asyncio.Task[None] | None = None
     process: Process | None = None
     reason: JobState | None = None  # why it is being stopped: CANCELED, TIMED_OUT or LOST
@@ -86,6 +90,8 @@ class _Run:
     timeout: float = 0.0
     user: str = ""  # the Unix user it runs as ("": the server's own)
     logs: tuple[str, str] = ("", "")  # paths of its stdout and stderr files
+    seen: list[int] = field(default_factory=lambda: [0, 0])  # their sizes at the last sample
+    times: list[int] = field(default_factory=lambda: [-1, -1])  # their write-time index fds
 
 
 @dataclass(eq=False)
@@ -98,6 +104,8 @@ class _BatchRun:
     unmet: dict[int, int] = field(default_factory=dict)  # waiting job -> deps not yet succeeded
     dependents: dict[int, list[int]] = field(default_factory=dict)
     runs: dict[int, _Run] = field(default_factory=dict)
+    # Jobs waiting out a retry's backoff (counted as queued); None: no timer (shutting down).
+    waiting: dict[int, asyncio.TimerHandle | None] = field(default_factory=dict)
     # Jobs a cancel is ending in one sweep: they end CANCELED, not SKIPPED by each other.
     canceling: set[int] = field(default_factory=set)
     offered: bool = False  # in its owner's heap of batches that may start a job
@@ -168,6 +176,20 @@ class Engine:
         """Jobs waiting to run (ready or waiting for dependencies)."""
         return self._queued
 
+    def has_jobs_left(self, cid: str) -> bool:
+        """True while batch `cid` has a job queued, waiting to retry or running."""
+        return cid in self._active
+
+    def sample_logs(self, cid: str, index: int) -> None:
+        """Index job `index`'s output up to now (a stream without follow sends what exists
+        when it starts, not only what the 100 ms sampler has seen)."""
+        br = self._active.get(cid)
+        run = br.runs.get(index) if br is not None else None
+        if run is not None and run.logs[0]:
+            now = time.time()
+            self._sample(run, 0, now)
+            self._sample(run, 1, now)
+
     # -- inputs
 
     def update_settings(self, settings: JobSettings) -> None:
@@ -211,11 +233,13 @@ class Engine:
                 br.dependents.setdefault(j, []).append(i)
                 if batch.statuses[j].state is not JobState.SUCCEEDED:
                     unmet += 1
-            if unmet:
+            if status.retry_at:  # a retry waiting for its backoff (before a restart, too)
+                self._wait_retry(br, i, status.retry_at - time.time())
+            elif unmet:
                 br.unmet[i] = unmet
             else:
                 br.ready.append(i)
-        if not br.ready and not br.unmet:
+        if not br.ready and not br.unmet and not br.waiting:
             self._forget_if_idle(owner)
             return
         self._active[batch.cid] = br
@@ -272,10 +296,13 @@ class Engine:
                     status.cgroup or f"{batch.cid}-{i}",
                     self.supervisor.backend,
                 )
+                # Its output since the last sample before the restart: first seen now.
+                await asyncio.to_thread(seal_times, batch.job_dir(i), time.time())
                 message = "server restarted while it ran"
                 if killed:
                     message += "; its processes were killed"
-                self._emit(batch, i, JobState.LOST, message=message)
+                if not self._emit_retry(batch, i, status.attempt, JobState.LOST, message):
+                    self._emit(batch, i, JobState.LOST, message=message, attempt=status.attempt)
             if not batch.ended:
                 self.submit(batch)
 
@@ -355,7 +382,8 @@ class Engine:
             self._startable.pop(owner.name, None)
 
     def _start(self, br: _BatchRun, index: int) -> None:
-        run = _Run(index)
+        status = br.batch.statuses[index]
+        run = _Run(index, attempt=status.attempt + 1, base=status.log_sizes)
         br.runs[index] = run
         self._running += 1
         self._queued -= 1
@@ -426,6 +454,8 @@ class Engine:
             pid=process.pid,
             pid_start=process.pid_start,
             cgroup=process.cgroup.name if process.cgroup.slot is not None else "",
+            attempt=run.attempt,
+            offsets=run.base,
         )
         # One info line a job, at its end (like an access log); the start is for debugging.
         jwlogging.line(
@@ -489,29 +519,59 @@ class Engine:
         goes from the process straight into its files, so the sizes are polled."""
         folder = batch.job_dir(run.index)
         run.logs = (f"{folder}/stdout", f"{folder}/stderr")
+        run.seen = list(run.base)
         self._watched[run] = None
         if self._log_timer is None and not self._closing:
             loop = asyncio.get_running_loop()
             self._log_timer = loop.call_later(_LOG_CHECK_INTERVAL, self._check_logs)
 
     def _check_logs(self) -> None:
-        """Stop (FAILED) every running job with a stream past jobs.max_log_bytes."""
+        """Sample every running job's log sizes: index what grew with the time it was first
+        seen; stop (FAILED) a job with a stream past jobs.max_log_bytes in this attempt."""
         self._log_timer = None
         limit = self.settings.max_log_bytes
-        for run in list(self._watched) if limit else ():
-            for stream, path in zip(_STREAMS, run.logs, strict=True):
-                try:
-                    size = os.stat(path).st_size
-                except OSError:  # not there: nothing written
-                    continue
-                if size > limit:
+        now = time.time()
+        for run in list(self._watched):
+            for k in (0, 1):
+                size = self._sample(run, k, now)
+                if limit and size - run.base[k] > limit:
                     del self._watched[run]
-                    message = f"stopped: {stream} passed jobs.max_log_bytes ({format_size(limit)})"
+                    message = (
+                        f"stopped: {_STREAMS[k]} passed jobs.max_log_bytes ({format_size(limit)})"
+                    )
                     self._stop(run, JobState.FAILED, message, self.settings.kill_grace)
                     break
         if self._watched and not self._closing:
             delay = max(_LOG_CHECK_INTERVAL, 2 * len(self._watched) / _LOG_STATS_PER_SECOND)
             self._log_timer = asyncio.get_running_loop().call_later(delay, self._check_logs)
+
+    @staticmethod
+    def _sample(run: _Run, k: int, now: float) -> int:
+        """The size of the job's stream `k`, recorded in its write-time index if it grew."""
+        try:
+            size = os.stat(run.logs[k]).st_size
+        except OSError:  # not there: nothing written
+            return 0
+        if size > run.seen[k]:
+            try:
+                if run.times[k] < 0:  # made at the first output: most streams have none
+                    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+                    run.times[k] = os.open(times_path(*run.logs[k].rsplit("/", 1)), flags, 0o600)
+                append_time(run.times[k], size, now)
+                run.seen[k] = size
+            except OSError as exc:  # disk full, say: the bytes then take their reader's time
+                log.warning("log_times_write_failed", path=run.logs[k], error=str(exc))
+        return size
+
+    def _seal_logs(self, run: _Run) -> None:
+        """The last sample of an attempt that ended, then its index files are closed."""
+        if run.logs[0]:
+            now = time.time()
+            for k in (0, 1):
+                self._sample(run, k, now)
+                if run.times[k] >= 0:
+                    os.close(run.times[k])
+                    run.times[k] = -1
 
     def _stop(self, run: _Run, reason: JobState, message: str, grace: float) -> None:
         """Ask a running job to stop; the first reason given is the one recorded."""
@@ -535,21 +595,72 @@ class Engine:
     ) -> None:
         del br.runs[run.index]
         self._watched.pop(run, None)
+        self._seal_logs(run)
         self._running -= 1
         owner = self._owners[br.batch.owner]
         owner.running -= 1
+        usage = info.usage if info else None
+        ending: dict[str, Any] = {"exit_code": exit_code, "signal": signal, "time_": time_}
+        if self._emit_retry(br.batch, run.index, run.attempt, state, message, usage, **ending):
+            self._queued += 1
+            owner.queued += 1
+            delay = br.batch.statuses[run.index].retry_at - time.time()
+            self._wait_retry(br, run.index, delay)
+            self._dispatch()
+            return
         self._emit(
-            br.batch,
-            run.index,
-            state,
-            message=message,
-            exit_code=exit_code,
-            signal=signal,
-            time_=time_,
-            usage=info.usage if info else None,
+            br.batch, run.index, state, message=message, usage=usage, attempt=run.attempt, **ending
         )
         self._after_end(br, run.index, state)
         self._forget_if_idle(owner)
+
+    def _emit_retry(
+        self,
+        batch: BatchRecord,
+        i: int,
+        attempt: int,
+        state: JobState,
+        message: str,
+        usage: Usage | None = None,
+        **ending: Any,
+    ) -> bool:
+        """Record that attempt `attempt`, ended in `state`, is followed by another after its
+        backoff, when the job's policy says so (a QUEUED event saying when); else False."""
+        policy = batch.specs[i].retry
+        if policy is None or not policy.retries(state, attempt):
+            return False
+        delay = policy.backoff(attempt + 1)
+        said = (
+            f"{message}; retrying in {format_duration(delay)}, "
+            f"attempt {attempt + 1} of {policy.max_attempts}"
+        )
+        self._emit(
+            batch,
+            i,
+            JobState.QUEUED,
+            message=said,
+            attempt=attempt + 1,
+            retry_at=time.time() + delay,
+            offsets=_log_sizes(batch.job_dir(i)),
+            usage=usage,
+            **ending,
+        )
+        return True
+
+    def _wait_retry(self, br: _BatchRun, i: int, delay: float) -> None:
+        """Hold job `i` back until its backoff is over, then make it ready."""
+        if self._closing:  # it runs after the restart, when its time has come
+            br.waiting[i] = None
+            return
+        loop = asyncio.get_running_loop()
+        br.waiting[i] = loop.call_later(max(0.0, delay), self._retry_due, br, i)
+
+    def _retry_due(self, br: _BatchRun, i: int) -> None:
+        if br.waiting.pop(i, None) is None:
+            return
+        br.ready.append(i)
+        self._offer(br)
+        self._dispatch()
 
     def _end_unstarted(self, br: _BatchRun, i: int, state: JobState, message: str) -> None:
         """End a job that never started (cancelled or skipped), and what follows from it."""
@@ -558,7 +669,11 @@ class Engine:
 
     def _drop(self, br: _BatchRun, i: int, state: JobState, message: str) -> None:
         """Record the end of a job that never started; nothing more."""
-        if i in br.unmet:
+        if i in br.waiting:  # a retry waiting for its backoff: it never runs
+            handle = br.waiting.pop(i)
+            if handle is not None:
+                handle.cancel()
+        elif i in br.unmet:
             del br.unmet[i]
         elif br.ready and br.ready[0] == i:  # a sweep in index order: no search
             br.ready.popleft()
@@ -567,7 +682,7 @@ class Engine:
                 br.ready.remove(i)
         self._queued -= 1
         self._owners[br.batch.owner].queued -= 1
-        self._emit(br.batch, i, state, message=message)
+        self._emit(br.batch, i, state, message=message, attempt=br.batch.statuses[i].attempt)
 
     def _after_end(self, br: _BatchRun, i: int, state: JobState) -> None:
         batch = br.batch
@@ -617,7 +732,7 @@ class Engine:
                     work.append(d)
 
     def _finish_if_done(self, br: _BatchRun) -> None:
-        if not br.ready and not br.unmet and not br.runs:
+        if not br.ready and not br.unmet and not br.runs and not br.waiting:
             self._active.pop(br.batch.cid, None)
 
     def _emit(
@@ -634,6 +749,9 @@ class Engine:
         pid_start: int = 0,
         usage: Usage | None = None,
         cgroup: str = "",
+        attempt: int = 1,
+        retry_at: float = 0.0,
+        offsets: tuple[int, int] = (0, 0),
     ) -> None:
         event = JobEvent(
             seq=self.store.next_seq(batch),
@@ -647,10 +765,24 @@ class Engine:
             pid_start=pid_start,
             usage=usage,
             cgroup=cgroup,
+            attempt=attempt,
+            retry_at=retry_at,
+            offsets=offsets,
         )
         self.store.append(batch, event)
         for listener in self.listeners:
             listener(batch, event)
+
+
+def _log_sizes(folder: Any) -> tuple[int, int]:
+    """The sizes of a job's stdout and stderr files (0 for one not there)."""
+    sizes = []
+    for name in _STREAMS:
+        try:
+            sizes.append(os.stat(f"{folder}/{name}").st_size)
+        except OSError:
+            sizes.append(0)
+    return sizes[0], sizes[1]
 
 
 def _lost_stdin(batch: BatchRecord, index: int) -> str:

@@ -17,6 +17,7 @@ from grpc import aio
 
 from jobworker import logging as jwlogging
 from jobworker.errors import (
+    FailedPrecondition,
     InvalidArgument,
     JobWorkerError,
     NotFound,
@@ -41,6 +42,7 @@ _CODES: dict[type[JobWorkerError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     NotFound: grpc.StatusCode.NOT_FOUND,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,

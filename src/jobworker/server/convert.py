@@ -9,7 +9,19 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from jobworker.errors import InvalidArgument, ResourceExhausted
-from jobworker.model import BatchOptions, JobEvent, JobSpec, JobStatus, Limits, Usage, frozen_map
+from jobworker.model import (
+    DEFAULT_RETRY_ON,
+    RETRYABLE,
+    BatchOptions,
+    JobEvent,
+    JobSpec,
+    JobState,
+    JobStatus,
+    Limits,
+    RetryPolicy,
+    Usage,
+    frozen_map,
+)
 from jobworker.store.batches import BatchRecord, BatchView
 from jobworker.store.logs import Chunk, Tail, log_size, read_tail
 from jobworker.v1 import jobworker_pb2 as pb
@@ -34,14 +46,76 @@ def options_from_pb(o: pb.BatchOptions) -> BatchOptions:
     )
 
 
+MAX_ATTEMPTS = 100  # RetryPolicy.max_attempts: more is a loop, not a retry
+MAX_BACKOFF = 86_400.0  # a day
+
+
+def _seconds(where: str, fld: str, d: Duration) -> float:
+    if d.seconds < 0 or d.nanos < 0 or d.nanos >= 1_000_000_000:
+        raise InvalidArgument(f"{where}: {fld} is not a valid duration")
+    return d.seconds + d.nanos / 1e9
+
+
+def retry_from_pb(where: str, r: pb.RetryPolicy) -> RetryPolicy | None:
+    """The domain policy (None: one attempt); INVALID_ARGUMENT names job and field."""
+    if r.max_attempts > MAX_ATTEMPTS:
+        raise InvalidArgument(
+            f"{where}: retry.max_attempts is {r.max_attempts}, at most {MAX_ATTEMPTS}"
+        )
+    defaults = RetryPolicy()
+    initial, most = defaults.initial_backoff, defaults.max_backoff
+    if r.HasField("initial_backoff"):
+        initial = _seconds(where, "retry.initial_backoff", r.initial_backoff)
+    if r.HasField("max_backoff"):
+        most = _seconds(where, "retry.max_backoff", r.max_backoff)
+    for fld, value in (("initial_backoff", initial), ("max_backoff", most)):
+        if value > MAX_BACKOFF:
+            raise InvalidArgument(f"{where}: retry.{fld} is {value:g}s, at most 1 day")
+    if r.HasField("initial_backoff") and r.HasField("max_backoff") and most < initial:
+        raise InvalidArgument(
+            f"{where}: retry.max_backoff ({most:g}s) is less than retry.initial_backoff "
+            f"({initial:g}s)"
+        )
+    states = set()
+    for value in r.retry_on:
+        try:
+            state = JobState(value)
+        except ValueError:
+            state = None
+        if state not in RETRYABLE:
+            shown = state.name if state is not None else str(value)
+            raise InvalidArgument(
+                f"{where}: retry.retry_on names {shown}: only FAILED, TIMED_OUT and LOST "
+                "are retried"
+            )
+        states.add(state)
+    if r.max_attempts <= 1:
+        return None
+    return RetryPolicy(
+        max_attempts=r.max_attempts,
+        initial_backoff=initial,
+        max_backoff=max(most, initial),
+        retry_on=frozenset(states) or DEFAULT_RETRY_ON,
+    )
+
+
+def retry_to_pb(r: RetryPolicy) -> pb.RetryPolicy:
+    """The wire policy of a stored one."""
+    return pb.RetryPolicy(
+        max_attempts=r.max_attempts,
+        initial_backoff=_dur(r.initial_backoff),
+        max_backoff=_dur(r.max_backoff),
+        retry_on=sorted(int(s) for s in r.retry_on),  # type: ignore[misc]
+    )
+
+
 def spec_from_pb(index: int, j: pb.JobSpec) -> JobSpec:
     """A domain JobSpec from the wire; INVALID_ARGUMENT names the field of a bad value."""
     timeout: float | None = None
+    where = f"job {index} ({j.name!r})"
     if j.HasField("timeout"):
-        d = j.timeout
-        if d.seconds < 0 or d.nanos < 0 or d.nanos >= 1_000_000_000:
-            raise InvalidArgument(f"job {index} ({j.name!r}): timeout is not a valid duration")
-        timeout = d.seconds + d.nanos / 1e9
+        timeout = _seconds(where, "timeout", j.timeout)
+    retry = retry_from_pb(where, j.retry) if j.HasField("retry") else None
     limits = _NO_LIMITS
     if j.HasField("limits"):
         lim = j.limits
@@ -61,6 +135,7 @@ def spec_from_pb(index: int, j: pb.JobSpec) -> JobSpec:
         timeout=timeout,
         limits=limits,
         depends_on=tuple(j.depends_on),
+        retry=retry,
     )
 
 
@@ -95,6 +170,8 @@ def spec_to_pb(s: JobSpec, *, redact: bool = False) -> pb.JobSpec:
     )
     if s.timeout is not None:
         out.timeout.CopyFrom(_dur(s.timeout))
+    if s.retry is not None:
+        out.retry.CopyFrom(retry_to_pb(s.retry))
     if s.limits.any:
         out.limits.CopyFrom(
             pb.ResourceLimits(
@@ -149,6 +226,7 @@ def job_to_pb(
         start_time=_ts(status.start_time),
         end_time=_ts(status.end_time),
         usage=_usage_to_pb(status.usage),
+        attempt=status.attempt,
     )
     if status.exit_code is not None:
         job.exit_code = status.exit_code
@@ -265,6 +343,7 @@ def item_to_pb(
                 "stream": item.stream,
                 "data": item.data,
                 "time": {"seconds": seconds, "nanos": int((item.time - seconds) * 1e9)},
+                "attempt": item.attempt,
             },
             cursor=cursor,
         )
@@ -275,6 +354,7 @@ def item_to_pb(
         signal=item.signal,
         message=item.message,
         time=_ts(item.time),
+        attempt=max(1, item.attempt),
     )
     if item.exit_code is not None:
         change.exit_code = item.exit_code

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
@@ -16,7 +17,7 @@ from jobworker.server import convert
 from jobworker.server.auth import current_caller, set_correlation_id
 from jobworker.store.batches import BatchView
 from jobworker.store.inotify import Inotify
-from jobworker.store.logs import Cursor, Follower
+from jobworker.store.logs import Cursor, Follower, tail_offsets
 from jobworker.units import format_duration
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
@@ -65,7 +66,7 @@ class PerIdentity:
 
 
 class JobWorkerService(pb_grpc.JobWorkerServiceServicer):
-    """The five RPCs of jobworker.v1.JobWorkerService."""
+    """The six RPCs of jobworker.v1.JobWorkerService."""
 
     def __init__(
         self,
@@ -159,6 +160,13 @@ class JobWorkerService(pb_grpc.JobWorkerServiceServicer):
         redact = not caller.can_read_secrets(batch.owner)
         return pb.CancelBatchResponse(batch=convert.batch_to_pb(batch, strict=False, redact=redact))
 
+    async def DeleteBatch(
+        self, request: pb.DeleteBatchRequest, context: aio.ServicerContext[Any, Any]
+    ) -> pb.DeleteBatchResponse:
+        set_correlation_id(request.correlation_id)
+        await self.core.delete(current_caller(), request.correlation_id)
+        return pb.DeleteBatchResponse()
+
     async def ListBatches(
         self, request: pb.ListBatchesRequest, context: aio.ServicerContext[Any, Any]
     ) -> pb.ListBatchesResponse:
@@ -196,8 +204,20 @@ class JobWorkerService(pb_grpc.JobWorkerServiceServicer):
         refusal = (
             f"{caller.identity!r} has {mine} streams open, server.max_streams_per_identity ({mine})"
         )
+        floors = None
+        if request.HasField("tail_lines") and not request.cursor:
+            folders = {i: batch.job_dir(i) for i in selected if batch.statuses[i].start_time}
+            floors = await asyncio.to_thread(tail_offsets, folders, request.tail_lines)
         with self.streams_of.hold(caller.identity, mine, refusal):
-            follower = Follower(batch, selected, cursor, self.inotify, self.closing)
+            follower = Follower(
+                batch,
+                selected,
+                cursor,
+                self.inotify,
+                self.closing,
+                floors,
+                functools.partial(self.core.engine.sample_logs, batch.cid),
+            )
             self.streams += 1
             self.on_stream(1)
             try:

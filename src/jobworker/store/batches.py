@@ -31,6 +31,7 @@ from jobworker.model import (
     JobState,
     JobStatus,
     Limits,
+    RetryPolicy,
     Usage,
     batch_state,
     frozen_map,
@@ -185,7 +186,26 @@ def _spec_to_json(spec: JobSpec) -> dict[str, Any]:
         out["limits"] = {k: getattr(spec.limits, k) for k in Limits.__slots__}
     if spec.depends_on:
         out["depends_on"] = list(spec.depends_on)
+    if spec.retry is not None:
+        r = spec.retry
+        out["retry"] = {
+            "max_attempts": r.max_attempts,
+            "initial_backoff": r.initial_backoff,
+            "max_backoff": r.max_backoff,
+            "retry_on": sorted(s.name for s in r.retry_on),
+        }
     return out
+
+
+def _retry_from_json(d: Mapping[str, Any] | None) -> RetryPolicy | None:
+    if d is None:
+        return None
+    return RetryPolicy(
+        max_attempts=d["max_attempts"],
+        initial_backoff=d["initial_backoff"],
+        max_backoff=d["max_backoff"],
+        retry_on=frozenset(JobState[name] for name in d["retry_on"]),
+    )
 
 
 def _spec_from_json(d: Mapping[str, Any]) -> JobSpec:
@@ -197,6 +217,7 @@ def _spec_from_json(d: Mapping[str, Any]) -> JobSpec:
         timeout=d.get("timeout"),
         limits=Limits(**d["limits"]) if "limits" in d else Limits(),
         depends_on=tuple(d.get("depends_on", ())),
+        retry=_retry_from_json(d.get("retry")),
     )
 
 
@@ -235,6 +256,12 @@ def _event_to_line(e: JobEvent) -> bytes:
     if e.usage is not None:
         u = e.usage
         parts.append(f',"u":[{u.user_cpu!r},{u.system_cpu!r},{u.max_rss_bytes}]')
+    if e.attempt != 1:
+        parts.append(f',"a":{e.attempt}')
+    if e.retry_at:
+        parts.append(f',"r":{e.retry_at!r}')
+    if e.offsets != (0, 0):
+        parts.append(f',"o":[{e.offsets[0]},{e.offsets[1]}]')
     parts.append("}\n")
     return "".join(parts).encode()
 
@@ -258,6 +285,9 @@ def _event_from_line(line: bytes) -> JobEvent:
         pid_start=d.get("ps", 0),
         usage=Usage(u[0], u[1], u[2]) if u else None,
         cgroup=d.get("c", ""),
+        attempt=d.get("a", 1),
+        retry_at=d.get("r", 0.0),
+        offsets=tuple(d["o"]) if "o" in d else (0, 0),
     )
 
 

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import os
-import time
+import struct
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +46,136 @@ def read_tail(path: str | Path, limit: int) -> Tail:
     return Tail(data, size, start > 0 or (limit == 0 and size > 0))
 
 
+# --- write times -----------------------------------------------------------------------------
+# Beside each log, <stream>.times indexes when its bytes were first seen: one record each time
+# the server's sampler (the scheduler's log timer) sees the log grown, (its size then, the
+# time). Bytes below a record's size and at or past the one before it were first seen at
+# its time; a follower cuts its chunks at records, so every replay shows the same times.
+
+TIMES = ".times"
+_RECORD = struct.Struct("<Qd")
+
+
+def times_path(folder: str | Path, stream: str) -> str:
+    """The write-time index of a job's `stream` ("stdout" or "stderr")."""
+    return f"{folder}/{stream}{TIMES}"
+
+
+def append_time(fd: int, size: int, when: float) -> None:
+    """Record that the log held `size` bytes when first seen at `when`."""
+    os.write(fd, _RECORD.pack(size, when))
+
+
+def seal_times(folder: str | Path, when: float) -> None:
+    """Index whatever a job's logs hold past their indexes' last records, as first seen at
+    `when`: for a job that ended while no sampler watched it (a server restart)."""
+    for stream in STREAMS:
+        size = log_size(f"{folder}/{stream}")
+        path = times_path(folder, stream)
+        try:
+            with open(path, "rb") as f:
+                f.seek(-_RECORD.size, os.SEEK_END)
+                last = _RECORD.unpack(f.read(_RECORD.size))[0]
+        except (FileNotFoundError, OSError, struct.error):
+            last = 0
+        if size > last:
+            with contextlib.suppress(OSError):
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+                try:
+                    append_time(fd, size, when)
+                finally:
+                    os.close(fd)
+
+
+class TimeIndex:
+    """Reads one stream's write-time index for a follower: mostly forwards, record by record."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = -1
+        self._next = 0  # the record after the current one
+        self._start = self._end = 0  # the current record covers [start, end)
+        self._time = 0.0
+
+    def covering(self, offset: int) -> tuple[int, float] | None:
+        """(end, time): byte `offset` and those after it up to `end` were first seen at
+        `time`; None while the sampler has not seen the byte yet."""
+        if self._start <= offset < self._end:
+            return self._end, self._time
+        if self.fd < 0:
+            try:
+                self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return None
+        count = os.fstat(self.fd).st_size // _RECORD.size
+        lo = self._next if offset >= self._end else 0
+        hi = count
+        while lo < hi:  # the first record whose size is past the offset
+            mid = (lo + hi) // 2
+            if self._read(mid)[0] > offset:
+                hi = mid
+            else:
+                lo = mid + 1
+        if lo == count:
+            return None
+        self._end, self._time = self._read(lo)
+        self._start = self._read(lo - 1)[0] if lo else 0
+        self._next = lo + 1
+        return self._end, self._time
+
+    def _read(self, number: int) -> tuple[int, float]:
+        end, when = _RECORD.unpack(os.pread(self.fd, _RECORD.size, number * _RECORD.size))
+        return int(end), float(when)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+TAIL_BLOCK = 64 * 1024  # read backwards in blocks this size to find the last lines
+
+
+def tail_offset(path: str | Path, lines: int) -> int:
+    """Where the last `lines` lines of `path` begin (a last line without its newline counts),
+    found by reading backwards from the end in blocks: a big log costs no more than its tail."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return 0
+    try:
+        end = os.fstat(fd).st_size
+        if not end or not lines:
+            return end
+        # A newline that ends the file ends the last line; it does not begin another.
+        need = lines + 1 if os.pread(fd, 1, end - 1) == b"\n" else lines
+        while end > 0:
+            start = max(0, end - TAIL_BLOCK)
+            block = os.pread(fd, end - start, start)
+            found = block.count(b"\n")
+            if found >= need:
+                cut = len(block)
+                for _ in range(need):
+                    cut = block.rfind(b"\n", 0, cut)
+                return start + cut + 1
+            need -= found
+            end = start
+        return 0
+    finally:
+        os.close(fd)
+
+
+def tail_offsets(folders: dict[int, Path], lines: int) -> dict[int, tuple[int, int]]:
+    """For each job folder, where the last `lines` lines of stdout and of stderr begin
+    (jobs whose files are empty or missing left out). Blocking: for a worker thread."""
+    out: dict[int, tuple[int, int]] = {}
+    for index, folder in folders.items():
+        pair = (tail_offset(folder / STREAMS[0], lines), tail_offset(folder / STREAMS[1], lines))
+        if pair != (0, 0):
+            out[index] = pair
+    return out
+
+
 def log_size(path: str | Path) -> int:
     """Bytes in a log file (0 when the job never started)."""
     try:
@@ -65,6 +195,7 @@ class Chunk:
     stream: int  # 1 stdout, 2 stderr (the wire enum)
     data: bytes
     time: float
+    attempt: int = 1
 
 
 Item = Chunk | JobEvent
@@ -119,8 +250,14 @@ class Follower:
         cursor: Cursor,
         inotify: Inotify | None,
         closing: Callable[[], bool],
+        floors: dict[int, tuple[int, int]] | None = None,
+        sample: Callable[[int], None] | None = None,
     ) -> None:
         self.batch = batch
+        # StreamBatchLogsRequest.tail_lines: per job, the offsets below which nothing is sent.
+        self.floors = floors or {}
+        # Indexes a running job's output up to now: without follow, what exists is sent.
+        self.sample = sample
         self.selected = set(selected)
         self.cursor = cursor
         self.inotify = inotify
@@ -131,6 +268,8 @@ class Follower:
         # each file up to its size at the first read, so a busy job cannot keep it going.
         self._end_seq: int | None = None
         self._end_size: dict[tuple[int, int], int] | None = None
+        self._attempts: dict[int, int] = {}  # job index -> the attempt its bytes belong to
+        self._times: dict[tuple[int, int], TimeIndex] = {}  # (job index, stream) -> its index
         if cursor.seq > len(batch.events):
             raise InvalidArgument("cursor: points past the batch's end")
         # Jobs running as of the cursor's event: keep their offsets, start new ones at 0.
@@ -139,8 +278,9 @@ class Follower:
             if event.index not in self.selected:
                 continue
             if event.state is JobState.RUNNING:
-                running[event.index] = cursor.offsets.get(event.index, [0, 0])
-            elif event.state.ended:
+                running[event.index] = cursor.offsets.get(event.index) or self._start(event)
+                self._attempts[event.index] = event.attempt
+            elif event.state.ended or event.attempt > 1:  # ended, or an attempt did
                 running.pop(event.index, None)
         cursor.offsets = running
 
@@ -200,9 +340,17 @@ class Follower:
             event = events[self.cursor.seq]
             if event.index in self.selected:
                 if event.state is JobState.RUNNING:
-                    self.cursor.offsets[event.index] = [0, 0]
-                elif event.state.ended and event.index in self.cursor.offsets:
-                    async for chunk in self._read(event.index, drain=True):
+                    # A retry's output follows the earlier attempts' in the same files.
+                    self.cursor.offsets[event.index] = self._start(event)
+                    self._attempts[event.index] = event.attempt
+                elif event.index in self.cursor.offsets and (
+                    event.state.ended or event.attempt > 1
+                ):
+                    # An attempt's end (a retry's QUEUED names where it ended): its bytes
+                    # first, and no byte of the next attempt with them.
+                    until = None if event.state.ended else event.offsets
+                    chunks = self._read(event.index, drain=True, until=until, when=event.time)
+                    async for chunk in chunks:
                         yield chunk
                     del self.cursor.offsets[event.index]
                     self._close_files(event.index)
@@ -210,20 +358,54 @@ class Follower:
             if event.index in self.selected:
                 yield event
 
-    async def _read(self, index: int, *, drain: bool) -> AsyncIterator[Chunk]:
-        """Chunks of job `index` past its offsets: a round per stream, or everything if `drain`."""
+    def _start(self, event: JobEvent) -> list[int]:
+        """The offsets where an attempt's output begins for this follower."""
+        floor = self.floors.get(event.index)
+        if floor is None:
+            return list(event.offsets)
+        return [max(event.offsets[0], floor[0]), max(event.offsets[1], floor[1])]
+
+    async def _read(
+        self,
+        index: int,
+        *,
+        drain: bool,
+        until: tuple[int, int] | None = None,
+        when: float = 0.0,
+    ) -> AsyncIterator[Chunk]:
+        """Chunks of job `index` past its offsets, each within one record of its write-time
+        index: a round per stream, or, if `drain` (the attempt has ended), everything (up
+        to the offsets `until`, when given; bytes no sampler saw get the end's time `when`)."""
         offsets = self.cursor.offsets[index]
+        attempt = self._attempts.get(index, 1)
         for k in range(len(STREAMS)):
+            times = self._times.get((index, k))
+            if times is None:
+                folder = self.batch.job_dir(index)
+                times = self._times[(index, k)] = TimeIndex(times_path(folder, STREAMS[k]))
             for _ in itertools.count() if drain else range(ROUND):
-                data = self._pread(index, k, offsets[k])
+                size = CHUNK if until is None else min(CHUNK, until[k] - offsets[k])
+                if size <= 0:
+                    break
+                seen = times.covering(offsets[k])
+                if seen is None and self._end_size is not None and self.sample is not None:
+                    self.sample(index)
+                    seen = times.covering(offsets[k])
+                if seen is not None:
+                    size, at = min(size, seen[0] - offsets[k]), seen[1]
+                elif drain:
+                    at = when
+                else:  # not seen by the sampler yet: sent once it has been (<= 100 ms)
+                    break
+                data = self._pread(index, k, offsets[k], size)
                 if not data:
                     break
                 offsets[k] += len(data)
-                yield Chunk(index, k + 1, data, time.time())
-                if len(data) < CHUNK:
+                yield Chunk(index, k + 1, data, at, attempt)
+                if len(data) < size:
                     break
 
-    def _pread(self, index: int, k: int, offset: int) -> bytes:
+    def _pread(self, index: int, k: int, offset: int, size: int = CHUNK) -> bytes:
         fd = self._fds.get((index, k))
         if fd is None:
             path = os.path.join(self.batch.job_dir(index), STREAMS[k])
@@ -235,10 +417,9 @@ class Follower:
             except FileNotFoundError:
                 return b""
             self._fds[(index, k)] = fd
-        size = CHUNK
         if self._end_size is not None:
             end = self._end_size.setdefault((index, k), os.fstat(fd).st_size)
-            size = min(CHUNK, end - offset)
+            size = min(size, end - offset)
         return os.pread(fd, size, offset) if size > 0 else b""
 
     def _sync_watches(self) -> bool:
@@ -261,6 +442,9 @@ class Follower:
             fd = self._fds.pop((index, k), None)
             if fd is not None:
                 os.close(fd)
+            times = self._times.pop((index, k), None)
+            if times is not None:
+                times.close()
 
     def _release(self) -> None:
         """Give back the watches and files this follower holds."""
@@ -268,6 +452,9 @@ class Follower:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        for times in self._times.values():
+            times.close()
+        self._times.clear()
 
     def _drop_watches(self) -> None:
         if self.inotify is not None:
