@@ -256,7 +256,7 @@ class Follower:
         self.batch = batch
         # StreamBatchLogsRequest.tail_lines: per job, the offsets below which nothing is sent.
         self.floors = floors or {}
-        # Indexes a running job's output up to now: without follow, what exists is sent.
+        # Indexes a running job's output up to now, so that what exists is sent at once.
         self.sample = sample
         self.selected = set(selected)
         self.cursor = cursor
@@ -388,14 +388,16 @@ class Follower:
                 if size <= 0:
                     break
                 seen = times.covering(offsets[k])
-                if seen is None and self._end_size is not None and self.sample is not None:
+                if seen is None and self.sample is not None:
+                    # First seen now, by this reader: indexed at once, so that a live
+                    # follower does not wait for the sampler's next round.
                     self.sample(index)
                     seen = times.covering(offsets[k])
                 if seen is not None:
                     size, at = min(size, seen[0] - offsets[k]), seen[1]
                 elif drain:
                     at = when
-                else:  # not seen by the sampler yet: sent once it has been (<= 100 ms)
+                else:  # a job no sampler watches (not running here): sent at its end
                     break
                 data = self._pread(index, k, offsets[k], size)
                 if not data:
