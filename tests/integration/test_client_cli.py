@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -185,6 +186,24 @@ def test_expired_certificate_is_reported(server: Server, tmp_path: Path) -> None
     assert result.returncode == 4
     assert f"{tmp_path / 'old.pem'} expired on " in result.stderr
     assert_plain(result.stderr)
+
+
+def test_revoked_certificate_is_explained(
+    make_server: ServerFactory, pki: Path, tmp_path: Path
+) -> None:
+    own = tmp_path / "pki"
+    shutil.copytree(pki, own)
+    certs.issue_client(own, "carol")
+    server = make_server(tls={"crl": str(own / "crl.pem")})
+    env = flags(server, "carol", pki=own)
+    assert cli("list", env=env).returncode == 0
+    revoked = cli("certs", "revoke", "carol", "--dir", str(own), env={})
+    assert revoked.returncode == 0, revoked.stderr
+    done = cli("list", env=env)
+    assert done.returncode == 4, (done.stdout, done.stderr)
+    assert "refused this client's certificate" in done.stderr
+    assert "revoked" in done.stderr
+    assert_plain(done.stderr)
 
 
 def test_metrics_port_is_not_a_jobworker_server(make_server: ServerFactory) -> None:
