@@ -239,6 +239,21 @@ def test_max_running_per_identity(make_server: ServerFactory) -> None:
     assert other.start_time.ToNanoseconds() < spans[-1][0]  # bob's ran beside alice's
 
 
+def test_a_queued_job_says_why_it_waits(make_server: ServerFactory) -> None:
+    srv = make_server(jobs={"max_concurrent": 4, "max_running_per_identity": 1})
+    alice = srv.stub("alice")
+    cid = schedule(alice, *[job("sleep", "30", name=f"s{i}") for i in range(3)]).correlation_id
+    try:
+        wait_job(alice, cid, "s0", pb.JOB_STATE_RUNNING, 30)
+        jobs = alice.GetBatch(pb.GetBatchRequest(correlation_id=cid), timeout=10).batch.jobs
+        held = "jobs.max_running_per_identity (1) is reached"
+        assert jobs[1].message == f"queue: 0 ahead in this batch; {held}", jobs[1]
+        assert jobs[2].message == f"queue: 1 ahead in this batch; {held}", jobs[2]
+        assert jobs[0].message == ""  # running: no reason to wait
+    finally:
+        alice.CancelBatch(pb.CancelBatchRequest(correlation_id=cid), timeout=30)
+
+
 def test_a_reload_raising_max_running_per_identity_starts_jobs_at_once(
     make_server: ServerFactory,
 ) -> None:

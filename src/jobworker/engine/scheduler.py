@@ -341,6 +341,28 @@ class Engine:
                 break
             self._start(br, br.ready.popleft())
 
+    def waiting(self, cid: str) -> dict[int, str]:
+        """Why each ready job of batch `cid` has not started: its place in the batch's FIFO
+        and what is full now ("queue: 3 ahead in this batch; all slots busy ...")."""
+        br = self._active.get(cid)
+        if br is None or not br.ready:
+            return {}
+        full = self._full(br)
+        return {i: f"queue: {n} ahead in this batch{full}" for n, i in enumerate(br.ready)}
+
+    def _full(self, br: _BatchRun) -> str:
+        limit = self.settings.max_concurrent
+        if self._running >= limit:
+            return f"; all slots busy (jobs.max_concurrent {limit})"
+        parallel = br.batch.options.max_parallel
+        if parallel and len(br.runs) >= parallel:
+            return f"; the batch's max_parallel ({parallel}) is reached"
+        quota = self.settings.max_running_per_identity
+        owner = self._owners.get(br.batch.owner)
+        if quota and owner is not None and owner.running >= quota:
+            return f"; jobs.max_running_per_identity ({quota}) is reached"
+        return ""
+
     def _pick(self) -> _BatchRun | None:
         """The batch whose job starts next: a scan over identities with a batch that may
         start a job (their first batch each), not over jobs."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -214,15 +214,17 @@ def job_to_pb(
     *,
     sizes: bool = True,
     redact: bool = False,
+    waiting: str = "",
 ) -> pb.Job:
     """The wire Job with the sizes of its logs (`sizes` False: without; batch_to_pb reads
-    the tails then, which tell the sizes too); `redact`: its env values hidden."""
+    the tails then, which tell the sizes too); `redact`: its env values hidden; `waiting`:
+    why a queued job has not started (its message when it has none)."""
     job = pb.Job(
         index=index,
         spec=spec_to_pb(batch.specs[index], redact=redact),
         state=int(status.state),  # type: ignore[arg-type]
         signal=status.signal,
-        message=status.message,
+        message=status.message or waiting,
         start_time=_ts(status.start_time),
         end_time=_ts(status.end_time),
         usage=_usage_to_pb(status.usage),
@@ -245,6 +247,7 @@ def batch_to_pb(
     *,
     strict: bool = True,
     redact: bool = False,
+    waiting: Mapping[int, str] | None = None,
 ) -> pb.Batch:
     """The wire Batch, kept under gRPC's 4 MiB message limit whatever was asked.
 
@@ -252,8 +255,9 @@ def batch_to_pb(
     fits; past that, `strict` answers RESOURCE_EXHAUSTED (ask for fewer jobs), and
     otherwise the specs are left out (CancelBatch must answer once it has cancelled).
     `redact` (a caller who may not read them): env values and stdin hidden, stdin's size
-    told instead.
+    told instead. `waiting`: why each ready job waits (Engine.waiting).
     """
+    waiting = waiting or {}
     chosen = list(range(len(batch.specs)) if indexes is None else indexes)
     tails = bool(tail_limit and chosen)  # every chosen job's tails: they tell the sizes
     out = pb.Batch(
@@ -264,7 +268,15 @@ def batch_to_pb(
         create_time=_ts(batch.create_time),
         end_time=_ts(batch.end_time),
         jobs=[
-            job_to_pb(batch, i, batch.statuses[i], sizes=not tails, redact=redact) for i in chosen
+            job_to_pb(
+                batch,
+                i,
+                batch.statuses[i],
+                sizes=not tails,
+                redact=redact,
+                waiting=waiting.get(i, ""),
+            )
+            for i in chosen
         ],
     )
     budget = MESSAGE_LIMIT - MESSAGE_MARGIN

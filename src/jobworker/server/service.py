@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from grpc import aio
@@ -134,14 +134,17 @@ class JobWorkerService(pb_grpc.JobWorkerServiceServicer):
             if request.HasField("log_tail_bytes")
             else self.settings().jobs.log_tail_bytes
         )
+        waiting = self.core.engine.waiting(batch.cid)
         if len(indexes) <= BUILD_INLINE_JOBS:
             return pb.GetBatchResponse(
-                batch=convert.batch_to_pb(batch, indexes, tail, redact=redact)
+                batch=convert.batch_to_pb(batch, indexes, tail, redact=redact, waiting=waiting)
             )
         # Thousands of jobs: their log tails and messages would hold the event loop, and
         # every job's start and end with it, for a large part of a second. Built on a
         # worker thread from the batch as it stands now (the loop takes turns meanwhile).
-        return await asyncio.to_thread(_get_batch_response, batch.view(), indexes, tail, redact)
+        return await asyncio.to_thread(
+            _get_batch_response, batch.view(), indexes, tail, redact, waiting
+        )
 
     async def CancelBatch(
         self, request: pb.CancelBatchRequest, context: aio.ServicerContext[Any, Any]
@@ -249,6 +252,11 @@ async def _receive(
 
 
 def _get_batch_response(
-    view: BatchView, indexes: Sequence[int], tail: int | None, redact: bool
+    view: BatchView,
+    indexes: Sequence[int],
+    tail: int | None,
+    redact: bool,
+    waiting: Mapping[int, str],
 ) -> pb.GetBatchResponse:
-    return pb.GetBatchResponse(batch=convert.batch_to_pb(view, indexes, tail, redact=redact))
+    batch = convert.batch_to_pb(view, indexes, tail, redact=redact, waiting=waiting)
+    return pb.GetBatchResponse(batch=batch)
