@@ -268,15 +268,8 @@ def batch_to_pb(
         create_time=_ts(batch.create_time),
         end_time=_ts(batch.end_time),
         jobs=[
-            job_to_pb(
-                batch,
-                i,
-                batch.statuses[i],
-                sizes=not tails,
-                redact=redact,
-                waiting=waiting.get(i, ""),
-            )
-            for i in chosen
+            job_to_pb(batch, i, st, sizes=not tails, redact=redact, waiting=waiting.get(i, ""))
+            for i, st in ((i, batch.statuses[i]) for i in chosen)
         ],
     )
     budget = MESSAGE_LIMIT - MESSAGE_MARGIN
