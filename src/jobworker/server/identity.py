@@ -50,9 +50,10 @@ def peer_of(auth: Mapping[str, Iterable[bytes]]) -> Peer:
 def _parse(pem: bytes) -> Peer | str:
     try:
         cert = x509.load_pem_x509_certificate(pem)
+        # cryptography decodes the subject when it is first read: a bad encoding fails here.
+        names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     except ValueError as exc:
         return f"the client certificate cannot be read: {exc}"
-    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if len(names) != 1:
         return (
             "the client certificate's subject must have exactly one common name "

@@ -167,7 +167,8 @@ class JobWorkerService(pb_grpc.JobWorkerServiceServicer):
         self, request: pb.DeleteBatchRequest, context: aio.ServicerContext[Any, Any]
     ) -> pb.DeleteBatchResponse:
         set_correlation_id(request.correlation_id)
-        await self.core.delete(current_caller(), request.correlation_id)
+        # The audit line names the batch deleted, not the prefix that named it.
+        set_correlation_id(await self.core.delete(current_caller(), request.correlation_id))
         return pb.DeleteBatchResponse()
 
     async def ListBatches(
