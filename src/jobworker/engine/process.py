@@ -99,6 +99,7 @@ from pathlib import Path
 
 import structlog
 
+from jobworker.engine.executor import ExitInfo, SpawnError
 from jobworker.engine.limits import PRLIMIT, CgroupBackend, JobCgroup
 from jobworker.model import JobSpec, Limits, Usage
 
@@ -133,14 +134,6 @@ _REMOVE_MAX_RETRY = 0.1  # ...up to this
 _REMOVE_TIMEOUT = 5.0  # then cgroup_remove_failed is logged and the group left behind
 
 
-class SpawnError(Exception):
-    """A job could not be started; the message names the path or resource at fault."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
 class _JoinFailed(SpawnError):
     """The forking thread could not move into the job's groups: nothing was started."""
 
@@ -162,17 +155,6 @@ def join_shell() -> tuple[str, bool]:
             return path, True
     _log.warning("join_shell_not_dash", shell=os.path.realpath(_SH), cost="one exec per job")
     return _SH, False
-
-
-@dataclass(frozen=True, slots=True)
-class ExitInfo:
-    """How a job's main process ended, with the job's resource usage."""
-
-    exit_code: int | None  # None when killed by a signal
-    signal: int
-    usage: Usage
-    end_time: float
-    oom_killed: bool
 
 
 _TICK_NS = 1_000_000_000 // os.sysconf("SC_CLK_TCK")  # /proc/<pid>/stat's start time unit

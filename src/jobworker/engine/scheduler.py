@@ -24,7 +24,8 @@ from typing import Any, Protocol
 import structlog
 
 from jobworker import logging as jwlogging
-from jobworker.engine.process import ExitInfo, Process, SpawnError, Supervisor, kill_stale
+from jobworker.engine.executor import ExitInfo, SpawnError
+from jobworker.engine.process import Process, Supervisor, kill_stale
 from jobworker.errors import ResourceExhausted, Unavailable
 from jobworker.model import JobEvent, JobState, Limits, Usage
 from jobworker.store.batches import BatchRecord, BatchStore

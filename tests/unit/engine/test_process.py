@@ -21,11 +21,10 @@ from typing import Any
 import pytest
 
 from jobworker.engine import process as process_module
+from jobworker.engine.executor import ExitInfo, SpawnError
 from jobworker.engine.limits import CgroupBackend, Hierarchy, JobCgroup
 from jobworker.engine.process import (
-    ExitInfo,
     Process,
-    SpawnError,
     Supervisor,
     _popen,
     join_shell,

@@ -11,8 +11,9 @@ from types import SimpleNamespace
 import pytest
 
 from jobworker.config import JobsConfig
+from jobworker.engine.executor import ExitInfo
 from jobworker.engine.limits import CgroupBackend
-from jobworker.engine.process import ExitInfo, Supervisor
+from jobworker.engine.process import Supervisor
 from jobworker.engine.scheduler import Engine
 from jobworker.errors import ResourceExhausted
 from jobworker.model import BatchOptions, JobEvent, JobSpec, JobState, Usage
