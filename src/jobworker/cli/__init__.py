@@ -18,6 +18,7 @@ def _register() -> None:
     from jobworker.cli import certs, client_cmds, serve, verbs
 
     main.add_command(serve.serve)
+    main.add_command(serve.supervise)
     main.add_command(certs.certs)
     for command in [*client_cmds.COMMANDS, *verbs.COMMANDS]:
         main.add_command(command)

@@ -26,3 +26,15 @@ def serve(config_path: Path | None) -> None:
         raise click.ClickException(str(exc)) from exc
     except OSError as exc:
         raise click.ClickException(f"cannot start: {exc}") from exc
+
+
+@click.command(
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    add_help_option=False,
+)
+@click.pass_context
+def supervise(ctx: click.Context) -> None:
+    """The job supervisor: the parent of every job, started by the server (docs/operations.md)."""
+    from jobworker.supervisor.daemon import main as run_supervisor
+
+    raise SystemExit(run_supervisor(list(ctx.args)))

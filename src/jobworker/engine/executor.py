@@ -111,10 +111,6 @@ class Executor(Protocol):
         """The job's end is recorded: the executor need not keep it for a restart."""
         ...
 
-    def enforceable(self) -> frozenset[str]:
-        """The limits (cpu, memory, pids, io) it can enforce."""
-        ...
-
     async def close(self, *, stop_jobs: bool) -> None:
         """At shutdown, once the scheduler has stopped starting jobs. `stop_jobs`: False
         leaves running jobs running for the next server (jobs.on_server_stop = "keep")."""

@@ -215,18 +215,22 @@ class Process:
 
     def __init__(
         self,
-        popen: subprocess.Popen[bytes],
+        popen: subprocess.Popen[bytes] | None,
         cgroup: JobCgroup,
         start_time: float,
         start_ticks: int | None = None,
+        *,
+        pid: int = 0,
     ) -> None:
         """Watch `popen` through a pidfd; spawn() makes these. On OSError nothing is open.
 
         `start_ticks`: the process's start time as /proc/<pid>/stat gives it, when the
         caller knows it (_popen, from the clock around the fork: a /proc read costs ~40 us
         on the loop, while the child is still in its exec); else it is read here.
+        `popen` None: a child this process did not Popen (a supervisor's, kept across its
+        re-exec), given by `pid`.
         """
-        self.pid = popen.pid
+        self.pid = popen.pid if popen is not None else pid
         if start_ticks is None:
             start_ticks = process_start_ticks(self.pid) or 0
         self.pid_start = start_ticks
@@ -306,7 +310,8 @@ class Process:
             exit_code, sig = None, os.WTERMSIG(status)
         else:
             exit_code, sig = os.waitstatus_to_exitcode(status), 0
-        self._popen.returncode = -sig if exit_code is None else exit_code
+        if self._popen is not None:  # else Popen's finalizer would wait for it again
+            self._popen.returncode = -sig if exit_code is None else exit_code
         self._status = (exit_code, sig, time.time())
         if rusage is not None:
             self._rusage = (rusage.ru_utime, rusage.ru_stime, rusage.ru_maxrss * 1024)
