@@ -259,6 +259,8 @@ class JobsConfig(_Section):
     max_queued_jobs_per_identity: int = _int(0, 0, 100_000_000)  # 0: only max_queued_jobs
     max_running_per_identity: int = _int(0, 0, 10_000)  # 0: only max_concurrent
     fair_share: bool = _setting(True, "true or false")
+    # "keep": running jobs go on when the server stops or dies (contract 6.3).
+    on_server_stop: Literal["keep", "stop"] = _setting("keep", '"keep" or "stop"')
     max_log_bytes: Size = _size("1GiB", 0)
     max_args: int = _int(10_000, 1, 1_000_000)
     working_dir: Annotated[str, AfterValidator(_check_absolute)] = _setting(
@@ -605,6 +607,7 @@ max_queued_jobs = 100000         # reloadable: jobs waiting, all batches togethe
 max_queued_jobs_per_identity = 0 # reloadable: jobs one identity may have waiting; 0 = only the above
 max_running_per_identity = 0     # reloadable: jobs of one identity running at once; 0 = max_concurrent
 fair_share = true                # reloadable: free slots go round-robin between identities
+on_server_stop = "keep"          # reloadable: "keep": running jobs go on when the server stops or dies; "stop": they are stopped
 max_log_bytes = "1GiB"           # reloadable: per job and stream; past it the job is stopped; 0 = none
 max_args = 10000                 # reloadable: argv items and env entries of one job together
 working_dir = "/"                # reloadable: working directory of a job that names none; absolute

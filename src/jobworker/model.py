@@ -192,7 +192,7 @@ class JobStatus:
     log_sizes: tuple[int, int] = (
         0,
         0,
-    )  # QUEUED for a retry: where the next attempt's output begins
+    )  # where the running (or, QUEUED for a retry, the next) attempt's output begins
 
     def apply(self, event: JobEvent) -> JobStatus:
         """The status after `event`."""
@@ -218,6 +218,7 @@ class JobStatus:
                 pid_start=event.pid_start,
                 cgroup=event.cgroup,
                 attempt=event.attempt,
+                log_sizes=event.offsets,  # where this attempt's output begins
             )
         return JobStatus(
             state=event.state,

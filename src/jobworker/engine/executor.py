@@ -101,10 +101,10 @@ class Executor(Protocol):
     async def start(self, launch: Launch) -> Handle: ...
 
     async def recover(self, known: Sequence[Known]) -> dict[str, tuple[int, Handle | ExitInfo]]:
-        """After a server restart: by key, (attempt, its handle or how it ended) for every
-        job this executor still knows of, started or ended, whether listed in `known` or
-        not (started just before the server died: not journaled yet); and for each listed
-        one it does not know, its leftovers killed and an ExitInfo with `lost` set."""
+        """After a server restart: by key, (attempt, handle) for every job this executor
+        still knows of, running or ended (then its handle has ended), whether listed in
+        `known` or not (started just before the server died: not journaled yet); and for
+        each listed one it does not know, its leftovers killed and an ExitInfo with `lost`."""
         ...
 
     def forget(self, key: str, attempt: int) -> None:

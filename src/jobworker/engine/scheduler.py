@@ -17,15 +17,14 @@ import os
 import signal as signals
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import structlog
 
 from jobworker import logging as jwlogging
-from jobworker.engine.executor import ExitInfo, SpawnError
-from jobworker.engine.process import Process, Supervisor, kill_stale
+from jobworker.engine.executor import Executor, ExitInfo, Handle, Known, Launch, SpawnError
 from jobworker.errors import ResourceExhausted, Unavailable
 from jobworker.model import JobEvent, JobState, Limits, Usage
 from jobworker.store.batches import BatchRecord, BatchStore
@@ -38,6 +37,8 @@ EventListener = Callable[[BatchRecord, JobEvent], None]
 
 
 _FAILURES = frozenset({JobState.FAILED, JobState.TIMED_OUT, JobState.LOST})
+# A RUNNING job its executor gave no word of (an executor must answer for each it is asked).
+_UNANSWERED = ExitInfo(None, 0, Usage(), 0.0, False, lost="its executor does not know it")
 _STREAMS = ("stdout", "stderr")
 # How often the sizes of running jobs' log files are sampled, for their write-time indexes
 # (LogChunk.time, within 100 ms) and against jobs.max_log_bytes: one timer for all jobs, two
@@ -84,7 +85,7 @@ class _Run:
     attempt: int = 1  # 1 for the first (RetryPolicy)
     base: tuple[int, int] = (0, 0)  # its log files' sizes as it started: earlier attempts'
     task: asyncio.Task[None] | None = None
-    process: Process | None = None
+    process: Handle | None = None
     reason: JobState | None = None  # why it is being stopped: CANCELED, TIMED_OUT or LOST
     message: str = ""
     grace: float = 0.0  # the grace period of that stop
@@ -144,12 +145,15 @@ class Engine:
     def __init__(
         self,
         store: BatchStore,
-        supervisor: Supervisor,
+        executors: Mapping[str, Executor],
         settings: JobSettings,
         listeners: Iterable[EventListener] = (),
+        *,
+        default_executor: str = "local",
     ) -> None:
         self.store = store
-        self.supervisor = supervisor
+        self.executors = dict(executors)
+        self.default_executor = default_executor
         self.settings = settings
         self.listeners = list(listeners)
         self._active: dict[str, _BatchRun] = {}  # batches with jobs left, in FIFO order
@@ -217,8 +221,11 @@ class Engine:
                 f"{jobs} more would pass jobs.max_queued_jobs_per_identity ({limit})"
             )
 
-    def submit(self, batch: BatchRecord) -> None:
-        """Queue every job of a newly stored (or recovered) batch."""
+    def submit(
+        self, batch: BatchRecord, adopted: Mapping[int, Handle | ExitInfo] | None = None
+    ) -> None:
+        """Queue every job of a newly stored (or recovered) batch; `adopted`: after a
+        restart, its jobs still running (or ended while no server was there), by index."""
         br = _BatchRun(batch, next(self._seqs))
         names = batch.names
         owner = self._owner(batch.owner)
@@ -240,13 +247,19 @@ class Engine:
                 br.unmet[i] = unmet
             else:
                 br.ready.append(i)
-        if not br.ready and not br.unmet and not br.waiting:
+        for i, found in (adopted or {}).items():
+            self._adopt(br, owner, i, found)
+        if not br.ready and not br.unmet and not br.waiting and not br.runs:
             self._forget_if_idle(owner)
             return
         self._active[batch.cid] = br
         self._offer(br)
-        # A recovered batch can hold jobs that ended badly (LOST at the restart, say):
-        # their dependents are skipped and fail_fast holds, as if it had just happened.
+        self._replay_endings(br)
+
+    def _replay_endings(self, br: _BatchRun) -> None:
+        """A recovered batch can hold jobs that ended badly (LOST at the restart, say):
+        their dependents are skipped and fail_fast holds, as if it had just happened."""
+        batch = br.batch
         with self._hold():
             for j in list(br.dependents):
                 state = batch.statuses[j].state
@@ -285,30 +298,61 @@ class Engine:
             await asyncio.wait(waits)
 
     async def recover(self, batches: Iterable[BatchRecord]) -> None:
-        """After a restart: RUNNING jobs become LOST (killed if still alive); queue the rest."""
+        """After a restart: take back the jobs that still run (or ended while no server
+        was there) from their executors; those whose trees are gone are LOST. Queue the rest."""
+        batches = list(batches)
+        known: dict[str, list[Known]] = {name: [] for name in self.executors}
         for batch in batches:
-            for i, status in enumerate(batch.statuses):
-                if status.state is not JobState.RUNNING:
-                    continue
-                killed = await asyncio.to_thread(
-                    kill_stale,
-                    status.pid,
-                    status.pid_start,
-                    status.cgroup or f"{batch.cid}-{i}",
-                    self.supervisor.backend,
-                )
-                # Its output since the last sample before the restart: first seen now.
-                await asyncio.to_thread(seal_times, batch.job_dir(i), time.time())
-                message = "server restarted while it ran"
-                if killed:
-                    message += "; its processes were killed"
-                if not self._emit_retry(batch, i, status.attempt, JobState.LOST, message):
-                    self._emit(batch, i, JobState.LOST, message=message, attempt=status.attempt)
+            for i, st in enumerate(batch.statuses):
+                if st.state is JobState.RUNNING:
+                    item = Known(_key(batch, i), st.attempt, st.pid, st.pid_start, st.cgroup)
+                    known.setdefault(self._executor_name(batch), []).append(item)
+        found: dict[str, tuple[int, Handle | ExitInfo]] = {}
+        for name, executor in self.executors.items():
+            found.update(await executor.recover(known.get(name, [])))
+        for batch in batches:
+            adopted = self._take_back(batch, found)
             if not batch.ended:
-                self.submit(batch)
+                self.submit(batch, adopted)
+        for key, (attempt, left) in found.items():  # the journal says they ended (or gone)
+            if isinstance(left, ExitInfo):
+                continue
+            if not left.ended:
+                log.warning("job_unrecorded_killed", key=key, pid=left.pid)
+                left.kill()
+            self.executors[self.default_executor].forget(key, attempt)
 
-    async def shutdown(self, grace: float | None = None) -> None:
-        """Stop dispatching, stop running jobs (TERM, grace, KILL), record them LOST, wait."""
+    def _take_back(
+        self, batch: BatchRecord, found: dict[str, tuple[int, Handle | ExitInfo]]
+    ) -> dict[int, Handle | ExitInfo]:
+        """The jobs of `batch` its executor still knows, by index; a job it started just
+        before the server died (QUEUED in the journal) is recorded RUNNING now."""
+        adopted: dict[int, Handle | ExitInfo] = {}
+        for i, st in enumerate(batch.statuses):
+            if st.state is JobState.RUNNING:
+                attempt, item = found.pop(_key(batch, i), (st.attempt, _UNANSWERED))
+                adopted[i] = item
+            elif st.state is JobState.QUEUED and _key(batch, i) in found:
+                attempt, item = found[_key(batch, i)]
+                if attempt != st.attempt + 1 or isinstance(item, ExitInfo):
+                    continue
+                del found[_key(batch, i)]
+                self._emit_running(batch, i, item, attempt, _log_sizes(batch.job_dir(i)))
+                adopted[i] = item
+        return adopted
+
+    def _adopt(self, br: _BatchRun, owner: _Owner, i: int, found: Handle | ExitInfo) -> None:
+        status = br.batch.statuses[i]
+        run = _Run(i, attempt=status.attempt, base=status.log_sizes)
+        br.runs[i] = run
+        self._running += 1
+        owner.running += 1
+        name = f"job {br.batch.cid}/{i}"
+        run.task = self._spawn_task(self._run_job(br, run, found), name)
+
+    async def shutdown(self, grace: float | None = None, *, stop_jobs: bool = True) -> None:
+        """Stop dispatching, then either stop running jobs (TERM, grace, KILL), recorded
+        LOST, or (`stop_jobs` False) leave them running for the next server; wait."""
         self._closing = True
         if self._log_timer is not None:
             self._log_timer.cancel()
@@ -316,11 +360,22 @@ class Engine:
         grace = self.settings.kill_grace if grace is None else grace
         for br in list(self._active.values()):
             for run in list(br.runs.values()):
-                self._stop(run, JobState.LOST, "server shut down while it ran", grace)
+                if stop_jobs:
+                    self._stop(run, JobState.LOST, "server shut down while it ran", grace)
+                elif run.task is not None:
+                    run.task.cancel()  # nothing recorded: the next server takes it back
         while self._tasks:
             await asyncio.wait(list(self._tasks))
+        for executor in self.executors.values():
+            await executor.close(stop_jobs=stop_jobs)
 
     # -- scheduling
+
+    def _executor_name(self, batch: BatchRecord) -> str:
+        return self.default_executor
+
+    def _executor(self, batch: BatchRecord) -> Executor:
+        return self.executors[self._executor_name(batch)]
 
     @contextlib.contextmanager
     def _hold(self) -> Iterator[None]:
@@ -423,7 +478,10 @@ class Engine:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _run_job(self, br: _BatchRun, run: _Run) -> None:
+    async def _run_job(
+        self, br: _BatchRun, run: _Run, adopted: Handle | ExitInfo | None = None
+    ) -> None:
+        """Start the job (or take back `adopted`, after a restart) and see it to its end."""
         batch, i = br.batch, run.index
         spec = batch.specs[i]
         # The fields of every line about this job (jwlogging.line: no logger bound per job).
@@ -436,39 +494,60 @@ class Engine:
         limits = spec.limits.over(self.settings.default_limits.to_limits())
         run.timeout = spec.timeout or self.settings.default_timeout
         run.user = self.settings.unix_user_for(batch.owner)
+        executor = self._executor(batch)
         try:
-            lost = _lost_stdin(batch, i)
-            if lost:
-                self._finish_run(br, run, JobState.FAILED, message=lost)
+            if isinstance(adopted, ExitInfo):  # its tree is gone, nothing says how it ended
+                # Its output since the last sample before the restart: first seen now.
+                await asyncio.to_thread(seal_times, batch.job_dir(i), time.time())
+                self._finish_run(br, run, JobState.LOST, message=adopted.lost)
                 return
-            try:
-                process = await self.supervisor.spawn(
-                    spec,
-                    limits,
-                    batch.job_dir(i),
-                    f"{batch.cid}-{i}",
-                    run.user,
-                    stdin_file=bool(batch.stdin_sizes[i]),
-                )
-            except SpawnError as exc:
-                jwlogging.line("info", "job_spawn_failed", {**ids, "message": exc.message})
-                self._finish_run(br, run, JobState.FAILED, message=exc.message)
-                return
+            if adopted is None:
+                process = await self._start_job(br, run, executor, limits, ids)
+                if process is None:
+                    return
+                self._emit_running(batch, i, process, run.attempt, run.base)
+            else:
+                process = adopted
             run.process = process
             await self._supervise(br, run, process, limits, ids)
+            executor.forget(_key(batch, i), run.attempt)
         except Exception:  # one job's bug must not stop the scheduler
             log.exception("job_supervision_failed", **ids)
             if run.process is not None:  # never leave a process behind, whatever failed
                 run.process.kill()
                 await run.process.wait()
+                executor.forget(_key(batch, i), run.attempt)
             if br.runs.get(i) is run:
                 self._finish_run(br, run, JobState.FAILED, message="internal error running the job")
 
-    async def _supervise(
-        self, br: _BatchRun, run: _Run, process: Process, limits: Limits, ids: dict[str, Any]
-    ) -> None:
-        """From the job's start to its recorded end: timeout, log sizes, outcome."""
+    async def _start_job(
+        self, br: _BatchRun, run: _Run, executor: Executor, limits: Limits, ids: dict[str, Any]
+    ) -> Handle | None:
+        """The started job, or None when it could not start (then recorded FAILED)."""
         batch, i = br.batch, run.index
+        lost = _lost_stdin(batch, i)
+        if lost:
+            self._finish_run(br, run, JobState.FAILED, message=lost)
+            return None
+        launch = Launch(
+            _key(batch, i),
+            run.attempt,
+            batch.specs[i],
+            limits,
+            batch.job_dir(i),
+            run.user,
+            stdin_file=bool(batch.stdin_sizes[i]),
+        )
+        try:
+            return await executor.start(launch)
+        except SpawnError as exc:
+            jwlogging.line("info", "job_spawn_failed", {**ids, "message": exc.message})
+            self._finish_run(br, run, JobState.FAILED, message=exc.message)
+            return None
+
+    def _emit_running(
+        self, batch: BatchRecord, i: int, process: Handle, attempt: int, base: tuple[int, int]
+    ) -> None:
         self._emit(
             batch,
             i,
@@ -476,10 +555,16 @@ class Engine:
             time_=process.start_time,
             pid=process.pid,
             pid_start=process.pid_start,
-            cgroup=process.cgroup.name if process.cgroup.slot is not None else "",
-            attempt=run.attempt,
-            offsets=run.base,
+            cgroup=process.cgroup,
+            attempt=attempt,
+            offsets=base,
         )
+
+    async def _supervise(
+        self, br: _BatchRun, run: _Run, process: Handle, limits: Limits, ids: dict[str, Any]
+    ) -> None:
+        """From the job's start (recorded) to its recorded end: timeout, log sizes, outcome."""
+        batch = br.batch
         # One info line a job, at its end (like an access log); the start is for debugging.
         jwlogging.line(
             "debug", "job_started", {**ids, "pid": process.pid, "unix_user": run.user or None}
@@ -489,7 +574,9 @@ class Engine:
         self._watch_logs(batch, run)
         # A timer rather than asyncio.wait_for: one handle instead of a task's worth of
         # futures and callbacks, on the path every job takes.
-        timer = asyncio.get_running_loop().call_later(run.timeout, self._time_out, run)
+        # (A job taken back after a restart has had part of its time.)
+        left = run.timeout - max(0.0, time.time() - process.start_time)
+        timer = asyncio.get_running_loop().call_later(left, self._time_out, run)
         try:
             info = await process.wait()
         finally:
@@ -518,6 +605,8 @@ class Engine:
 
     @staticmethod
     def _outcome(run: _Run, info: ExitInfo, limits: Limits) -> tuple[JobState, str]:
+        if info.lost:  # nothing saw how it ended (its executor died with it)
+            return JobState.LOST, info.lost
         if run.reason is not None:
             return run.reason, run.message
         if info.oom_killed:
@@ -797,6 +886,11 @@ class Engine:
             listener(batch, event)
 
 
+def _key(batch: BatchRecord, index: int) -> str:
+    """The job's key at its executor (and the name of its cgroup)."""
+    return f"{batch.cid}-{index}"
+
+
 def _log_sizes(folder: Any) -> tuple[int, int]:
     """The sizes of a job's stdout and stderr files (0 for one not there)."""
     sizes = []
@@ -823,7 +917,7 @@ def _lost_stdin(batch: BatchRecord, index: int) -> str:
     return f"stdin lost: {path} should hold {expected} bytes (was the data_dir changed?)"
 
 
-async def _stop_quietly(process: Process, grace: float) -> None:
+async def _stop_quietly(process: Handle, grace: float) -> None:
     try:
         await process.stop(grace)
     except Exception:

@@ -24,8 +24,6 @@ from jobworker import __version__, certs
 from jobworker import logging as jwlogging
 from jobworker.config import Config, changed_keys, is_reloadable, load_config, restart_needed
 from jobworker.engine.core import JobWorker
-from jobworker.engine.limits import CgroupBackend
-from jobworker.engine.process import Supervisor
 from jobworker.engine.scheduler import Engine
 from jobworker.errors import ConfigError, NotFound
 from jobworker.metrics import Metrics
@@ -34,6 +32,7 @@ from jobworker.server.identity import Revocations
 from jobworker.server.service import JobWorkerService, Settings
 from jobworker.store.batches import BatchStore
 from jobworker.store.inotify import Inotify
+from jobworker.supervisor.client import LocalExecutor
 from jobworker.v1 import jobworker_pb2 as pb
 
 log = structlog.get_logger("jobworker.server")
@@ -184,12 +183,17 @@ class App:
         self.store = BatchStore(data_dir, min_free_disk=cfg.jobs.min_free_disk)
         jwlogging.set_enricher(self._add_owner)
         batches = self.store.load()
-        backend = CgroupBackend.detect(cfg.server.cgroup_root)
-        log.info("limits_backend", backend=backend.name, detail=backend.describe())
-        self.supervisor = Supervisor(backend, default_working_dir=cfg.jobs.working_dir)
+        local = LocalExecutor(
+            data_dir,
+            cfg.server.cgroup_root,
+            lambda: self.config.jobs.working_dir,
+            log_level=cfg.logging.level,
+            log_format=cfg.logging.format,
+        )
+        await local.open()
         # The metrics listen from the first event: recovery ends jobs LOST and starts others.
         self.engine = Engine(
-            self.store, self.supervisor, cfg.jobs, listeners=[self.metrics.on_job_event]
+            self.store, {local.name: local}, cfg.jobs, listeners=[self.metrics.on_job_event]
         )
         self.metrics.watch(
             queued=lambda: self.engine.queued,
@@ -198,10 +202,6 @@ class App:
             max_concurrent=lambda: self.config.jobs.max_concurrent,
         )
         self.core = JobWorker(self.store, self.engine)
-        # Before recovery, which kills the groups of jobs that were running and starts
-        # queued jobs in new ones: what is left then is empty groups of older runs.
-        if removed := await asyncio.to_thread(backend.cleanup_stale):
-            log.info("stale_cgroups_removed", count=removed)
         for batch in batches:
             if not batch.ended:  # folders for the jobs still to run, as at scheduling
                 self.store.make_folders(batch)
@@ -325,7 +325,9 @@ class App:
         grace = self.config.server.shutdown_grace
         stopping = []
         if (engine := getattr(self, "engine", None)) is not None:
-            stopping.append(engine.shutdown(min(self.config.jobs.kill_grace, grace)))
+            stop_jobs = self.config.jobs.on_server_stop == "stop"
+            kill_grace = min(self.config.jobs.kill_grace, grace)
+            stopping.append(engine.shutdown(kill_grace, stop_jobs=stop_jobs))
         if (server := getattr(self, "server", None)) is not None:
             stopping.append(server.stop(grace))
         await asyncio.gather(*stopping)
@@ -334,10 +336,6 @@ class App:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if store is not None:
             store.close()
-        if (supervisor := getattr(self, "supervisor", None)) is not None:
-            await supervisor.drain()
-            await asyncio.to_thread(supervisor.close)
-            await asyncio.to_thread(supervisor.backend.close)  # removes pooled groups
         if (inotify := getattr(self, "inotify", None)) is not None:
             inotify.close()
         await asyncio.to_thread(self.metrics.close)  # last: a final scrape sees the end

@@ -97,6 +97,7 @@ class LocalExecutor:
         self._hello: p.Message = {}
         self._children: list[subprocess.Popen[bytes]] = []
         self._closing = False
+        self._connected = asyncio.Event()  # clear while reconnecting: start() waits
         self.supervisor_pid = 0
 
     # -- connection
@@ -139,6 +140,7 @@ class LocalExecutor:
             raise OSError(f"the job supervisor refused this server: {hello.get('message')}")
         self._hello, self._writer = hello, writer
         self.supervisor_pid = int(hello.get("pid", 0))
+        self._connected.set()
         self._reader_task = asyncio.get_running_loop().create_task(self._read(reader, writer))
 
     def _start_supervisor(self) -> subprocess.Popen[bytes]:
@@ -179,6 +181,7 @@ class LocalExecutor:
             writer.close()
         if not self._closing:
             self._writer = None
+            self._connected.clear()
             await self._after_break()
 
     def _dispatch(self, m: p.Message) -> None:
@@ -213,6 +216,7 @@ class LocalExecutor:
         except OSError as exc:
             log.error("supervisor_unreachable", error=str(exc))
             self._fail_everything(str(exc))
+            self._connected.set()  # start() finds no writer and fails at once
             return
         await self._reconcile(same=self.supervisor_pid == old)
 
@@ -260,8 +264,11 @@ class LocalExecutor:
     # -- the Executor interface
 
     async def start(self, launch: Launch) -> Handle:
+        if not self._connected.is_set():  # reconnecting: jobs wait for it, not fail
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._connected.wait(), 2 * _CONNECT_TIMEOUT)
         if self._writer is None:
-            raise SpawnError("the job supervisor is not connected")
+            raise SpawnError(f"the job supervisor is not connected{self._log_tail()}")
         spec = launch.spec
         cwd = os.path.join(self.working_dir(), spec.working_dir)
         message = p.spawn_message(
@@ -286,11 +293,10 @@ class LocalExecutor:
     async def recover(self, known: Sequence[Known]) -> dict[str, tuple[int, Handle | ExitInfo]]:
         found: dict[str, tuple[int, Handle | ExitInfo]] = {}
         for item in self._hello.get("jobs", ()):
-            key, attempt = str(item["key"]), int(item["attempt"])
-            if item.get("ended") is not None:
-                found[key] = (attempt, p.exit_from(item["ended"]))
-            else:
-                found[key] = (attempt, self._jobs.setdefault(key, LocalJob(self, item)))
+            job = self._jobs[str(item["key"])] = LocalJob(self, item)
+            if item.get("ended") is not None:  # ended while no server was there
+                job._end(p.exit_from(item["ended"]))
+            found[job.key] = (job.attempt, job)
         unknown = [k for k in known if k.key not in found]
         if unknown:
             killed = await self._reap(unknown)
@@ -337,12 +343,12 @@ def _lost(why: str) -> ExitInfo:
 
 
 def _alive(pid: int) -> bool:
+    """True when `pid` runs and is no zombie (a dead supervisor whose parent, init in a
+    container or this server, has not reaped it yet is gone all the same)."""
     if pid <= 0:
         return False
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
         return False
-    except PermissionError:
-        return True
-    return True
