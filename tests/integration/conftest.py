@@ -12,6 +12,7 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +55,8 @@ def write_config(path: Path, pki: Path, data_dir: Path, **sections: dict[str, ob
             "server_key": str(pki / "server-key.pem"),
         },
         "metrics": {"listen": ""},
-        "jobs": {"kill_grace": "1s"},
+        # "stop": a test's jobs end with its server; tests of "keep" (the default) say so.
+        "jobs": {"kill_grace": "1s", "on_server_stop": "stop"},
         "auth.roles": dict(ROLES),
     }
     for name, values in sections.items():
@@ -162,6 +164,35 @@ class Server:
             self.proc.wait(10)
         self._close_pipe()
 
+    @property
+    def data_dir(self) -> Path:
+        with open(self.config, "rb") as f:
+            return Path(tomllib.load(f)["server"]["data_dir"])
+
+    def supervisor_pid(self) -> int:
+        """The pid of the data_dir's job supervisor while one runs, else 0."""
+        try:
+            pid = int((self.data_dir / "supervisor.pid").read_text())
+        except (OSError, ValueError):
+            return 0
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return 0
+        return pid if b"supervise" in cmdline and alive(pid) else 0
+
+    def stop_supervisor(self, timeout: float = 30.0) -> None:
+        """SIGTERM the job supervisor left running (it stops its jobs, then leaves)."""
+        pid = self.supervisor_pid()
+        if not pid:
+            return
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
     def channel(self, identity: str = "alice", *, pki: Path | None = None) -> grpc.Channel:
         directory = pki or self.pki
         creds = grpc.ssl_channel_credentials(
@@ -201,6 +232,8 @@ def make_server(tmp_path: Path, pki: Path) -> Iterator[ServerFactory]:
     for server in started:
         if server.proc is not None and server.proc.poll() is None:
             server.stop()
+    for server in started:  # jobs kept by "keep", or by a server killed with SIGKILL
+        server.stop_supervisor()
 
 
 @pytest.fixture(scope="module")
@@ -211,6 +244,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, pki: Path) -> Iterator[Serv
     srv = Server(config, pki).start()
     yield srv
     srv.stop()
+    srv.stop_supervisor()
 
 
 def job(*argv: str, name: str = "", **kwargs: object) -> pb.ScheduleBatchRequest:

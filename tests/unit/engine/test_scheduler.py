@@ -5,19 +5,21 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
 from jobworker.config import JobsConfig
-from jobworker.engine.executor import ExitInfo
+from jobworker.engine.executor import ExitInfo, Known, Launch
 from jobworker.engine.limits import CgroupBackend
 from jobworker.engine.process import Supervisor
 from jobworker.engine.scheduler import Engine
 from jobworker.errors import ResourceExhausted
 from jobworker.model import BatchOptions, JobEvent, JobSpec, JobState, Usage
 from jobworker.store.batches import BatchRecord, BatchStore
+from tests.unit.engine.direct import DirectExecutor
 
 
 async def test_a_job_that_exits_in_its_deadlines_loop_turn_keeps_its_own_result(
@@ -27,14 +29,14 @@ async def test_a_job_that_exits_in_its_deadlines_loop_turn_keeps_its_own_result(
     deadline: its exit and its timer then come due in the same loop turn. The exit was
     first, so the job succeeded; it must not be recorded TIMED_OUT."""
     store = BatchStore(tmp_path)
-    supervisor = Supervisor(CgroupBackend("none"))
+    executor = DirectExecutor(Supervisor(CgroupBackend("none")))
 
     def hold_the_loop(batch: BatchRecord, event: JobEvent) -> None:
         if event.state is JobState.RUNNING:  # once the job's timer is set, block the loop:
             # meanwhile `true` exits and the 0.2 s deadline passes
             asyncio.get_running_loop().call_soon(time.sleep, 0.5)
 
-    engine = Engine(store, supervisor, JobsConfig(), listeners=[hold_the_loop])
+    engine = Engine(store, {"local": executor}, JobsConfig(), listeners=[hold_the_loop])
     spec = JobSpec("quick", ("true",), timeout=0.2)
     batch = store.create("alice", BatchOptions(), (spec,))
     engine.submit(batch)
@@ -43,7 +45,6 @@ async def test_a_job_that_exits_in_its_deadlines_loop_turn_keeps_its_own_result(
         assert time.monotonic() < deadline
         await asyncio.sleep(0.01)
     await engine.shutdown()
-    supervisor.close()
     store.close()
     assert batch.statuses[0].state is JobState.SUCCEEDED, batch.statuses[0]
     assert batch.statuses[0].exit_code == 0
@@ -62,7 +63,8 @@ class FakeProcess:
         self.pid = 4_000_000 + number  # above pid_max: never a real process
         self.pid_start = 0
         self.start_time = time.time()
-        self.cgroup = SimpleNamespace(name=key, slot=None)
+        self.cgroup = ""
+        self.node = ""
         self.done: asyncio.Future[ExitInfo] = asyncio.get_running_loop().create_future()
 
     @property
@@ -86,21 +88,40 @@ class FakeProcess:
 
 
 class FakeSupervisor:
-    """Hands out FakeProcesses and keeps those still running, oldest first."""
+    """An Executor handing out FakeProcesses; keeps those still running, oldest first."""
 
-    backend = CgroupBackend("none")
+    name = "local"
 
     def __init__(self) -> None:
         self.live: list[FakeProcess] = []
         self.started: list[str] = []  # job names in the order they started
         self.count = 0
+        self.known: dict[str, tuple[int, FakeProcess | ExitInfo]] = {}  # what recover says
+        self.asked: list[Known] = []
+        self.forgotten: list[tuple[str, int]] = []
+        self.closed: list[bool] = []
 
-    async def spawn(self, spec: JobSpec, *args: object, **kwargs: object) -> FakeProcess:
+    async def start(self, launch: Launch) -> FakeProcess:
         self.count += 1
-        process = FakeProcess(str(args[2]), self.count)
+        process = FakeProcess(launch.key, self.count)
         self.live.append(process)
-        self.started.append(spec.name)
+        self.started.append(launch.spec.name)
         return process
+
+    async def recover(self, known: Sequence[Known]) -> dict[str, tuple[int, Any]]:
+        self.asked.extend(known)
+        found: dict[str, tuple[int, Any]] = dict(self.known)
+        for k in known:
+            if k.key not in found:
+                lost = ExitInfo(None, 0, Usage(), time.time(), False, lost="gone")
+                found[k.key] = (k.attempt, lost)
+        return found
+
+    def forget(self, key: str, attempt: int) -> None:
+        self.forgotten.append((key, attempt))
+
+    async def close(self, *, stop_jobs: bool) -> None:
+        self.closed.append(stop_jobs)
 
     async def next_live(self) -> FakeProcess:
         deadline = time.monotonic() + 10
@@ -115,7 +136,7 @@ class FakeSupervisor:
 def _engine(tmp_path: Path, **settings: object) -> tuple[BatchStore, FakeSupervisor, Engine]:
     store = BatchStore(tmp_path)
     supervisor = FakeSupervisor()
-    engine = Engine(store, supervisor, JobsConfig(**settings))  # type: ignore[arg-type]
+    engine = Engine(store, {"local": supervisor}, JobsConfig(**settings))  # type: ignore[arg-type]
     return store, supervisor, engine
 
 
@@ -268,3 +289,91 @@ async def test_a_job_past_max_log_bytes_is_stopped(tmp_path: Path) -> None:
     assert batch.statuses[0].state is JobState.FAILED
     assert batch.statuses[0].message == "stopped: stderr passed jobs.max_log_bytes (1 KiB)"
     await engine.shutdown()
+
+
+# --- a restart: jobs taken back from their executor ---------------------------------------
+
+
+async def _left_running(tmp_path: Path, *names: str) -> tuple[BatchRecord, list[FakeProcess]]:
+    """A batch whose jobs started; the server then stopped with jobs.on_server_stop "keep"."""
+    store, supervisor, engine = _engine(tmp_path)
+    batch = _batch(store, "alice", *names)
+    engine.submit(batch)
+    while len(supervisor.live) < len(names):
+        await asyncio.sleep(0)
+    await engine.shutdown(stop_jobs=False)
+    store.close()
+    assert supervisor.closed == [False]
+    assert [st.state for st in batch.statuses] == [JobState.RUNNING] * len(names)
+    return batch, supervisor.live
+
+
+async def _restarted(tmp_path: Path, supervisor: FakeSupervisor) -> tuple[BatchRecord, Engine]:
+    store = BatchStore(tmp_path)
+    (batch,) = store.load()
+    engine = Engine(store, {"local": supervisor}, JobsConfig())  # type: ignore[arg-type]
+    await engine.recover([batch])
+    return batch, engine
+
+
+async def _ended(batch: BatchRecord) -> None:
+    deadline = time.monotonic() + 10
+    while not batch.ended:
+        assert time.monotonic() < deadline, batch.statuses
+        await asyncio.sleep(0)
+
+
+async def test_a_job_still_running_after_a_restart_is_taken_back_not_run_again(
+    tmp_path: Path,
+) -> None:
+    before, (process,) = await _left_running(tmp_path, "long")
+    assert not process.ended  # "keep": the shutdown stopped nothing
+    supervisor = FakeSupervisor()
+    supervisor.known = {f"{before.cid}-0": (1, process)}
+    batch, _ = await _restarted(tmp_path, supervisor)
+    assert [k.key for k in supervisor.asked] == [f"{before.cid}-0"]
+    assert batch.statuses[0].state is JobState.RUNNING
+    process.finish(7)
+    await _ended(batch)
+    assert supervisor.started == []  # never started twice
+    assert batch.statuses[0].state is JobState.FAILED
+    assert batch.statuses[0].message == "exited with status 7"
+    assert supervisor.forgotten == [(f"{before.cid}-0", 1)]  # after the end was journaled
+
+
+async def test_a_job_that_ended_while_no_server_ran_gets_its_own_result(tmp_path: Path) -> None:
+    before, (process,) = await _left_running(tmp_path, "quick")
+    process.finish(0)  # while no server is there: the executor keeps the result
+    supervisor = FakeSupervisor()
+    supervisor.known = {f"{before.cid}-0": (1, process)}
+    batch, _ = await _restarted(tmp_path, supervisor)
+    await _ended(batch)
+    assert batch.statuses[0].state is JobState.SUCCEEDED
+    assert batch.statuses[0].exit_code == 0
+
+
+async def test_a_job_its_executor_lost_is_lost_with_the_executors_reason(tmp_path: Path) -> None:
+    await _left_running(tmp_path, "gone", "next")
+    batch, _ = await _restarted(tmp_path, FakeSupervisor())
+    await _ended(batch)
+    assert [st.state for st in batch.statuses] == [JobState.LOST, JobState.LOST]
+    assert batch.statuses[0].message == "gone"
+
+
+async def test_a_job_started_just_before_the_server_died_is_recorded_running(
+    tmp_path: Path,
+) -> None:
+    """The executor started it, the journal never heard: it is not started a second time."""
+    store, _, _ = _engine(tmp_path)
+    before = _batch(store, "alice", "racing")
+    store.close()
+    process = FakeProcess(f"{before.cid}-0", 1)
+    supervisor = FakeSupervisor()
+    supervisor.known = {f"{before.cid}-0": (1, process)}
+    batch, _ = await _restarted(tmp_path, supervisor)
+    assert batch.statuses[0].state is JobState.RUNNING
+    assert batch.statuses[0].pid == process.pid
+    process.finish(0)
+    await _ended(batch)
+    assert supervisor.started == []
+    assert batch.statuses[0].state is JobState.SUCCEEDED
