@@ -99,8 +99,9 @@ from pathlib import Path
 
 import structlog
 
+from jobworker.engine.cgroups.backend import PRLIMIT, CgroupBackend
+from jobworker.engine.cgroups.group import JobCgroup
 from jobworker.engine.executor import ExitInfo, SpawnError
-from jobworker.engine.limits import PRLIMIT, CgroupBackend, JobCgroup
 from jobworker.model import JobSpec, Limits, Usage
 
 _log = structlog.get_logger()

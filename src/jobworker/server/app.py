@@ -23,8 +23,8 @@ from grpc_reflection.v1alpha import reflection
 from jobworker import __version__, certs
 from jobworker import logging as jwlogging
 from jobworker.config import Config, changed_keys, is_reloadable, load_config, restart_needed
+from jobworker.engine.cgroups.backend import CgroupBackend
 from jobworker.engine.core import JobWorker
-from jobworker.engine.limits import CgroupBackend
 from jobworker.engine.process import Supervisor
 from jobworker.engine.scheduler import Engine
 from jobworker.errors import ConfigError, NotFound

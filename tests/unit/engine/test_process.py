@@ -21,8 +21,10 @@ from typing import Any
 import pytest
 
 from jobworker.engine import process as process_module
+from jobworker.engine.cgroups.backend import CgroupBackend
+from jobworker.engine.cgroups.group import JobCgroup
+from jobworker.engine.cgroups.hierarchy import Hierarchy
 from jobworker.engine.executor import ExitInfo, SpawnError
-from jobworker.engine.limits import CgroupBackend, Hierarchy, JobCgroup
 from jobworker.engine.process import (
     Process,
     Supervisor,
@@ -581,7 +583,7 @@ async def test_a_spawn_thread_that_cannot_join_runs_nothing_and_goes_home(
 
     class _Vanishing(CgroupBackend):
         def create(self, key: str, limits: Limits) -> JobCgroup:
-            return JobCgroup(key, ((v1[0], first), (v1[1], gone)), by_thread=True)
+            return JobCgroup(key, ((v1[0], first), (v1[1], gone)), by_thread=True, homes=self.homes)
 
     sup = Supervisor(_Vanishing("cgroup-v1"))
     marker = tmp_path / "ran"

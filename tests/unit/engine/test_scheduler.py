@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import pytest
 
 from jobworker.config import JobsConfig
+from jobworker.engine.cgroups.backend import CgroupBackend
 from jobworker.engine.executor import ExitInfo
-from jobworker.engine.limits import CgroupBackend
 from jobworker.engine.process import Supervisor
 from jobworker.engine.scheduler import Engine
 from jobworker.errors import ResourceExhausted
