@@ -25,7 +25,8 @@ import structlog
 
 from jobworker import logging as jwlogging
 from jobworker.engine.executor import ExitInfo, SpawnError
-from jobworker.engine.process import Process, Supervisor, kill_stale
+from jobworker.engine.running import Process, kill_stale
+from jobworker.engine.spawn import Spawner
 from jobworker.errors import ResourceExhausted, Unavailable
 from jobworker.model import JobEvent, JobState, Limits, Usage
 from jobworker.store.batches import BatchRecord, BatchStore
@@ -78,7 +79,7 @@ class _LimitsSource(Protocol):
 
 @dataclass(eq=False)
 class _Run:
-    """A job that was handed to the supervisor: its task and, once spawned, its process."""
+    """A job that was handed to the spawner: its task and, once spawned, its process."""
 
     index: int
     attempt: int = 1  # 1 for the first (RetryPolicy)
@@ -144,12 +145,12 @@ class Engine:
     def __init__(
         self,
         store: BatchStore,
-        supervisor: Supervisor,
+        spawner: Spawner,
         settings: JobSettings,
         listeners: Iterable[EventListener] = (),
     ) -> None:
         self.store = store
-        self.supervisor = supervisor
+        self.spawner = spawner
         self.settings = settings
         self.listeners = list(listeners)
         self._active: dict[str, _BatchRun] = {}  # batches with jobs left, in FIFO order
@@ -295,7 +296,7 @@ class Engine:
                     status.pid,
                     status.pid_start,
                     status.cgroup or f"{batch.cid}-{i}",
-                    self.supervisor.backend,
+                    self.spawner.backend,
                 )
                 # Its output since the last sample before the restart: first seen now.
                 await asyncio.to_thread(seal_times, batch.job_dir(i), time.time())
@@ -442,7 +443,7 @@ class Engine:
                 self._finish_run(br, run, JobState.FAILED, message=lost)
                 return
             try:
-                process = await self.supervisor.spawn(
+                process = await self.spawner.spawn(
                     spec,
                     limits,
                     batch.job_dir(i),

@@ -25,8 +25,8 @@ from jobworker import logging as jwlogging
 from jobworker.config import Config, changed_keys, is_reloadable, load_config, restart_needed
 from jobworker.engine.cgroups.backend import CgroupBackend
 from jobworker.engine.core import JobWorker
-from jobworker.engine.process import Supervisor
 from jobworker.engine.scheduler import Engine
+from jobworker.engine.spawn import Spawner
 from jobworker.errors import ConfigError, NotFound
 from jobworker.metrics import Metrics
 from jobworker.server.auth import AuthInterceptor
@@ -186,10 +186,10 @@ class App:
         batches = self.store.load()
         backend = CgroupBackend.detect(cfg.server.cgroup_root)
         log.info("limits_backend", backend=backend.name, detail=backend.describe())
-        self.supervisor = Supervisor(backend, default_working_dir=cfg.jobs.working_dir)
+        self.spawner = Spawner(backend, default_working_dir=cfg.jobs.working_dir)
         # The metrics listen from the first event: recovery ends jobs LOST and starts others.
         self.engine = Engine(
-            self.store, self.supervisor, cfg.jobs, listeners=[self.metrics.on_job_event]
+            self.store, self.spawner, cfg.jobs, listeners=[self.metrics.on_job_event]
         )
         self.metrics.watch(
             queued=lambda: self.engine.queued,
@@ -312,7 +312,7 @@ class App:
         """Drain: refuse new work, end streams UNAVAILABLE, stop jobs, flush, close.
 
         Also after a start() that failed half way: whatever it had made is stopped, so
-        jobs that recovery had started are not left running without a supervisor."""
+        jobs that recovery had started are not left running without a spawner."""
         log.info("server_draining")
         self.closing = True
         health = getattr(self, "health", None)
@@ -334,10 +334,10 @@ class App:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if store is not None:
             store.close()
-        if (supervisor := getattr(self, "supervisor", None)) is not None:
-            await supervisor.drain()
-            await asyncio.to_thread(supervisor.close)
-            await asyncio.to_thread(supervisor.backend.close)  # removes pooled groups
+        if (spawner := getattr(self, "spawner", None)) is not None:
+            await spawner.drain()
+            await asyncio.to_thread(spawner.close)
+            await asyncio.to_thread(spawner.backend.close)  # removes pooled groups
         if (inotify := getattr(self, "inotify", None)) is not None:
             inotify.close()
         await asyncio.to_thread(self.metrics.close)  # last: a final scrape sees the end

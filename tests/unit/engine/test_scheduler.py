@@ -13,8 +13,8 @@ import pytest
 from jobworker.config import JobsConfig
 from jobworker.engine.cgroups.backend import CgroupBackend
 from jobworker.engine.executor import ExitInfo
-from jobworker.engine.process import Supervisor
 from jobworker.engine.scheduler import Engine
+from jobworker.engine.spawn import Spawner
 from jobworker.errors import ResourceExhausted
 from jobworker.model import BatchOptions, JobEvent, JobSpec, JobState, Usage
 from jobworker.store.batches import BatchRecord, BatchStore
@@ -27,14 +27,14 @@ async def test_a_job_that_exits_in_its_deadlines_loop_turn_keeps_its_own_result(
     deadline: its exit and its timer then come due in the same loop turn. The exit was
     first, so the job succeeded; it must not be recorded TIMED_OUT."""
     store = BatchStore(tmp_path)
-    supervisor = Supervisor(CgroupBackend("none"))
+    spawner = Spawner(CgroupBackend("none"))
 
     def hold_the_loop(batch: BatchRecord, event: JobEvent) -> None:
         if event.state is JobState.RUNNING:  # once the job's timer is set, block the loop:
             # meanwhile `true` exits and the 0.2 s deadline passes
             asyncio.get_running_loop().call_soon(time.sleep, 0.5)
 
-    engine = Engine(store, supervisor, JobsConfig(), listeners=[hold_the_loop])
+    engine = Engine(store, spawner, JobsConfig(), listeners=[hold_the_loop])
     spec = JobSpec("quick", ("true",), timeout=0.2)
     batch = store.create("alice", BatchOptions(), (spec,))
     engine.submit(batch)
@@ -43,13 +43,13 @@ async def test_a_job_that_exits_in_its_deadlines_loop_turn_keeps_its_own_result(
         assert time.monotonic() < deadline
         await asyncio.sleep(0.01)
     await engine.shutdown()
-    supervisor.close()
+    spawner.close()
     store.close()
     assert batch.statuses[0].state is JobState.SUCCEEDED, batch.statuses[0]
     assert batch.statuses[0].exit_code == 0
 
 
-# --- the dispatcher, against a fake supervisor ----------------------------------------------
+# --- the dispatcher, against a fake spawner ----------------------------------------------
 # A fake: it starts no process, so each test decides when every job ends and the order of
 # starts is exact. Real processes run through the same Engine in tests/integration.
 
@@ -85,7 +85,7 @@ class FakeProcess:
         self.finish(None, signal.SIGKILL)
 
 
-class FakeSupervisor:
+class FakeSpawner:
     """Hands out FakeProcesses and keeps those still running, oldest first."""
 
     backend = CgroupBackend("none")
@@ -112,11 +112,11 @@ class FakeSupervisor:
             await asyncio.sleep(0)
 
 
-def _engine(tmp_path: Path, **settings: object) -> tuple[BatchStore, FakeSupervisor, Engine]:
+def _engine(tmp_path: Path, **settings: object) -> tuple[BatchStore, FakeSpawner, Engine]:
     store = BatchStore(tmp_path)
-    supervisor = FakeSupervisor()
-    engine = Engine(store, supervisor, JobsConfig(**settings))  # type: ignore[arg-type]
-    return store, supervisor, engine
+    spawner = FakeSpawner()
+    engine = Engine(store, spawner, JobsConfig(**settings))  # type: ignore[arg-type]
+    return store, spawner, engine
 
 
 def _batch(store: BatchStore, owner: str, *names: str, **options: object) -> BatchRecord:
@@ -124,21 +124,21 @@ def _batch(store: BatchStore, owner: str, *names: str, **options: object) -> Bat
     return store.create(owner, BatchOptions(**options), specs)  # type: ignore[arg-type]
 
 
-async def _run_out(supervisor: FakeSupervisor, batches: list[BatchRecord]) -> None:
+async def _run_out(spawner: FakeSpawner, batches: list[BatchRecord]) -> None:
     """End each job, oldest first, as soon as it runs, until every batch has ended."""
     deadline = time.monotonic() + 30
     while not all(b.ended for b in batches):
-        supervisor.live = [p for p in supervisor.live if not p.ended]
-        if supervisor.live:
-            supervisor.live[0].finish(0)
-        assert time.monotonic() < deadline, f"not done after {supervisor.started}"
+        spawner.live = [p for p in spawner.live if not p.ended]
+        if spawner.live:
+            spawner.live[0].finish(0)
+        assert time.monotonic() < deadline, f"not done after {spawner.started}"
         await asyncio.sleep(0)
 
 
 async def test_fair_share_is_round_robin_newcomers_first_fifo_within_an_identity(
     tmp_path: Path,
 ) -> None:
-    store, supervisor, engine = _engine(tmp_path, max_concurrent=1)
+    store, spawner, engine = _engine(tmp_path, max_concurrent=1)
     batches = [
         _batch(store, "alice", "a0", "a1", "a2"),
         _batch(store, "alice", "a3"),
@@ -147,13 +147,13 @@ async def test_fair_share_is_round_robin_newcomers_first_fifo_within_an_identity
     ]
     for batch in batches:
         engine.submit(batch)
-    await _run_out(supervisor, batches)
+    await _run_out(spawner, batches)
     await engine.shutdown()
-    assert supervisor.started == ["a0", "b0", "c0", "a1", "b1", "a2", "b2", "a3"]
+    assert spawner.started == ["a0", "b0", "c0", "a1", "b1", "a2", "b2", "a3"]
 
 
 async def test_fair_share_false_is_fifo_across_batches(tmp_path: Path) -> None:
-    store, supervisor, engine = _engine(tmp_path, max_concurrent=1, fair_share=False)
+    store, spawner, engine = _engine(tmp_path, max_concurrent=1, fair_share=False)
     batches = [
         _batch(store, "alice", "a0", "a1"),
         _batch(store, "bob", "b0"),
@@ -161,26 +161,26 @@ async def test_fair_share_false_is_fifo_across_batches(tmp_path: Path) -> None:
     ]
     for batch in batches:
         engine.submit(batch)
-    await _run_out(supervisor, batches)
+    await _run_out(spawner, batches)
     await engine.shutdown()
-    assert supervisor.started == ["a0", "a1", "b0", "a2"]
+    assert spawner.started == ["a0", "a1", "b0", "a2"]
 
 
 async def test_a_reload_switches_fair_share(tmp_path: Path) -> None:
-    store, supervisor, engine = _engine(tmp_path, max_concurrent=1, fair_share=False)
+    store, spawner, engine = _engine(tmp_path, max_concurrent=1, fair_share=False)
     batches = [_batch(store, "alice", "a0", "a1", "a2"), _batch(store, "bob", "b0")]
     for batch in batches:
         engine.submit(batch)
-    (await supervisor.next_live()).finish(0)  # a0; FIFO: a1 next
-    await supervisor.next_live()
+    (await spawner.next_live()).finish(0)  # a0; FIFO: a1 next
+    await spawner.next_live()
     engine.update_settings(JobsConfig(max_concurrent=1, fair_share=True))
-    await _run_out(supervisor, batches)
+    await _run_out(spawner, batches)
     await engine.shutdown()
-    assert supervisor.started == ["a0", "a1", "b0", "a2"]
+    assert spawner.started == ["a0", "a1", "b0", "a2"]
 
 
 async def test_max_parallel_and_max_running_per_identity_hold(tmp_path: Path) -> None:
-    store, supervisor, engine = _engine(tmp_path, max_concurrent=10, max_running_per_identity=2)
+    store, spawner, engine = _engine(tmp_path, max_concurrent=10, max_running_per_identity=2)
     batches = [
         _batch(store, "alice", "a0", "a1", "a2", "a3"),
         _batch(store, "bob", "b0", "b1", "b2", max_parallel=1),
@@ -188,15 +188,15 @@ async def test_max_parallel_and_max_running_per_identity_hold(tmp_path: Path) ->
     for batch in batches:
         engine.submit(batch)
     await asyncio.sleep(0)
-    assert sorted(supervisor.started) == ["a0", "a1", "b0"]
+    assert sorted(spawner.started) == ["a0", "a1", "b0"]
     assert engine.running == 3
     # A reload that lifts the quota starts alice's other two at once; bob's max_parallel holds.
     engine.update_settings(JobsConfig(max_concurrent=10))
     await asyncio.sleep(0)
-    assert sorted(supervisor.started) == ["a0", "a1", "a2", "a3", "b0"]
-    await _run_out(supervisor, batches)
+    assert sorted(spawner.started) == ["a0", "a1", "a2", "a3", "b0"]
+    await _run_out(spawner, batches)
     await engine.shutdown()
-    assert supervisor.started[-2:] == ["b1", "b2"]
+    assert spawner.started[-2:] == ["b1", "b2"]
 
 
 async def test_max_queued_jobs_per_identity(tmp_path: Path) -> None:
@@ -222,11 +222,11 @@ def _chain(store: BatchStore, n: int, **options: object) -> BatchRecord:
 @pytest.mark.parametrize("fail_fast", [False, True])
 async def test_a_10000_job_chain_whose_head_fails(tmp_path: Path, fail_fast: bool) -> None:
     """Before the fix: RecursionError after ~330 skips, the rest QUEUED for ever."""
-    store, supervisor, engine = _engine(tmp_path)
+    store, spawner, engine = _engine(tmp_path)
     batch = _chain(store, 10_000, fail_fast=fail_fast)
     engine.submit(batch)
-    (await supervisor.next_live()).finish(1)
-    await _run_out(supervisor, [batch])
+    (await spawner.next_live()).finish(1)
+    await _run_out(spawner, [batch])
     states = [s.state for s in batch.statuses]
     assert states[0] is JobState.FAILED
     assert states.count(JobState.SKIPPED) == 9_999
@@ -236,7 +236,7 @@ async def test_a_10000_job_chain_whose_head_fails(tmp_path: Path, fail_fast: boo
 
 async def test_recovery_of_a_10000_job_chain_with_a_failed_head(tmp_path: Path) -> None:
     """The head's FAILED is on disk, the skips are not (a crash between): submit skips them."""
-    store, supervisor, engine = _engine(tmp_path)
+    store, spawner, engine = _engine(tmp_path)
     batch = _chain(store, 10_000)
     event = JobEvent(seq=store.next_seq(batch), index=0, state=JobState.FAILED, time=time.time())
     store.append(batch, event)
@@ -244,16 +244,16 @@ async def test_recovery_of_a_10000_job_chain_with_a_failed_head(tmp_path: Path) 
     assert batch.ended
     assert [s.state for s in batch.statuses].count(JobState.SKIPPED) == 9_999
     assert engine.queued == 0
-    assert supervisor.started == []
+    assert spawner.started == []
     await engine.shutdown()
 
 
 async def test_a_job_past_max_log_bytes_is_stopped(tmp_path: Path) -> None:
     """The fake process writes nothing: the test grows the job's stderr file itself."""
-    store, supervisor, engine = _engine(tmp_path, max_log_bytes=1024)
+    store, spawner, engine = _engine(tmp_path, max_log_bytes=1024)
     batch = _batch(store, "alice", "loud", "quiet")
     engine.submit(batch)
-    await supervisor.next_live()
+    await spawner.next_live()
     folder = batch.job_dir(0)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "stderr").write_bytes(b"x" * 1024)  # at the limit: allowed

@@ -290,7 +290,7 @@ class CgroupBackend:
         tracker = self._tracker()
         chosen = [tracker]
         # Memory is always accounted where it can be: wait4's max RSS of a child starts at
-        # the server's own (engine/process.py), so the group's peak is the only honest one.
+        # the server's own (engine/running.py), so the group's peak is the only honest one.
         for name in sorted(wanted | {"memory"}):
             if any(name in h.controllers for h in chosen):
                 continue
