@@ -125,9 +125,6 @@ class Process:
         self._loop = asyncio.get_running_loop()
         self._done: asyncio.Future[ExitInfo] = self._loop.create_future()
         self._released: asyncio.Future[None] = self._loop.create_future()
-        if releases is not None:
-            releases.add(self._released)
-            self._released.add_done_callback(releases.discard)
         self._reaped = False
         self._status: tuple[int | None, int, float] = (None, 0, 0.0)  # exit code, signal, end
         self._rusage: tuple[float, float, int] = (0.0, 0.0, 0)  # user, system, max rss
@@ -139,6 +136,9 @@ class Process:
         except BaseException:
             os.close(self._pidfd)
             raise
+        if releases is not None:  # only now: unwatched, _released would never resolve
+            releases.add(self._released)
+            self._released.add_done_callback(releases.discard)
 
     @property
     def ended(self) -> bool:
