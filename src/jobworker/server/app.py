@@ -524,7 +524,7 @@ def serve(config_path: Path | None) -> None:
 
     The event loop runs on a thread of its own ("jobworker-loop"); the main thread only
     waits and hands signals over. The loop's thread forks jobs, and moves for that moment
-    into a job's cgroup v1 groups (engine/process.py): cgroup v1 charges the memory of the
+    into a job's cgroup v1 groups (engine/spawn.py): cgroup v1 charges the memory of the
     whole process to the memory group of its main thread, which must therefore never move.
     """
     config = load_config(config_path)

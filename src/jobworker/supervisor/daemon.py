@@ -31,9 +31,11 @@ from typing import Any
 import structlog
 
 from jobworker import logging as jwlogging
+from jobworker.engine.cgroups.backend import CgroupBackend
+from jobworker.engine.cgroups.group import JobCgroup
 from jobworker.engine.executor import ExitInfo, SpawnError
-from jobworker.engine.limits import CgroupBackend, JobCgroup
-from jobworker.engine.process import Process, Supervisor, kill_stale, process_start_ticks
+from jobworker.engine.running import Process, kill_stale, process_start_ticks
+from jobworker.engine.spawn import Spawner
 from jobworker.supervisor import protocol as p
 
 log = structlog.get_logger()
@@ -60,12 +62,13 @@ class Daemon:
     def __init__(self, data_dir: Path, backend: CgroupBackend, listener: socket.socket) -> None:
         self.data_dir = data_dir
         self.backend = backend
-        self.spawner = Supervisor(backend, default_working_dir="/")
+        self.spawner = Spawner(backend, default_working_dir="/")
         self.listener = listener
         self.jobs: dict[str, _Entry] = {}
         self._conn: asyncio.StreamWriter | None = None
         self._starting: set[asyncio.Task[None]] = set()
         self._tasks: set[asyncio.Task[object]] = set()
+        self._serving: set[asyncio.Task[Any]] = set()  # connection handlers
         self._leave = asyncio.Event()
         self._reexec = False
         self._exit_when_idle = False
@@ -83,6 +86,10 @@ class Daemon:
         async with server:
             asyncio.get_running_loop().call_later(_FIRST_CONNECT_WAIT, self._first_wait_over)
             await self._leave.wait()
+            if self._conn is not None:
+                self._conn.close()
+            if self._serving:
+                await asyncio.wait(list(self._serving))
         if self._starting:
             await asyncio.wait(list(self._starting))
         self._save_state()
@@ -155,7 +162,7 @@ class Daemon:
             group = self.backend.open(str(started.get("cgroup") or entry.key))
             if group is None:  # no cgroups here (or removed from outside)
                 group = JobCgroup(entry.key)
-            entry.process = Process(None, group, float(started["start_time"]), ticks, pid=pid)
+            entry.process = self.spawner.adopt(pid, ticks, float(started["start_time"]), group)
             entry.task = asyncio.get_running_loop().create_task(self._await_end(entry))
         else:  # a running job of a supervisor that died: nobody will reap it
             if entry.started is not None:
@@ -191,6 +198,10 @@ class Daemon:
     # -- the server's connection
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._serving.add(task)
+        task.add_done_callback(self._serving.discard)
         try:
             if not _same_user(writer):
                 log.warning("supervisor_peer_refused", reason="another user")

@@ -7,7 +7,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from jobworker.engine.executor import ExitInfo, Handle, Known, Launch
-from jobworker.engine.process import Process, Supervisor
+from jobworker.engine.running import Process
+from jobworker.engine.spawn import Spawner
 
 
 class DirectJob:
@@ -37,7 +38,7 @@ class DirectJob:
 class DirectExecutor:
     name = "local"
 
-    def __init__(self, spawner: Supervisor) -> None:
+    def __init__(self, spawner: Spawner) -> None:
         self.spawner = spawner
 
     async def start(self, launch: Launch) -> Handle:

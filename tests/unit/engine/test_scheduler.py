@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 from jobworker.config import JobsConfig
+from jobworker.engine.cgroups.backend import CgroupBackend
 from jobworker.engine.executor import ExitInfo, Known, Launch
-from jobworker.engine.limits import CgroupBackend
-from jobworker.engine.process import Supervisor
 from jobworker.engine.scheduler import Engine
+from jobworker.engine.spawn import Spawner
 from jobworker.errors import ResourceExhausted
 from jobworker.model import BatchOptions, JobEvent, JobSpec, JobState, Usage
 from jobworker.store.batches import BatchRecord, BatchStore
@@ -29,7 +29,7 @@ async def test_a_job_that_exits_in_its_deadlines_loop_turn_keeps_its_own_result(
     deadline: its exit and its timer then come due in the same loop turn. The exit was
     first, so the job succeeded; it must not be recorded TIMED_OUT."""
     store = BatchStore(tmp_path)
-    executor = DirectExecutor(Supervisor(CgroupBackend("none")))
+    executor = DirectExecutor(Spawner(CgroupBackend("none")))
 
     def hold_the_loop(batch: BatchRecord, event: JobEvent) -> None:
         if event.state is JobState.RUNNING:  # once the job's timer is set, block the loop:
@@ -87,7 +87,7 @@ class FakeProcess:
         self.finish(None, signal.SIGKILL)
 
 
-class FakeSupervisor:
+class FakeExecutor:
     """An Executor handing out FakeProcesses; keeps those still running, oldest first."""
 
     name = "local"
@@ -133,9 +133,9 @@ class FakeSupervisor:
             await asyncio.sleep(0)
 
 
-def _engine(tmp_path: Path, **settings: object) -> tuple[BatchStore, FakeSupervisor, Engine]:
+def _engine(tmp_path: Path, **settings: object) -> tuple[BatchStore, FakeExecutor, Engine]:
     store = BatchStore(tmp_path)
-    supervisor = FakeSupervisor()
+    supervisor = FakeExecutor()
     engine = Engine(store, {"local": supervisor}, JobsConfig(**settings))  # type: ignore[arg-type]
     return store, supervisor, engine
 
@@ -145,7 +145,7 @@ def _batch(store: BatchStore, owner: str, *names: str, **options: object) -> Bat
     return store.create(owner, BatchOptions(**options), specs)  # type: ignore[arg-type]
 
 
-async def _run_out(supervisor: FakeSupervisor, batches: list[BatchRecord]) -> None:
+async def _run_out(supervisor: FakeExecutor, batches: list[BatchRecord]) -> None:
     """End each job, oldest first, as soon as it runs, until every batch has ended."""
     deadline = time.monotonic() + 30
     while not all(b.ended for b in batches):
@@ -308,7 +308,7 @@ async def _left_running(tmp_path: Path, *names: str) -> tuple[BatchRecord, list[
     return batch, supervisor.live
 
 
-async def _restarted(tmp_path: Path, supervisor: FakeSupervisor) -> tuple[BatchRecord, Engine]:
+async def _restarted(tmp_path: Path, supervisor: FakeExecutor) -> tuple[BatchRecord, Engine]:
     store = BatchStore(tmp_path)
     (batch,) = store.load()
     engine = Engine(store, {"local": supervisor}, JobsConfig())  # type: ignore[arg-type]
@@ -328,7 +328,7 @@ async def test_a_job_still_running_after_a_restart_is_taken_back_not_run_again(
 ) -> None:
     before, (process,) = await _left_running(tmp_path, "long")
     assert not process.ended  # "keep": the shutdown stopped nothing
-    supervisor = FakeSupervisor()
+    supervisor = FakeExecutor()
     supervisor.known = {f"{before.cid}-0": (1, process)}
     batch, _ = await _restarted(tmp_path, supervisor)
     assert [k.key for k in supervisor.asked] == [f"{before.cid}-0"]
@@ -344,7 +344,7 @@ async def test_a_job_still_running_after_a_restart_is_taken_back_not_run_again(
 async def test_a_job_that_ended_while_no_server_ran_gets_its_own_result(tmp_path: Path) -> None:
     before, (process,) = await _left_running(tmp_path, "quick")
     process.finish(0)  # while no server is there: the executor keeps the result
-    supervisor = FakeSupervisor()
+    supervisor = FakeExecutor()
     supervisor.known = {f"{before.cid}-0": (1, process)}
     batch, _ = await _restarted(tmp_path, supervisor)
     await _ended(batch)
@@ -354,7 +354,7 @@ async def test_a_job_that_ended_while_no_server_ran_gets_its_own_result(tmp_path
 
 async def test_a_job_its_executor_lost_is_lost_with_the_executors_reason(tmp_path: Path) -> None:
     await _left_running(tmp_path, "gone", "next")
-    batch, _ = await _restarted(tmp_path, FakeSupervisor())
+    batch, _ = await _restarted(tmp_path, FakeExecutor())
     await _ended(batch)
     assert [st.state for st in batch.statuses] == [JobState.LOST, JobState.LOST]
     assert batch.statuses[0].message == "gone"
@@ -368,7 +368,7 @@ async def test_a_job_started_just_before_the_server_died_is_recorded_running(
     before = _batch(store, "alice", "racing")
     store.close()
     process = FakeProcess(f"{before.cid}-0", 1)
-    supervisor = FakeSupervisor()
+    supervisor = FakeExecutor()
     supervisor.known = {f"{before.cid}-0": (1, process)}
     batch, _ = await _restarted(tmp_path, supervisor)
     assert batch.statuses[0].state is JobState.RUNNING

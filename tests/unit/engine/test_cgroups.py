@@ -12,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from jobworker.engine.limits import CgroupBackend, CgroupRootInUse, Hierarchy, JobCgroup, _cfs
+from jobworker.engine.cgroups.backend import CgroupBackend
+from jobworker.engine.cgroups.group import JobCgroup
+from jobworker.engine.cgroups.hierarchy import CgroupRootInUse, Hierarchy
+from jobworker.engine.cgroups.writes import cfs
 from jobworker.model import Limits
 
 ROOT = os.geteuid() == 0
@@ -80,9 +83,9 @@ def test_unprivileged_gets_none() -> None:
 
 
 def test_cfs_quota_and_period() -> None:
-    assert _cfs(1500) == (150_000, 100_000)
-    assert _cfs(200) == (20_000, 100_000)
-    quota, period = _cfs(1)  # below the kernel's minimum quota: a longer period instead
+    assert cfs(1500) == (150_000, 100_000)
+    assert cfs(200) == (20_000, 100_000)
+    quota, period = cfs(1)  # below the kernel's minimum quota: a longer period instead
     assert quota >= 1000
     assert period <= 1_000_000
     assert abs(quota / period - 0.001) < 0.0005
@@ -332,7 +335,7 @@ def test_a_kill_never_signals_the_server_while_one_of_its_threads_is_in_the_grou
     name = f"jobworker-test-self-{os.getpid()}"
     script = f"""
 import threading
-from jobworker.engine.limits import CgroupBackend
+from jobworker.engine.cgroups.backend import CgroupBackend
 from jobworker.model import Limits
 backend = CgroupBackend.detect({name!r})
 group = backend.create("self-1", Limits())
@@ -383,7 +386,8 @@ def test_a_forking_thread_goes_home_to_where_the_server_was_moved() -> None:
     script = f"""
 import os, threading, time
 from pathlib import Path
-from jobworker.engine.limits import CgroupBackend, _Homes
+from jobworker.engine.cgroups.backend import CgroupBackend
+from jobworker.engine.cgroups.hierarchy import Homes
 from jobworker.model import Limits
 backend = CgroupBackend.detect({name!r})
 freezer = next((h for h in backend.hierarchies if h.kind == "freezer"), None)
@@ -406,7 +410,7 @@ before = in_a_thread()
 moved = freezer.parent / "moved-here"
 moved.mkdir()
 (moved / "cgroup.procs").write_text(str(os.getpid()))
-time.sleep(_Homes.REFRESH + 0.1)
+time.sleep(Homes.REFRESH + 0.1)
 after = in_a_thread()
 (freezer.mount / "cgroup.procs").write_text(str(os.getpid()))
 moved.rmdir()
@@ -435,12 +439,12 @@ print(before, after)
 
 def test_a_control_file_longer_than_one_read_is_read_whole(tmp_path: Path) -> None:
     """cpuacct.usage_all has a line per CPU: past ~1,400 CPUs it is longer than 64 KiB."""
-    from jobworker.engine.limits import _read
+    from jobworker.engine.cgroups.files import read
 
     lines = "cpu user system\n" + "".join(f"{i} {i * 7} {i * 3}\n" for i in range(5000))
     (tmp_path / "usage_all").write_text(lines)
     assert len(lines) > 65536
-    assert _read(tmp_path / "usage_all") == lines
+    assert read(tmp_path / "usage_all") == lines
 
 
 # ---- pooled groups: jobs without limits reuse sets of groups ---------------------------------

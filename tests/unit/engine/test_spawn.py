@@ -1,4 +1,5 @@
-"""Tests of the supervisor with real processes and, where the host has them, real cgroups."""
+"""Tests of the spawner and of running jobs: real processes and, where the host has them,
+real cgroups."""
 
 from __future__ import annotations
 
@@ -20,18 +21,15 @@ from typing import Any
 
 import pytest
 
-from jobworker.engine import process as process_module
+from jobworker.engine import chain
+from jobworker.engine.cgroups.backend import CgroupBackend
+from jobworker.engine.cgroups.group import JobCgroup
+from jobworker.engine.cgroups.hierarchy import Hierarchy
+from jobworker.engine.chain import join_shell
+from jobworker.engine.checks import resolve_executable
 from jobworker.engine.executor import ExitInfo, SpawnError
-from jobworker.engine.limits import CgroupBackend, Hierarchy, JobCgroup
-from jobworker.engine.process import (
-    Process,
-    Supervisor,
-    _popen,
-    join_shell,
-    kill_stale,
-    process_start_ticks,
-    resolve_executable,
-)
+from jobworker.engine.running import Process, kill_stale, process_start_ticks
+from jobworker.engine.spawn import Spawner
 from jobworker.model import JobSpec, Limits
 
 ROOT = os.geteuid() == 0
@@ -57,8 +55,10 @@ def per_job(backend: CgroupBackend) -> Iterator[CgroupBackend]:
 
 
 @pytest.fixture
-def sup(backend: CgroupBackend) -> Supervisor:
-    return Supervisor(backend)
+def sup(backend: CgroupBackend) -> Iterator[Spawner]:
+    spawner = Spawner(backend)
+    yield spawner
+    spawner.close()
 
 
 _counter = iter(range(1_000_000))
@@ -105,13 +105,13 @@ NO_LIMITS = Limits()
 
 
 async def _run(
-    sup: Supervisor, spec: JobSpec, job_dir: Path, limits: Limits = NO_LIMITS, user: str = ""
+    sup: Spawner, spec: JobSpec, job_dir: Path, limits: Limits = NO_LIMITS, user: str = ""
 ) -> tuple[Process, ExitInfo]:
     process = await sup.spawn(spec, limits, job_dir, _key(), user)
     return process, await process.wait()
 
 
-async def test_output_bytes_land_in_the_files_exactly(sup: Supervisor, tmp_path: Path) -> None:
+async def test_output_bytes_land_in_the_files_exactly(sup: Spawner, tmp_path: Path) -> None:
     script = r"printf 'a\000b\nc\377'; printf 'e\001' >&2"
     _, info = await _run(sup, _spec("sh", "-c", script), tmp_path / "j")
     assert info.exit_code == 0
@@ -120,13 +120,13 @@ async def test_output_bytes_land_in_the_files_exactly(sup: Supervisor, tmp_path:
     assert stat.S_IMODE((tmp_path / "j" / "stdout").stat().st_mode) == 0o600  # the server's alone
 
 
-async def test_output_is_appended(sup: Supervisor, tmp_path: Path) -> None:
+async def test_output_is_appended(sup: Spawner, tmp_path: Path) -> None:
     (tmp_path / "stdout").write_bytes(b"before\n")
     await _run(sup, _spec("echo", "after"), tmp_path)
     assert (tmp_path / "stdout").read_bytes() == b"before\nafter\n"
 
 
-async def test_stdin_is_fed_from_a_private_file(sup: Supervisor, tmp_path: Path) -> None:
+async def test_stdin_is_fed_from_a_private_file(sup: Spawner, tmp_path: Path) -> None:
     data = b"hello\x00world\n" * 1000
     _, info = await _run(sup, _spec("cat", stdin=data), tmp_path)
     assert info.exit_code == 0
@@ -134,7 +134,7 @@ async def test_stdin_is_fed_from_a_private_file(sup: Supervisor, tmp_path: Path)
     assert stat.S_IMODE((tmp_path / "stdin").stat().st_mode) == 0o600
 
 
-async def test_no_stdin_reads_dev_null(sup: Supervisor, tmp_path: Path) -> None:
+async def test_no_stdin_reads_dev_null(sup: Spawner, tmp_path: Path) -> None:
     _, info = await _run(sup, _spec("cat"), tmp_path)
     assert info.exit_code == 0
     assert (tmp_path / "stdout").read_bytes() == b""
@@ -142,7 +142,7 @@ async def test_no_stdin_reads_dev_null(sup: Supervisor, tmp_path: Path) -> None:
 
 
 async def test_environment_is_minimal_plus_the_spec(
-    sup: Supervisor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    sup: Spawner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("JOBWORKER_SERVER_MARKER", "secret-4711")
     spec = _spec("env", env={"FOO": "bar baz", "LANG": "en_US.UTF-8"})
@@ -156,12 +156,12 @@ async def test_environment_is_minimal_plus_the_spec(
     assert set(env) <= {"FOO", "LANG", "PATH", "HOME", "PWD"}  # sh of the exec chain adds PWD
 
 
-async def test_argv0_is_the_users(sup: Supervisor, tmp_path: Path) -> None:
+async def test_argv0_is_the_users(sup: Spawner, tmp_path: Path) -> None:
     await _run(sup, _spec("sh", "-c", "cat /proc/$$/cmdline", "name0"), tmp_path)
     assert (tmp_path / "stdout").read_bytes() == b"sh\0-c\0cat /proc/$$/cmdline\0name0\0"
 
 
-async def test_working_dir_and_relative_executable(sup: Supervisor, tmp_path: Path) -> None:
+async def test_working_dir_and_relative_executable(sup: Spawner, tmp_path: Path) -> None:
     work = tmp_path / "work"
     work.mkdir()
     script = work / "hello.sh"
@@ -173,7 +173,7 @@ async def test_working_dir_and_relative_executable(sup: Supervisor, tmp_path: Pa
 
 
 async def test_default_working_dir(backend: CgroupBackend, tmp_path: Path) -> None:
-    sup = Supervisor(backend, default_working_dir=str(tmp_path))
+    sup = Spawner(backend, default_working_dir=str(tmp_path))
     await _run(sup, _spec("pwd"), tmp_path / "j")
     assert (tmp_path / "j" / "stdout").read_text() == f"{tmp_path}\n"
 
@@ -190,7 +190,7 @@ async def test_default_working_dir(backend: CgroupBackend, tmp_path: Path) -> No
     ],
 )
 async def test_spawn_errors_name_the_path(
-    sup: Supervisor, tmp_path: Path, argv: tuple[str, ...], working_dir: str, message: str
+    sup: Spawner, tmp_path: Path, argv: tuple[str, ...], working_dir: str, message: str
 ) -> None:
     with pytest.raises(SpawnError) as caught:
         await sup.spawn(_spec(*argv, working_dir=working_dir), Limits(), tmp_path, _key())
@@ -203,7 +203,7 @@ async def test_a_directory_or_command_gone_since_checked_is_still_named(
 ) -> None:
     """Checks are trusted for a while (a second by default: a batch of one command checks
     once): what is gone meanwhile fails the exec, and the message still names it."""
-    sup = Supervisor(backend, check_ttl=3600)
+    sup = Spawner(backend, check_ttl=3600)
     work, bin_dir = tmp_path / "work", tmp_path / "bin"
     work.mkdir()
     bin_dir.mkdir()
@@ -223,7 +223,7 @@ async def test_a_directory_or_command_gone_since_checked_is_still_named(
     assert caught.value.message == f"working directory {work}: No such file or directory"
 
 
-async def test_stdin_is_the_stored_file_or_dev_null(sup: Supervisor, tmp_path: Path) -> None:
+async def test_stdin_is_the_stored_file_or_dev_null(sup: Spawner, tmp_path: Path) -> None:
     """The store writes a job's stdin file; a job the engine knows has none reads /dev/null
     (one fd shared by all such jobs, kept open across spawns) without a look."""
     (tmp_path / "a").mkdir()
@@ -252,7 +252,7 @@ def test_resolve_searches_path_like_execvp(tmp_path: Path) -> None:
     assert resolve_executable("tool", "b", str(tmp_path)) == f"{tmp_path}/b/tool"
 
 
-async def test_exit_code_and_signal(sup: Supervisor, tmp_path: Path) -> None:
+async def test_exit_code_and_signal(sup: Spawner, tmp_path: Path) -> None:
     _, info = await _run(sup, _spec("sh", "-c", "exit 7"), tmp_path / "a")
     assert (info.exit_code, info.signal) == (7, 0)
     _, info = await _run(sup, _spec("sh", "-c", "kill -TERM $$"), tmp_path / "b")
@@ -261,7 +261,7 @@ async def test_exit_code_and_signal(sup: Supervisor, tmp_path: Path) -> None:
     assert info.end_time >= time.time() - 60
 
 
-async def test_usage_counts_cpu_and_memory(sup: Supervisor, tmp_path: Path) -> None:
+async def test_usage_counts_cpu_and_memory(sup: Spawner, tmp_path: Path) -> None:
     busy = "i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done"
     process, info = await _run(sup, _spec("sh", "-c", busy), tmp_path)
     assert info.exit_code == 0
@@ -270,7 +270,7 @@ async def test_usage_counts_cpu_and_memory(sup: Supervisor, tmp_path: Path) -> N
     assert info.end_time >= process.start_time
 
 
-async def test_pid_and_start_time_are_recorded(sup: Supervisor, tmp_path: Path) -> None:
+async def test_pid_and_start_time_are_recorded(sup: Spawner, tmp_path: Path) -> None:
     process = await sup.spawn(_spec("sleep", "10"), Limits(), tmp_path, _key())
     try:
         assert process.pid_start == process_start_ticks(process.pid)
@@ -281,22 +281,22 @@ async def test_pid_and_start_time_are_recorded(sup: Supervisor, tmp_path: Path) 
 
 
 def test_start_ticks_from_the_clock_match_proc() -> None:
-    """_popen reads the start time from CLOCK_BOOTTIME around the fork instead of /proc
+    """chain.popen reads the start time from CLOCK_BOOTTIME around the fork instead of /proc
     when no tick boundary lies between: it must be what /proc/<pid>/stat says, every time."""
     known = 0
     for _ in range(200):
         fds = (os.open(os.devnull, os.O_RDONLY), os.open(os.devnull, os.O_WRONLY))
         try:
-            popen, ticks = _popen(["true"], "/bin/true", "/", {}, (fds[0], fds[1], fds[1]))
+            child, ticks = chain.popen(["true"], "/bin/true", "/", {}, (fds[0], fds[1], fds[1]))
         finally:
             for fd in fds:
                 os.close(fd)
         try:
             if ticks is not None:
                 known += 1
-                assert ticks == process_start_ticks(popen.pid)
+                assert ticks == process_start_ticks(child.pid)
         finally:
-            popen.wait()
+            child.wait()
     assert known > 100  # a fork takes far less than the 10 ms of a tick
 
 
@@ -306,7 +306,7 @@ def test_process_start_ticks_of_missing_pid() -> None:
 
 
 async def test_stop_kills_the_whole_tree(
-    sup: Supervisor, backend: CgroupBackend, tmp_path: Path
+    sup: Spawner, backend: CgroupBackend, tmp_path: Path
 ) -> None:
     _needs_cgroup(backend)
     pids = tmp_path / "pids"
@@ -334,13 +334,13 @@ def _left_in(group: JobCgroup) -> list[str]:
     return [p.read_text() for p in group.procs_files if p.exists() and p.read_text()]
 
 
-async def test_stop_that_terms_in_time(sup: Supervisor, tmp_path: Path) -> None:
+async def test_stop_that_terms_in_time(sup: Spawner, tmp_path: Path) -> None:
     process = await sup.spawn(_spec("sleep", "1000"), Limits(), tmp_path, _key())
     info = await process.stop(5.0)
     assert (info.exit_code, info.signal) == (None, signal.SIGTERM)
 
 
-async def test_stop_while_waiting_and_stop_is_idempotent(sup: Supervisor, tmp_path: Path) -> None:
+async def test_stop_while_waiting_and_stop_is_idempotent(sup: Spawner, tmp_path: Path) -> None:
     process = await sup.spawn(_spec("sleep", "1000"), Limits(), tmp_path, _key())
     waiter = asyncio.create_task(process.wait())
     first, second = await asyncio.gather(process.stop(1.0), process.stop(1.0))
@@ -350,14 +350,12 @@ async def test_stop_while_waiting_and_stop_is_idempotent(sup: Supervisor, tmp_pa
     assert await process.wait() is first
 
 
-async def test_stop_after_exit_returns_the_result(sup: Supervisor, tmp_path: Path) -> None:
+async def test_stop_after_exit_returns_the_result(sup: Spawner, tmp_path: Path) -> None:
     process, info = await _run(sup, _spec("sh", "-c", "exit 3"), tmp_path)
     assert await process.stop(0.1) is info
 
 
-async def test_cancelled_waiter_does_not_disturb_the_result(
-    sup: Supervisor, tmp_path: Path
-) -> None:
+async def test_cancelled_waiter_does_not_disturb_the_result(sup: Spawner, tmp_path: Path) -> None:
     process = await sup.spawn(_spec("sleep", "0.2"), Limits(), tmp_path, _key())
     waiter = asyncio.create_task(process.wait())
     await asyncio.sleep(0.01)
@@ -367,7 +365,7 @@ async def test_cancelled_waiter_does_not_disturb_the_result(
 
 
 async def test_leftovers_are_killed_when_the_main_process_exits(
-    sup: Supervisor, tmp_path: Path
+    sup: Spawner, tmp_path: Path
 ) -> None:
     pids = tmp_path / "pids"
     script = 'sleep 1000 & echo $! > "$1"; setsid sleep 1000 & echo $! >> "$1"; exit 0'
@@ -382,7 +380,7 @@ async def test_leftovers_are_killed_when_the_main_process_exits(
 
 
 async def test_cgroups_are_removed_after_each_job(
-    sup: Supervisor, backend: CgroupBackend, tmp_path: Path
+    sup: Spawner, backend: CgroupBackend, tmp_path: Path
 ) -> None:
     _needs_cgroup(backend)
     limits = Limits(cpu_millis=1000, memory_bytes=256 << 20, pids_max=100)
@@ -405,7 +403,7 @@ def _thread_groups(tid: int) -> str:
 
 @pytest.mark.parametrize("limits", [NO_LIMITS, JOIN_SHELL], ids=["forked-in-place", "shell"])
 async def test_the_job_is_in_its_cgroups(
-    sup: Supervisor, backend: CgroupBackend, tmp_path: Path, limits: Limits
+    sup: Spawner, backend: CgroupBackend, tmp_path: Path, limits: Limits
 ) -> None:
     _needs_cgroup(backend)
     key = _key()
@@ -426,7 +424,7 @@ async def test_the_job_is_in_its_cgroups(
 
 
 async def test_cpu_time_counts_the_whole_tree(
-    sup: Supervisor, backend: CgroupBackend, tmp_path: Path
+    sup: Spawner, backend: CgroupBackend, tmp_path: Path
 ) -> None:
     """A detached grandchild's CPU is in no rusage the server sees; the group counts it."""
     _needs_cgroup(backend)
@@ -458,7 +456,7 @@ def test_a_loop_on_its_own_thread_forks_its_jobs_itself_and_goes_home(
     seen: dict[str, object] = {}
 
     async def main() -> None:
-        sup = Supervisor(backend)
+        sup = Spawner(backend)
         try:
             process = await sup.spawn(_spec("cat", "/proc/self/cgroup"), NO_LIMITS, tmp_path, key)
             await process.wait()
@@ -485,9 +483,7 @@ def test_a_loop_on_its_own_thread_forks_its_jobs_itself_and_goes_home(
 
 
 @pytest.mark.skipif(PYTHON3 is None, reason="needs python3 to allocate memory")
-async def test_memory_limit_oom_kills(
-    sup: Supervisor, backend: CgroupBackend, tmp_path: Path
-) -> None:
+async def test_memory_limit_oom_kills(sup: Spawner, backend: CgroupBackend, tmp_path: Path) -> None:
     _needs(backend, "memory")
     spec = _spec("python3", "-c", "b = bytearray(200 << 20); b[::4096] = b'x' * len(b[::4096])")
     process, info = await _run(sup, spec, tmp_path, Limits(memory_bytes=64 << 20))
@@ -499,7 +495,7 @@ async def test_memory_limit_oom_kills(
 
 @pytest.mark.skipif(PYTHON3 is None, reason="needs python3 to allocate memory")
 async def test_memory_within_limit_is_not_oom(
-    sup: Supervisor, backend: CgroupBackend, tmp_path: Path
+    sup: Spawner, backend: CgroupBackend, tmp_path: Path
 ) -> None:
     _needs(backend, "memory")
     spec = _spec("python3", "-c", "b = bytearray(20 << 20); b[::4096] = b'x' * len(b[::4096])")
@@ -508,9 +504,7 @@ async def test_memory_within_limit_is_not_oom(
     assert info.usage.max_rss_bytes >= 20 << 20
 
 
-async def test_pids_limit_stops_forks(
-    sup: Supervisor, backend: CgroupBackend, tmp_path: Path
-) -> None:
+async def test_pids_limit_stops_forks(sup: Spawner, backend: CgroupBackend, tmp_path: Path) -> None:
     _needs(backend, "pids")
     script = "for i in $(seq 50); do sleep 1 & done; wait"
     process, _ = await _run(sup, _spec("sh", "-c", script), tmp_path, Limits(pids_max=10))
@@ -518,7 +512,7 @@ async def test_pids_limit_stops_forks(
     assert "fork" in (tmp_path / "stderr").read_text().lower()
 
 
-async def test_cpu_limit_throttles(sup: Supervisor, backend: CgroupBackend, tmp_path: Path) -> None:
+async def test_cpu_limit_throttles(sup: Spawner, backend: CgroupBackend, tmp_path: Path) -> None:
     _needs(backend, "cpu")
     process = await sup.spawn(
         _spec("sh", "-c", "while :; do :; done"), Limits(cpu_millis=200), tmp_path, _key()
@@ -533,7 +527,7 @@ async def test_rlimit_backend_limits_address_space(tmp_path: Path) -> None:
     backend = CgroupBackend("none", rlimits=os.access("/usr/bin/prlimit", os.X_OK))
     if not backend.rlimits:
         pytest.skip("no /usr/bin/prlimit here")
-    sup = Supervisor(backend)
+    sup = Spawner(backend)
     limits = Limits(memory_bytes=512 << 20, cpu_millis=100)
     process, info = await _run(sup, _spec("sh", "-c", "ulimit -v"), tmp_path, limits)
     assert info.exit_code == 0
@@ -542,7 +536,7 @@ async def test_rlimit_backend_limits_address_space(tmp_path: Path) -> None:
 
 
 async def test_no_cgroup_backend_runs_jobs(tmp_path: Path) -> None:
-    sup = Supervisor(CgroupBackend("none"))
+    sup = Spawner(CgroupBackend("none"))
     _, info = await _run(sup, _spec("sh", "-c", "echo $0", "x0"), tmp_path)
     assert info.exit_code == 0
     assert (tmp_path / "stdout").read_text() == "x0\n"
@@ -557,7 +551,7 @@ class _BrokenBackend(CgroupBackend):
 
 
 async def test_failing_to_join_the_cgroup_runs_nothing(tmp_path: Path) -> None:
-    sup = Supervisor(_BrokenBackend("cgroup-v2"))
+    sup = Spawner(_BrokenBackend("cgroup-v2"))
     marker = tmp_path / "ran"
     with pytest.raises(SpawnError, match="cannot join cgroup: /nonexistent-jobworker/"):
         await sup.spawn(_spec("touch", str(marker)), Limits(), tmp_path, _key())
@@ -581,9 +575,9 @@ async def test_a_spawn_thread_that_cannot_join_runs_nothing_and_goes_home(
 
     class _Vanishing(CgroupBackend):
         def create(self, key: str, limits: Limits) -> JobCgroup:
-            return JobCgroup(key, ((v1[0], first), (v1[1], gone)), by_thread=True)
+            return JobCgroup(key, ((v1[0], first), (v1[1], gone)), by_thread=True, homes=self.homes)
 
-    sup = Supervisor(_Vanishing("cgroup-v1"))
+    sup = Spawner(_Vanishing("cgroup-v1"))
     marker = tmp_path / "ran"
     try:
         with pytest.raises(SpawnError, match=f"cannot join cgroup {key}: No such file"):
@@ -596,7 +590,7 @@ async def test_a_spawn_thread_that_cannot_join_runs_nothing_and_goes_home(
 
 @pytest.mark.skipif(not ROOT, reason="cgroups need root")
 async def test_kill_stale_kills_a_matching_process(
-    sup: Supervisor, backend: CgroupBackend, tmp_path: Path
+    sup: Spawner, backend: CgroupBackend, tmp_path: Path
 ) -> None:
     key = _key()
     process: Process = await sup.spawn(_spec("sleep", "1000"), Limits(), tmp_path, key)
@@ -622,7 +616,7 @@ def test_kill_stale_spares_a_reused_pid(backend: CgroupBackend) -> None:
 
 @pytest.mark.skipif(not ROOT, reason="cgroups need root")
 async def test_kill_stale_empties_the_cgroup_of_a_gone_main_process(
-    sup: Supervisor, backend: CgroupBackend, tmp_path: Path
+    sup: Spawner, backend: CgroupBackend, tmp_path: Path
 ) -> None:
     _needs_cgroup(backend)
     group = backend.create(_key(), Limits())
@@ -639,7 +633,7 @@ async def test_kill_stale_empties_the_cgroup_of_a_gone_main_process(
     assert backend.open(group.name) is None
 
 
-async def test_many_concurrent_jobs(sup: Supervisor, tmp_path: Path) -> None:
+async def test_many_concurrent_jobs(sup: Spawner, tmp_path: Path) -> None:
     async def one(i: int) -> int | None:
         _, info = await _run(sup, _spec("sh", "-c", f"echo {i}"), tmp_path / str(i))
         return info.exit_code
@@ -650,7 +644,7 @@ async def test_many_concurrent_jobs(sup: Supervisor, tmp_path: Path) -> None:
 
 
 async def test_invalid_environment_is_a_spawn_error(
-    sup: Supervisor, backend: CgroupBackend, tmp_path: Path
+    sup: Spawner, backend: CgroupBackend, tmp_path: Path
 ) -> None:
     key = _key()
     with pytest.raises(SpawnError, match="invalid argv or environment"):
@@ -705,7 +699,7 @@ def _only_free_fds(free: int) -> Iterator[None]:
     ],
 )
 async def test_emfile_after_the_cgroup_is_made_leaves_nothing(
-    sup: Supervisor,
+    sup: Spawner,
     backend: CgroupBackend,
     tmp_path: Path,
     limits: Limits,
@@ -724,7 +718,7 @@ async def test_emfile_after_the_cgroup_is_made_leaves_nothing(
 
 
 async def _emfile_leaves_nothing(
-    sup: Supervisor, backend: CgroupBackend, tmp_path: Path, limits: Limits, free: int, message: str
+    sup: Spawner, backend: CgroupBackend, tmp_path: Path, limits: Limits, free: int, message: str
 ) -> None:
     await _run(sup, _spec("true"), tmp_path / "warm")  # the thread and its way home exist
     key = _key()
@@ -740,7 +734,7 @@ async def _emfile_leaves_nothing(
 
 
 async def test_pidfd_open_failure_kills_and_reaps_the_child(
-    sup: Supervisor, backend: CgroupBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    sup: Spawner, backend: CgroupBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Mocked: os.pidfd_open cannot be made to fail for real here. The EMFILE it would
     meet cannot be arranged, since Popen itself needs two more fds just before it."""
@@ -761,11 +755,12 @@ async def test_pidfd_open_failure_kills_and_reaps_the_child(
     assert not _alive(pid)
     assert backend.open(key) is None
     assert _open_fds() == before
+    await asyncio.wait_for(sup.drain(), 5.0)  # nothing of it left for drain() to wait for
 
 
 @pytest.mark.skipif(not ROOT, reason="mounting a small tmpfs needs root")
 async def test_enospc_writing_stdin_is_a_spawn_error(
-    sup: Supervisor, backend: CgroupBackend, tmp_path: Path
+    sup: Spawner, backend: CgroupBackend, tmp_path: Path
 ) -> None:
     small = tmp_path / "small"
     small.mkdir()
@@ -790,7 +785,7 @@ async def test_enospc_writing_stdin_is_a_spawn_error(
 
 @pytest.mark.parametrize("bad", ["stdout", "stderr", "dir"])
 async def test_unopenable_job_files_are_spawn_errors_naming_them(
-    sup: Supervisor, backend: CgroupBackend, tmp_path: Path, bad: str
+    sup: Spawner, backend: CgroupBackend, tmp_path: Path, bad: str
 ) -> None:
     job_dir = tmp_path / "j"
     if bad == "dir":
@@ -813,7 +808,7 @@ async def test_unopenable_job_files_are_spawn_errors_naming_them(
 
 
 async def test_a_busy_cgroup_neither_blocks_the_loop_nor_delays_the_result(
-    sup: Supervisor, per_job: CgroupBackend, tmp_path: Path
+    sup: Spawner, per_job: CgroupBackend, tmp_path: Path
 ) -> None:
     """The job leaves a child group in its groups: they stay busy (EBUSY) after it ends,
     as a v1 group often is for a moment after its last exit."""
@@ -880,13 +875,13 @@ async def test_a_non_dash_join_shell_never_sees_the_jobs_environment(
         "SHELLOPTS": "xtrace",
         "FOO": "bar baz=qux",
     }
-    unsafe = Supervisor(backend, shell=(BASH, True))
+    unsafe = Spawner(backend, shell=(BASH, True))
     only_function = {"BASH_FUNC_echo%%": env["BASH_FUNC_echo%%"]}
     await _run(unsafe, _spec("true", env=only_function), tmp_path / "unsafe", JOIN_SHELL)
     assert marker.exists()  # the hazard is real: the function ran and nothing joined
     marker.unlink()
 
-    safe = Supervisor(backend, shell=(BASH, False))
+    safe = Spawner(backend, shell=(BASH, False))
     _, info = await _run(safe, _spec("env", env=env), tmp_path / "env", JOIN_SHELL)
     assert info.exit_code == 0
     assert not marker.exists()
@@ -914,14 +909,14 @@ async def test_without_dash_an_env_name_env1_would_misread_is_refused(
     _needs_cgroup(backend)
     assert BASH is not None
     key = _key()
-    safe = Supervisor(backend, shell=(BASH, False))
+    safe = Spawner(backend, shell=(BASH, False))
     with pytest.raises(SpawnError, match="invalid argv or environment"):
         await safe.spawn(_spec("true", env={"": "x"}), JOIN_SHELL, tmp_path, key)
     assert backend.open(key) is None
 
 
 async def test_a_pooled_group_removed_from_outside_is_replaced(
-    backend: CgroupBackend, sup: Supervisor, tmp_path: Path
+    backend: CgroupBackend, sup: Spawner, tmp_path: Path
 ) -> None:
     """Someone removes the idle pooled groups (an operator cleaning up by hand): the next
     job still runs, in groups made afresh, and reports its usage from them."""
@@ -946,7 +941,7 @@ async def test_a_pooled_group_removed_from_outside_is_replaced(
 
 
 async def test_the_forking_threads_own_cpu_is_not_the_jobs(
-    backend: CgroupBackend, sup: Supervisor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    backend: CgroupBackend, sup: Spawner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A job forked in place is born in its groups because the forking thread sits in them
     for the fork; that thread's CPU time there (Popen's own work) is the server's, and
@@ -954,7 +949,7 @@ async def test_the_forking_threads_own_cpu_is_not_the_jobs(
     _needs_cgroup(backend)
     if backend.name != "cgroup-v1":
         pytest.skip("jobs are forked in place on cgroup v1 hosts only")
-    real = process_module._popen
+    real = chain.popen
 
     def slow_popen(*args: Any, **kwargs: Any) -> Any:
         burn_until = time.thread_time() + 0.1  # the thread's CPU, inside the job's groups
@@ -962,7 +957,7 @@ async def test_the_forking_threads_own_cpu_is_not_the_jobs(
             pass
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(process_module, "_popen", slow_popen)
+    monkeypatch.setattr(chain, "popen", slow_popen)
     process, info = await _run(sup, _spec("true"), tmp_path / "j")
     assert process.cgroup.by_thread or process.cgroup.name.startswith("pool-")
     assert info.exit_code == 0
@@ -983,7 +978,7 @@ def _nobody() -> Any:
 @pytest.mark.skipif(not ROOT, reason="dropping to another user needs root")
 @pytest.mark.parametrize("limits", [NO_LIMITS, JOIN_SHELL], ids=["forked-in-place", "shell"])
 async def test_no_byte_of_a_job_as_nobody_reaches_a_root_process(
-    sup: Supervisor,
+    sup: Spawner,
     backend: CgroupBackend,
     tmp_path: Path,
     shared: Path,
@@ -1012,7 +1007,7 @@ async def test_no_byte_of_a_job_as_nobody_reaches_a_root_process(
 @pytest.mark.skipif(not ROOT, reason="dropping to another user needs root")
 @pytest.mark.parametrize("limits", [NO_LIMITS, JOIN_SHELL], ids=["forked-in-place", "shell"])
 async def test_a_job_as_nobody_gets_its_env_dir_and_argv_exactly(
-    sup: Supervisor, backend: CgroupBackend, tmp_path: Path, shared: Path, limits: Limits
+    sup: Spawner, backend: CgroupBackend, tmp_path: Path, shared: Path, limits: Limits
 ) -> None:
     _needs_cgroup(backend)
     (shared / "-tool").symlink_to("/usr/bin/cat")  # argv[0] starting with "-"
@@ -1043,7 +1038,7 @@ async def test_a_job_as_nobody_gets_its_env_dir_and_argv_exactly(
 
 @pytest.mark.skipif(not ROOT, reason="dropping to another user needs root")
 async def test_what_the_user_cannot_reach_fails_with_a_message_naming_it(
-    sup: Supervisor, backend: CgroupBackend, tmp_path: Path, shared: Path
+    sup: Spawner, backend: CgroupBackend, tmp_path: Path, shared: Path
 ) -> None:
     private = shared / "priv"
     (private / "pub").mkdir(parents=True)
@@ -1079,7 +1074,7 @@ async def test_what_the_user_cannot_reach_fails_with_a_message_naming_it(
 
 
 @pytest.mark.skipif(not ROOT, reason="needs root")
-def test_root_and_the_servers_own_user_drop_nothing(sup: Supervisor) -> None:
+def test_root_and_the_servers_own_user_drop_nothing(sup: Spawner) -> None:
     assert sup.account("") is None
     assert sup.account("root") is None  # the server's own uid: no setpriv, no env(1)
     who = sup.account(NOBODY)
