@@ -148,7 +148,7 @@ class Daemon:
         if killed:
             log.warning("orphan_jobs_killed", cgroups=killed)
         with contextlib.suppress(OSError):
-            await asyncio.to_thread(self.backend.cleanup_stale)
+            await asyncio.to_thread(self.backend.cleanup_stale, frozenset(owned))
 
     def _restore_one(self, item: dict[str, Any], mine: bool) -> None:
         entry = _Entry(str(item["key"]), int(item["attempt"]), started=item.get("started"))
@@ -419,10 +419,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0  # another supervisor serves this data_dir: the server connects to it
     listener = socket.socket(fileno=args.listen_fd) if args.listen_fd >= 0 else _listen(data_dir)
     _write_pid(data_dir)
+    # The asyncio server closes its socket when it ends; a re-exec hands on this copy.
+    listen_copy = os.dup(listener.fileno())
     backend = CgroupBackend.detect(args.cgroup_root)
     daemon = Daemon(data_dir, backend, listener)
     reexec = _run_loop(daemon, args.resume)
     if not reexec:
+        os.close(listen_copy)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(data_dir / p.PID_FILE)
         log.info("supervisor_stopped")
@@ -430,12 +433,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     jwlogging.flush()
     os.set_inheritable(lock, True)
-    os.set_inheritable(listener.fileno(), True)
+    os.set_inheritable(listen_copy, True)
     args_out = [
         sys.executable, "-m", "jobworker", "supervise", "--data-dir", str(data_dir),
         "--cgroup-root", args.cgroup_root, "--log-level", args.log_level,
         "--log-format", args.log_format, "--resume",
-        "--lock-fd", str(lock), "--listen-fd", str(listener.detach()),
+        "--lock-fd", str(lock), "--listen-fd", str(listen_copy),
     ]  # fmt: skip
     os.execv(sys.executable, args_out)  # noqa: S606 - our own program, by absolute path
 
@@ -450,6 +453,11 @@ def _run_loop(daemon: Daemon, resume: bool) -> bool:
     def run() -> None:
         try:
             result.append(loop.run_until_complete(daemon.run(resume)))
+            # Left after a re-exec request: watchers of jobs the next program adopts.
+            left = asyncio.all_tasks(loop)
+            for task in left:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
         except BaseException as exc:  # noqa: BLE001 - raised again on the main thread
             failure.append(exc)
         finally:

@@ -332,18 +332,19 @@ class CgroupBackend:
         groups = tuple((h, h.parent / key) for h in self.hierarchies if (h.parent / key).is_dir())
         return JobCgroup(key, groups, _live=self._live) if groups else None
 
-    def cleanup_stale(self) -> int:
+    def cleanup_stale(self, owned: frozenset[str] = frozenset()) -> int:
         """Remove job groups left by an earlier run that are empty; the number of jobs cleaned.
 
         Groups this backend made are skipped: an empty one may belong to a job whose join
-        shell has not joined yet. Sleeps while a group is busy (remove_blocking).
+        shell has not joined yet; so are `owned` ones (of jobs a re-exec'd supervisor
+        adopted). Sleeps while a group is busy (remove_blocking).
         """
         keys: set[str] = set()
         for hierarchy in self.hierarchies:
             with contextlib.suppress(OSError):
                 keys.update(p.name for p in hierarchy.parent.iterdir() if p.is_dir())
         removed = 0
-        for key in sorted(keys - self._live):
+        for key in sorted(keys - self._live - owned):
             group = self.open(key)
             if group is None:
                 continue
