@@ -147,7 +147,11 @@ class Server:
         assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            last = "\n".join(self.raw[-15:])
+            raise AssertionError(f"server did not stop in {timeout}s; it said last:\n{last}") from None
         self._close_pipe()
         return code
 

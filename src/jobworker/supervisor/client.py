@@ -187,6 +187,8 @@ class LocalExecutor:
     def _dispatch(self, m: p.Message) -> None:
         op, key = m["op"], str(m.get("key", ""))
         if op in ("started", "failed"):
+            if op == "started":  # now, not when start() resumes: "ended" may come next
+                self._jobs[key] = LocalJob(self, m)
             pending = self._pending.pop(key, None)
             if pending is not None and not pending[1].done():
                 pending[1].set_result(m)
@@ -243,6 +245,9 @@ class LocalExecutor:
         for key, (message, future) in list(self._pending.items()):
             item = reported.get(key)
             if item is not None and int(item["attempt"]) == int(message["attempt"]):
+                job = self._jobs[key] = LocalJob(self, item)
+                if item.get("ended") is not None:
+                    job._end(p.exit_from(item["ended"]))
                 future.set_result({**item, "op": "started"})
                 del self._pending[key]
             elif same:
@@ -287,8 +292,7 @@ class LocalExecutor:
         reply = await future
         if reply["op"] != "started":
             raise SpawnError(str(reply.get("message", "the job supervisor could not start it")))
-        job = self._jobs[launch.key] = LocalJob(self, reply)
-        return job
+        return self._jobs[launch.key]
 
     async def recover(self, known: Sequence[Known]) -> dict[str, tuple[int, Handle | ExitInfo]]:
         found: dict[str, tuple[int, Handle | ExitInfo]] = {}
