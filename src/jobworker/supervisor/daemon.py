@@ -250,6 +250,8 @@ class Daemon:
         entry = self.jobs.get(str(m.get("key", "")))
         if op == "spawn":
             self._spawn(m)
+        elif op in ("stop", "kill") and entry is not None and entry.ended is not None:
+            self._send(_ended(entry))  # it ended already: the server may not know yet
         elif op == "stop" and entry is not None and entry.process is not None:
             self._own(entry.process.stop(float(m["grace"])))
         elif op == "kill" and entry is not None and entry.process is not None:
