@@ -372,31 +372,45 @@ _STATE_NAMES = {s: s.name for s in JobState}  # Enum.name is a descriptor: slow 
 
 
 def _event_from_line(line: bytes) -> JobEvent:
-    """A journal line's event; ValueError (or KeyError, TypeError) when it is not one."""
-    d = _obj(json.loads(line))
-    u = d.get("u")
-    o = d.get("o")
-    x = d.get("x")
+    """A journal line's event; ValueError (or KeyError, TypeError) when it is not one.
+
+    Read for every event at every start: the checks of the fields every line has are
+    written out, and the others checked only when present."""
+    d = json.loads(line)
+    if type(d) is not dict:
+        raise ValueError("not an object")
+    seq, index, when = d["q"], d["i"], d["t"]
+    if type(seq) is not int or type(index) is not int or seq < 0 or index < 0:
+        raise ValueError("q and i are not counts")
+    if (type(when) is not float and type(when) is not int) or not 0 <= when <= _MAX_TIME:
+        raise ValueError("t is not a time")
+    state = _STATE_BY_NAME[d["s"]]
+    if len(d) == 4:
+        return JobEvent(seq, index, state, when)
+    x, u, o = d.get("x"), d.get("u"), d.get("o")
     if u is not None and (type(u) is not list or len(u) != 3):
         raise ValueError("usage is not [user, system, rss]")
     if o is not None and (type(o) is not list or len(o) != 2):
         raise ValueError("offsets are not [stdout, stderr]")
     return JobEvent(
-        seq=_int(d["q"]),
-        index=_int(d["i"]),
-        state=JobState[_str(d["s"])],
-        time=_num(d["t"]),
+        seq=seq,
+        index=index,
+        state=state,
+        time=when,
         exit_code=None if x is None else _int(x, -_INT32 - 1, _INT32),
-        signal=_int(d.get("g", 0), 0, _INT32),
-        message=_str(d.get("m", "")),
-        pid=_int(d.get("p", 0), 0, _INT32),
-        pid_start=_int(d.get("ps", 0)),
+        signal=_int(d["g"], 0, _INT32) if "g" in d else 0,
+        message=_str(d["m"]) if "m" in d else "",
+        pid=_int(d["p"], 0, _INT32) if "p" in d else 0,
+        pid_start=_int(d["ps"]) if "ps" in d else 0,
         usage=Usage(_num(u[0], 0.0, 1e10), _num(u[1], 0.0, 1e10), _int(u[2])) if u else None,
-        cgroup=_str(d.get("c", "")),
-        attempt=_int(d.get("a", 1), 1, (1 << 32) - 1),
-        retry_at=_num(d.get("r", 0.0)),
+        cgroup=_str(d["c"]) if "c" in d else "",
+        attempt=_int(d["a"], 1, (1 << 32) - 1) if "a" in d else 1,
+        retry_at=_num(d["r"]) if "r" in d else 0.0,
         offsets=(_int(o[0]), _int(o[1])) if o else (0, 0),
     )
+
+
+_STATE_BY_NAME = {s.name: s for s in JobState}
 
 
 def _make_folders(jobs: Path, count: int, stop: threading.Event) -> None:
