@@ -40,6 +40,7 @@ from jobworker.store.damage import (
     NotRegular,
     Quarantine,
     kind_of,
+    open_regular,
     read_regular,
     start_traces,
 )
@@ -623,8 +624,9 @@ class BatchStore:
         """Append the batch's unwritten events, whole lines only; keep them on failure."""
         try:
             if batch.journal_fd < 0:
-                batch.journal_fd = os.open(
-                    batch.path / JOURNAL, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600
+                # Never a FIFO (it would block the event loop) nor through a symlink.
+                batch.journal_fd = open_regular(
+                    batch.path / JOURNAL, os.O_WRONLY | os.O_CREAT | os.O_APPEND
                 )
                 batch.journal_size = os.fstat(batch.journal_fd).st_size
             data = b"".join(batch.pending)

@@ -449,3 +449,17 @@ def test_a_garbage_first_line_keeps_the_events_after_it(tmp_path: Path) -> None:
     loaded, _ = _reload(tmp_path)
     assert loaded.statuses[0].state is JobState.RUNNING
     assert loaded.statuses[0].pid == 9
+
+
+def test_appends_never_open_a_fifo_put_in_the_journals_place(tmp_path: Path) -> None:
+    store, batch = _stored(tmp_path)
+    os.mkfifo(batch.path / JOURNAL)  # appeared while the server runs: not moved
+    with capture_logs() as logs:
+        _ran(store, batch, 0)  # does not block; the lines wait in memory
+    assert _events(logs, "journal_write_failed")
+    assert batch.statuses[0].state is JobState.SUCCEEDED
+    (batch.path / JOURNAL).unlink()
+    store.retry_pending()
+    store.close()
+    loaded, _ = _reload(tmp_path)
+    assert loaded.statuses[0].state is JobState.SUCCEEDED
