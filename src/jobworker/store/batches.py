@@ -36,6 +36,14 @@ from jobworker.model import (
     batch_state,
     frozen_map,
 )
+from jobworker.store.damage import (
+    NotRegular,
+    Quarantine,
+    kind_of,
+    open_regular,
+    read_regular,
+    start_traces,
+)
 from jobworker.store.notify import Notifier
 
 log = structlog.get_logger("jobworker.store")
@@ -197,28 +205,118 @@ def _spec_to_json(spec: JobSpec) -> dict[str, Any]:
     return out
 
 
-def _retry_from_json(d: Mapping[str, Any] | None) -> RetryPolicy | None:
-    if d is None:
+# Everything read back from disk is checked as if a stranger wrote it: a wrong type or an
+# out-of-range number would otherwise fail later, far from the file (in the engine, or
+# when a reply is encoded), and take the server down. Each check raises ValueError.
+
+_INT32 = (1 << 31) - 1
+_MAX_TIME = 1e11  # seconds since the epoch: far past any real time, inside a Timestamp
+_MAX_SECONDS = 366 * 86400.0  # a timeout or a backoff
+_MAX_ATTEMPTS = 100
+
+
+def _int(value: object, lo: int = 0, hi: int = (1 << 63) - 1) -> int:
+    if type(value) is not int or not lo <= value <= hi:
+        raise ValueError(f"{value!r:.40} is not an integer from {lo} to {hi}")
+    return value
+
+
+def _num(value: object, lo: float = 0.0, hi: float = _MAX_TIME) -> float:
+    if type(value) is not float and type(value) is not int:
+        raise ValueError(f"{value!r:.40} is not a number")
+    if not lo <= value <= hi:  # NaN fails too
+        raise ValueError(f"{value!r:.40} is not from {lo} to {hi}")
+    return value
+
+
+def _str(value: object) -> str:
+    if type(value) is not str:
+        raise ValueError(f"{value!r:.40} is not a string")
+    if not value.isascii():
+        value.encode()  # a lone surrogate (JSON allows "\ud800") cannot go on the wire
+    return value
+
+
+def _obj(value: object) -> dict[str, Any]:
+    if type(value) is not dict:
+        raise ValueError(f"{value!r:.40} is not an object")
+    return value
+
+
+def _strings(value: object) -> list[str]:
+    if type(value) is not list:
+        raise ValueError(f"{value!r:.40} is not a list")
+    return [_str(v) for v in value]
+
+
+def _str_map(value: object) -> Mapping[str, str]:
+    return frozen_map({_str(k): _str(v) for k, v in _obj(value).items()})
+
+
+def _retry_from_json(value: object) -> RetryPolicy | None:
+    if value is None:
         return None
+    d = _obj(value)
     return RetryPolicy(
-        max_attempts=d["max_attempts"],
-        initial_backoff=d["initial_backoff"],
-        max_backoff=d["max_backoff"],
-        retry_on=frozenset(JobState[name] for name in d["retry_on"]),
+        max_attempts=_int(d["max_attempts"], 1, _MAX_ATTEMPTS),
+        initial_backoff=_num(d["initial_backoff"], 0.0, _MAX_SECONDS),
+        max_backoff=_num(d["max_backoff"], 0.0, _MAX_SECONDS),
+        retry_on=frozenset(JobState[name] for name in _strings(d["retry_on"])),
     )
 
 
-def _spec_from_json(d: Mapping[str, Any]) -> JobSpec:
+def _limits_from_json(value: object) -> Limits:
+    d = _obj(value)
+    unknown = set(d) - set(Limits.__slots__)
+    if unknown:
+        raise ValueError(f"unknown limits {sorted(unknown)!r:.80}")
+    return Limits(**{k: _int(v) for k, v in d.items()})
+
+
+def _spec_from_json(value: object) -> JobSpec:
+    d = _obj(value)
+    argv = tuple(_strings(d["argv"]))
+    if not argv:
+        raise ValueError("empty argv")
+    timeout = d.get("timeout")
     return JobSpec(
-        name=d["name"],
-        argv=tuple(d["argv"]),
-        env=frozen_map(d.get("env")),
-        working_dir=d.get("working_dir", ""),
-        timeout=d.get("timeout"),
-        limits=Limits(**d["limits"]) if "limits" in d else Limits(),
-        depends_on=tuple(d.get("depends_on", ())),
+        name=_str(d["name"]),
+        argv=argv,
+        env=_str_map(d.get("env", {})),
+        working_dir=_str(d.get("working_dir", "")),
+        timeout=None if timeout is None else _num(timeout, 0.0, _MAX_SECONDS),
+        limits=_limits_from_json(d["limits"]) if "limits" in d else Limits(),
+        depends_on=tuple(_strings(d.get("depends_on", []))),
         retry=_retry_from_json(d.get("retry")),
     )
+
+
+def _check_graph(specs: tuple[JobSpec, ...]) -> None:
+    """ValueError unless names are unique and dependencies name other jobs, without a cycle
+    (the engine trusts both); a worklist, not recursion: a long chain is a valid batch."""
+    names = {spec.name: i for i, spec in enumerate(specs)}
+    if len(names) != len(specs):
+        raise ValueError("two jobs have the same name")
+    waiting = [0] * len(specs)
+    dependents: dict[int, list[int]] = {}
+    for i, spec in enumerate(specs):
+        for dep in spec.depends_on:
+            j = names.get(dep)
+            if j is None or j == i:
+                raise ValueError(f"job {i} depends on {dep!r:.80}, not another job")
+            waiting[i] += 1
+            dependents.setdefault(j, []).append(i)
+    ready = [i for i, n in enumerate(waiting) if not n]
+    done = 0
+    while ready:
+        j = ready.pop()
+        done += 1
+        for i in dependents.get(j, ()):
+            waiting[i] -= 1
+            if not waiting[i]:
+                ready.append(i)
+    if done != len(specs):
+        raise ValueError("the jobs' dependencies make a cycle")
 
 
 def _options_to_json(o: BatchOptions) -> dict[str, Any]:
@@ -230,12 +328,16 @@ def _options_to_json(o: BatchOptions) -> dict[str, Any]:
     }
 
 
-def _options_from_json(d: Mapping[str, Any]) -> BatchOptions:
+def _options_from_json(value: object) -> BatchOptions:
+    d = _obj(value)
+    fail_fast = d.get("fail_fast", False)
+    if type(fail_fast) is not bool:
+        raise ValueError(f"fail_fast {fail_fast!r:.40} is not a boolean")
     return BatchOptions(
-        labels=frozen_map(d.get("labels")),
-        max_parallel=d.get("max_parallel", 0),
-        fail_fast=d.get("fail_fast", False),
-        idempotency_key=d.get("idempotency_key", ""),
+        labels=_str_map(d.get("labels", {})),
+        max_parallel=_int(d.get("max_parallel", 0), 0, _INT32),
+        fail_fast=fail_fast,
+        idempotency_key=_str(d.get("idempotency_key", "")),
     )
 
 
@@ -271,24 +373,45 @@ _STATE_NAMES = {s: s.name for s in JobState}  # Enum.name is a descriptor: slow 
 
 
 def _event_from_line(line: bytes) -> JobEvent:
+    """A journal line's event; ValueError (or KeyError, TypeError) when it is not one.
+
+    Read for every event at every start: the checks of the fields every line has are
+    written out, and the others checked only when present."""
     d = json.loads(line)
-    u = d.get("u")
+    if type(d) is not dict:
+        raise ValueError("not an object")
+    seq, index, when = d["q"], d["i"], d["t"]
+    if type(seq) is not int or type(index) is not int or seq < 0 or index < 0:
+        raise ValueError("q and i are not counts")
+    if (type(when) is not float and type(when) is not int) or not 0 <= when <= _MAX_TIME:
+        raise ValueError("t is not a time")
+    state = _STATE_BY_NAME[d["s"]]
+    if len(d) == 4:
+        return JobEvent(seq, index, state, when)
+    x, u, o = d.get("x"), d.get("u"), d.get("o")
+    if u is not None and (type(u) is not list or len(u) != 3):
+        raise ValueError("usage is not [user, system, rss]")
+    if o is not None and (type(o) is not list or len(o) != 2):
+        raise ValueError("offsets are not [stdout, stderr]")
     return JobEvent(
-        seq=d["q"],
-        index=d["i"],
-        state=JobState[d["s"]],
-        time=d["t"],
-        exit_code=d.get("x"),
-        signal=d.get("g", 0),
-        message=d.get("m", ""),
-        pid=d.get("p", 0),
-        pid_start=d.get("ps", 0),
-        usage=Usage(u[0], u[1], u[2]) if u else None,
-        cgroup=d.get("c", ""),
-        attempt=d.get("a", 1),
-        retry_at=d.get("r", 0.0),
-        offsets=tuple(d["o"]) if "o" in d else (0, 0),
+        seq=seq,
+        index=index,
+        state=state,
+        time=when,
+        exit_code=None if x is None else _int(x, -_INT32 - 1, _INT32),
+        signal=_int(d["g"], 0, _INT32) if "g" in d else 0,
+        message=_str(d["m"]) if "m" in d else "",
+        pid=_int(d["p"], 0, _INT32) if "p" in d else 0,
+        pid_start=_int(d["ps"]) if "ps" in d else 0,
+        usage=Usage(_num(u[0], 0.0, 1e10), _num(u[1], 0.0, 1e10), _int(u[2])) if u else None,
+        cgroup=_str(d["c"]) if "c" in d else "",
+        attempt=_int(d["a"], 1, (1 << 32) - 1) if "a" in d else 1,
+        retry_at=_num(d["r"]) if "r" in d else 0.0,
+        offsets=(_int(o[0]), _int(o[1])) if o else (0, 0),
     )
+
+
+_STATE_BY_NAME = {s.name: s for s in JobState}
 
 
 def _make_folders(jobs: Path, count: int, stop: threading.Event) -> None:
@@ -316,7 +439,9 @@ def _make_folders(jobs: Path, count: int, stop: threading.Event) -> None:
 
 def _write_synced(path: Path, data: bytes) -> None:
     """Write `data` to a new file `path` and fsync it."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with contextlib.suppress(FileNotFoundError):  # a leftover: never opened (a FIFO blocks)
+        os.unlink(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         view = memoryview(data)
         while view:
@@ -499,8 +624,9 @@ class BatchStore:
         """Append the batch's unwritten events, whole lines only; keep them on failure."""
         try:
             if batch.journal_fd < 0:
-                batch.journal_fd = os.open(
-                    batch.path / JOURNAL, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600
+                # Never a FIFO (it would block the event loop) nor through a symlink.
+                batch.journal_fd = open_regular(
+                    batch.path / JOURNAL, os.O_WRONLY | os.O_CREAT | os.O_APPEND
                 )
                 batch.journal_size = os.fstat(batch.journal_fd).st_size
             data = b"".join(batch.pending)
@@ -603,85 +729,433 @@ class BatchStore:
     # -- recovery
 
     def load(self) -> list[BatchRecord]:
-        """Load every batch from disk, oldest first; incomplete folders are removed."""
+        """Load every batch from disk, oldest first.
+
+        Nothing on disk is trusted, and nothing that holds a job's output is deleted: what
+        cannot be used is moved to data_dir/quarantine (logged with its path and why), a
+        job whose record of a start or an end was lost but whose folder shows it started
+        is recorded LOST rather than run again, and a batch whose batch.json is unusable is
+        kept as a damaged batch (its jobs LOST, labelled DAMAGED_LABEL), never dropped.
+        Only a folder that never held a committed batch (a crash before batch.json's
+        rename: no log, no journal) is removed.
+        """
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         # Jobs may run as several Unix users: none of them reads another's logs here.
         os.chmod(self.root, 0o700)
+        quarantine = Quarantine(self.root.parent)
+        with os.scandir(self.root) as found:
+            entries = list(found)
         loaded: list[BatchRecord] = []
-        for path in self.root.iterdir():
-            if path.name.startswith(TRASH):
+        for entry in entries:
+            path = self.root / entry.name
+            try:
+                mode = entry.stat(follow_symlinks=False).st_mode
+            except OSError:
+                continue  # gone since the listing
+            if entry.name.startswith(TRASH) and stat.S_ISDIR(mode):
                 shutil.rmtree(path, ignore_errors=True)  # a delete the last run did not finish
                 continue
-            if not path.is_dir() or path.name.startswith("."):
+            if not stat.S_ISDIR(mode) or not _is_cid(entry.name):
+                # Not a batch the server made: left as it is, never followed or opened.
+                log.warning("stray_entry_skipped", path=str(path), kind=kind_of(mode))
                 continue
+            batch: BatchRecord | None
             try:
-                loaded.append(self._load_one(path))
-            except FileNotFoundError:
-                # Crashed between mkdir and the metadata's rename: nothing was scheduled.
-                log.warning("incomplete_batch_removed", path=str(path))
-                shutil.rmtree(path, ignore_errors=True)
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                log.error("batch_unreadable", path=str(path), error=str(exc))
+                batch = self._load_one(path, quarantine)
+            except Exception as exc:  # a bug must neither lose the batch nor stop the start
+                log.exception("batch_load_failed", path=str(path))
+                try:
+                    batch = self._damaged(path, f"it could not be loaded ({exc})", quarantine)
+                except Exception:
+                    log.exception("batch_skipped", path=str(path))
+                    batch = None
+            if batch is not None:
+                loaded.append(batch)
         loaded.sort(key=lambda b: b.order)
         for batch in loaded:
             self._add(batch)
         return loaded
 
-    def _load_one(self, path: Path) -> BatchRecord:
-        meta = json.loads((path / META).read_bytes())
-        if meta.get("version") != FORMAT_VERSION:
-            raise ValueError(f"format version {meta.get('version')}, not {FORMAT_VERSION}")
-        batch = BatchRecord(
-            cid=meta["correlation_id"],
-            owner=meta["owner"],
-            create_time=meta["create_time"],
-            options=_options_from_json(meta["options"]),
-            specs=tuple(_spec_from_json(j) for j in meta["jobs"]),
-            path=path,
-            stdin_sizes=[j.get("stdin_bytes", 0) for j in meta["jobs"]],
-        )
-        for event, offset in _read_journal(path / JOURNAL):
-            if event.seq != len(batch.events) or not 0 <= event.index < len(batch.specs):
-                cut_journal(path / JOURNAL, offset, f"event {event.seq} out of order")
-                break
-            batch._apply(event)
+    def _load_one(self, path: Path, quarantine: Quarantine) -> BatchRecord | None:
+        cid = path.name
+        try:
+            batch = _read_meta(path)
+        except FileNotFoundError:
+            if _never_committed(path):
+                # Crashed between mkdir and the metadata's rename: nothing was scheduled.
+                log.warning("incomplete_batch_removed", path=str(path))
+                shutil.rmtree(path, ignore_errors=True)
+                return None
+            earlier = quarantine.earlier(cid, META)
+            why = f"{META} is missing"
+            if earlier is not None:
+                why += f" (an earlier start moved it to {self._shown(earlier)})"
+            return self._damaged(path, why, quarantine)
+        except _Unusable as exc:
+            moved = quarantine.move(path / META, cid, META, exc.why) if exc.move else None
+            return self._damaged(path, exc.why, quarantine, moved)
+        journal = _read_journal(path / JOURNAL, cid, quarantine)
+        problems = list(journal.problems)
+        for event in _in_order(journal.events, len(batch.specs), problems):
+            seq = len(batch.events)  # numbered again after a lost or a skipped line
+            batch._apply(event if event.seq == seq else dataclasses.replace(event, seq=seq))
+        if problems[len(journal.problems) :] or journal.bad_lines:
+            _repair_journal(path / JOURNAL, batch, journal, problems, quarantine)
+        elif journal.torn:
+            log.warning("journal_tail_dropped", path=str(path / JOURNAL), bytes=journal.torn)
+            with contextlib.suppress(OSError):
+                os.truncate(path / JOURNAL, journal.good)
+        self._check_folders(batch, quarantine, problems)
         return batch
 
+    def _check_folders(
+        self, batch: BatchRecord, quarantine: Quarantine, problems: list[str]
+    ) -> None:
+        """Look at the job folders: move aside what is not a folder or a regular file where
+        one should be, log the folders of jobs that ran and are gone, and record LOST the
+        queued jobs whose folder shows they had started (their start never recorded)."""
+        jobs = batch.path / "jobs"
+        names = _list_jobs(jobs, batch.cid, quarantine)
+        traced: dict[int, str] = {}
+        for i, status in enumerate(batch.statuses):
+            folder = jobs / str(i)
+            is_dir = names.get(str(i))
+            if is_dir is None:
+                if status.start_time is not None:  # it ran: its logs are gone
+                    log.error(
+                        "job_folder_missing",
+                        path=str(folder),
+                        correlation_id=batch.cid,
+                        job_index=i,
+                        state=status.state.name,
+                    )
+                continue
+            if not is_dir:
+                try:
+                    why = f"a {kind_of(os.lstat(folder).st_mode)}, not a folder"
+                except OSError:
+                    continue
+                quarantine.move(folder, batch.cid, f"jobs.{i}", why)
+                continue
+            if status.state.ended:
+                # Its files are read safely when asked for (store/logs.py): looking into
+                # every ended job's folder would cost every start.
+                continue
+            _check_job_files(folder, batch.cid, i, quarantine)
+            if status.state is JobState.QUEUED:
+                traces = start_traces(folder, status.log_sizes)
+                if traces:
+                    traced[i] = traces
+        if traced:
+            self._record_lost(batch, traced, problems)
 
-def _read_journal(path: Path) -> list[tuple[JobEvent, int]]:
-    """The journal's events, each with the offset where its line starts.
+    def _record_lost(self, batch: BatchRecord, traced: dict[int, str], problems: list[str]) -> None:
+        """Record LOST the queued jobs that `traced` shows had started, and the queued jobs
+        they depend on (a job starts only after its dependencies succeeded)."""
+        why = "; ".join(problems[:3]) if problems else "its start was not recorded"
+        lost = dict(traced)
+        work = list(traced)
+        while work:
+            i = work.pop()
+            for dep in batch.specs[i].depends_on:
+                j = batch.names[dep]
+                if j not in lost and batch.statuses[j].state is JobState.QUEUED:
+                    lost[j] = f"job {batch.specs[i].name!r} that depends on it had started"
+                    work.append(j)
+        now = time.time()
+        for i in sorted(lost):
+            folder = batch.path / "jobs" / str(i)
+            log.error(
+                "job_record_damaged",
+                path=str(folder),
+                correlation_id=batch.cid,
+                job_index=i,
+                why=why,
+                traces=lost[i],
+            )
+            message = f"record damaged: {why}; it had started ({lost[i]}), so it is not run again"
+            attempt = batch.statuses[i].attempt + 1
+            event = JobEvent(
+                seq=self.next_seq(batch),
+                index=i,
+                state=JobState.LOST,
+                time=now,
+                message=message,
+                attempt=attempt,
+            )
+            self.append(batch, event)
 
-    A torn last line (a crash mid-append) is dropped and cut off. A damaged line before
-    the last is not skipped (what follows cannot be trusted in order): the file is kept
-    aside for a person, and the journal cut back to the good lines before it, so that
-    events appended from now on are read at the next start.
-    """
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return []
-    events: list[tuple[JobEvent, int]] = []
-    good = 0
-    lines = data.splitlines(keepends=True)
-    for n, line in enumerate(lines):
+    def _damaged(
+        self, path: Path, why: str, quarantine: Quarantine, moved: Path | None = None
+    ) -> BatchRecord:
+        """A batch whose batch.json cannot be used: what its journal and folders tell,
+        every job LOST with a message naming the damage, labelled DAMAGED_LABEL. Memory
+        only: its files stay as they are (but for what is moved to quarantine)."""
+        cid = path.name
+        if moved is not None:
+            why += f"; moved to {self._shown(moved)}"
+        journal = _read_journal(path / JOURNAL, cid, quarantine)
+        count = 0
+        for event in journal.events:
+            if event.index < MAX_DAMAGED_JOBS:
+                count = max(count, event.index + 1)
+        with contextlib.suppress(OSError), os.scandir(path / "jobs") as found:
+            for entry in found:
+                if entry.name.isdigit() and str(int(entry.name)) == entry.name:
+                    count = max(count, min(int(entry.name) + 1, MAX_DAMAGED_JOBS))
+        count = max(count, 1)
+        times = [e.time for e in journal.events]
         try:
-            if not line.endswith(b"\n"):
-                raise ValueError("unterminated")
-            events.append((_event_from_line(line), good))
-        except (ValueError, KeyError, TypeError, IndexError):
-            if n == len(lines) - 1:
-                log.warning("journal_tail_dropped", path=str(path), bytes=len(data) - good)
-                os.truncate(path, good)
-            else:
-                cut_journal(path, good, f"damaged line {n + 1}")
+            created = min(times) if times else _num(os.lstat(path).st_mtime)
+        except (OSError, ValueError):
+            created = 0.0
+        batch = BatchRecord(
+            cid=cid,
+            owner="",  # unknown: only those who may see every batch see it
+            create_time=created,
+            options=BatchOptions(labels=frozen_map({DAMAGED_LABEL: META})),
+            specs=tuple(JobSpec(f"job-{i}", ()) for i in range(count)),
+            path=path,
+        )
+        for event in _in_order(journal.events, count, []):
+            batch._apply(dataclasses.replace(event, seq=len(batch.events)))
+        now = time.time()
+        for i, status in enumerate(list(batch.statuses)):
+            message = f"record damaged: {why}"
+            if status.state is not JobState.QUEUED:
+                message += f"; last recorded {status.state.name}"
+                if status.message:
+                    message += f" ({status.message})"
+            event = JobEvent(
+                seq=len(batch.events),
+                index=i,
+                state=JobState.LOST,
+                time=now,
+                exit_code=status.exit_code,
+                signal=status.signal,
+                message=message,
+                usage=status.usage,
+                attempt=max(1, status.attempt),
+            )
+            batch._apply(event)
+        log.error("batch_damaged", path=str(path), correlation_id=cid, why=why, jobs=count)
+        self._check_folders(batch, quarantine, [])
+        return batch
+
+    def _shown(self, path: Path) -> str:
+        """`path` relative to data_dir: what a job's message names."""
+        try:
+            return str(path.relative_to(self.root.parent))
+        except ValueError:
+            return str(path)
+
+
+DAMAGED_LABEL = "jobworker/damaged"  # on a batch whose batch.json was unusable: which file
+MAX_DAMAGED_JOBS = 100_000  # jobs shown at most for a batch whose batch.json is gone
+_JOB_FILES = (STDIN, "stdout", "stderr", "stdout.times", "stderr.times")
+
+
+class _Unusable(Exception):
+    """batch.json cannot be used: why, and whether to move it to quarantine."""
+
+    def __init__(self, why: str, move: bool = True) -> None:
+        super().__init__(why)
+        self.why = why
+        self.move = move
+
+
+def _read_meta(path: Path) -> BatchRecord:
+    """The batch whose folder is `path`, from its batch.json, every field checked (no job
+    event applied yet); FileNotFoundError when there is none, else _Unusable."""
+    try:
+        raw = read_regular(path / META)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        move = isinstance(exc, NotRegular) or exc.errno == errno.EFBIG  # not an I/O error
+        raise _Unusable(f"{META} is unusable: {exc.strerror}", move) from exc
+    try:
+        meta = _obj(json.loads(raw))
+    except (ValueError, RecursionError) as exc:
+        raise _Unusable(f"{META} is not a JSON object ({_short(exc)})") from exc
+    version = meta.get("version")
+    if version != FORMAT_VERSION:  # another version's: left in place for it
+        why = f"{META} has format version {version!r:.40}, this server reads {FORMAT_VERSION}"
+        raise _Unusable(why, move=False)
+    try:
+        if meta["correlation_id"] != path.name:
+            raise ValueError(f"it names batch {meta['correlation_id']!r:.60}")
+        jobs = meta["jobs"]
+        if type(jobs) is not list or not jobs:
+            raise ValueError("jobs is not a list of jobs")
+        specs = tuple(_spec_from_json(j) for j in jobs)
+        _check_graph(specs)
+        owner = _str(meta["owner"])
+        if not owner:
+            raise ValueError("no owner")
+        return BatchRecord(
+            cid=path.name,
+            owner=owner,
+            create_time=_num(meta["create_time"]),
+            options=_options_from_json(meta["options"]),
+            specs=specs,
+            path=path,
+            stdin_sizes=[_int(j.get("stdin_bytes", 0)) for j in jobs],
+        )
+    except (ValueError, KeyError, TypeError, IndexError, RecursionError) as exc:
+        raise _Unusable(f"{META} is damaged ({_short(exc)})") from exc
+
+
+def _is_cid(name: str) -> bool:
+    """True for a name the server gives a batch folder: a UUID's canonical text."""
+    try:
+        return str(uuid.UUID(name)) == name
+    except ValueError:
+        return False
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _never_committed(path: Path) -> bool:
+    """True when the batch folder `path` holds only what a crash before batch.json's rename
+    leaves (batch.json.tmp, jobs/<i>/stdin): no batch was scheduled, no job ran."""
+    try:
+        with os.scandir(path) as top:
+            for entry in top:
+                if entry.name == META + ".tmp" and entry.is_file(follow_symlinks=False):
+                    continue
+                if entry.name != "jobs" or not entry.is_dir(follow_symlinks=False):
+                    return False
+                with os.scandir(entry.path) as jobs:
+                    for job in jobs:
+                        if not job.is_dir(follow_symlinks=False):
+                            return False
+                        with os.scandir(job.path) as files:
+                            for f in files:
+                                if f.name != STDIN or not f.is_file(follow_symlinks=False):
+                                    return False
+    except OSError:
+        return False
+    return True
+
+
+def _list_jobs(jobs: Path, cid: str, quarantine: Quarantine) -> dict[str, bool]:
+    """The entries of a batch's jobs/ folder, each with whether it is a folder (empty when
+    there is none; anything else there is moved to quarantine)."""
+    try:
+        mode = os.lstat(jobs).st_mode
+        if not stat.S_ISDIR(mode):
+            quarantine.move(jobs, cid, "jobs", f"a {kind_of(mode)}, not a folder")
+            return {}
+        with os.scandir(jobs) as found:
+            return {e.name: e.is_dir(follow_symlinks=False) for e in found}
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        log.error("job_folders_unreadable", path=str(jobs), error=str(exc))
+        return {}
+
+
+def _check_job_files(folder: Path, cid: str, index: int, quarantine: Quarantine) -> None:
+    """Move aside whatever stands in a job's folder where a regular file belongs (a FIFO
+    would block the job's start, a symlink would send its output elsewhere)."""
+    for name in _JOB_FILES:
+        try:
+            mode = os.lstat(folder / name).st_mode
+        except OSError:
+            continue
+        if not stat.S_ISREG(mode):
+            why = f"a {kind_of(mode)}, not a regular file"
+            quarantine.move(folder / name, cid, f"jobs.{index}.{name}", why)
+
+
+@dataclass
+class _Journal:
+    """A journal as read: its events, and what was wrong with it."""
+
+    events: list[JobEvent] = field(default_factory=list)
+    good: int = 0  # bytes of whole, readable lines before a torn last one
+    torn: int = 0  # bytes of a torn last line (a crash mid-append)
+    bad_lines: int = 0
+    problems: list[str] = field(default_factory=list)
+    regular: bool = True  # False once a non-regular file was moved away
+
+
+def _read_journal(path: Path, cid: str, quarantine: Quarantine) -> _Journal:
+    """The journal's events, in file order; reads only a regular file (anything else is
+    moved to quarantine). A torn last line (a crash mid-append) is dropped; a damaged
+    line elsewhere is skipped and counted: the lines after it are still good."""
+    out = _Journal()
+    try:
+        data = read_regular(path)
+    except FileNotFoundError:
+        return out
+    except OSError as exc:
+        why = f"the journal is unusable: {exc.strerror}"
+        out.problems.append(why)
+        if isinstance(exc, NotRegular) or exc.errno == errno.EFBIG:
+            out.regular = False
+            quarantine.move(path, cid, JOURNAL, why)
+        else:
+            log.error("journal_unreadable", path=str(path), error=str(exc))
+        return out
+    if not data:
+        out.problems.append("the journal is empty")
+        log.warning("journal_empty", path=str(path))
+        return out
+    lines = data.splitlines(keepends=True)
+    for n, line in enumerate(lines, 1):
+        if n == len(lines) and not line.endswith(b"\n"):
+            out.torn = len(line)
             break
-        good += len(line)
-    return events
+        try:
+            out.events.append(_event_from_line(line))
+        except (ValueError, KeyError, TypeError, IndexError, RecursionError):
+            out.bad_lines += 1
+            if out.bad_lines <= 3:
+                out.problems.append(f"line {n} of the journal is damaged")
+        out.good += len(line)
+    return out
 
 
-def cut_journal(path: Path, size: int, why: str) -> None:
-    """Keep a copy of a damaged journal aside, then cut the journal to its first `size` bytes."""
-    aside = path.with_name(f"{path.name}.damaged-{int(time.time())}")
-    shutil.copyfile(path, aside)
-    os.truncate(path, size)
-    log.error("journal_damaged", path=str(path), why=why, kept=str(aside), kept_bytes=size)
+def _in_order(events: list[JobEvent], jobs: int, problems: list[str]) -> Iterator[JobEvent]:
+    """The events that can be applied to a batch of `jobs` jobs: each names one of its
+    jobs and comes after the one before (QUEUED events 0..jobs-1 are implicit). A gap (a
+    lost line) is noted in `problems`, and the events after it are kept."""
+    last = jobs - 1
+    for event in events:
+        if event.index >= jobs:
+            problems.append(f"event {event.seq} names job {event.index}, of {jobs}")
+        elif event.seq <= last:
+            problems.append(f"event {event.seq} out of order")
+        else:
+            if event.seq != last + 1:
+                problems.append(f"events {last + 1} to {event.seq - 1} missing")
+            last = event.seq
+            yield event
+
+
+def _repair_journal(
+    path: Path, batch: BatchRecord, journal: _Journal, problems: list[str], quarantine: Quarantine
+) -> None:
+    """Keep the damaged journal in quarantine and put in its place the events it held that
+    could be used (numbered again from the batch's jobs' count), so that what is appended
+    from now on reads back at the next start."""
+    why = "; ".join(problems[:5])
+    kept = quarantine.keep(path, batch.cid, JOURNAL, why) if journal.regular else None
+    lines = b"".join(_event_to_line(e) for e in batch.events[len(batch.specs) :])
+    try:
+        _write_atomic(path, lines)
+    except OSError as exc:
+        log.error("journal_repair_failed", path=str(path), why=why, error=str(exc))
+        return
+    log.error(
+        "journal_damaged",
+        path=str(path),
+        why=why,
+        moved_to=str(kept) if kept else None,
+        events_kept=len(batch.events) - len(batch.specs),
+    )

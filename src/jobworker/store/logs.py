@@ -6,20 +6,26 @@ import asyncio
 import contextlib
 import itertools
 import os
+import stat
 import struct
+import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import structlog
+
 from jobworker.errors import InvalidArgument, Unavailable
 from jobworker.model import JobEvent, JobState
 from jobworker.store.batches import BatchRecord
+from jobworker.store.damage import STREAMS, TIMES, NotRegular, open_regular
 from jobworker.store.inotify import Inotify
+
+log = structlog.get_logger("jobworker.store")
 
 CHUNK = 512 * 1024  # per message: large enough for throughput, far under gRPC's 4 MiB
 ROUND = 4  # full chunks of one stream sent in a row before the others get a turn
 COALESCE = 0.001  # after a short read of a live job, let it write a little more first
-STREAMS = ("stdout", "stderr")
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,11 +37,36 @@ class Tail:
     truncated: bool
 
 
-def read_tail(path: str | Path, limit: int) -> Tail:
-    """At most `limit` bytes of the end of `path`; a missing file is empty."""
+# A log file is read only if it is a regular file: a FIFO put in its place would block
+# the reader, a symlink would show another file. What is not is read as empty, and said
+# once (the server's start moves such files aside for jobs still to run; see
+# docs/operations.md, "Damaged data").
+_skipped: set[str] = set()
+_skipped_lock = threading.Lock()
+
+
+def open_log(path: str | Path) -> int | None:
+    """An fd on the log (or index) file `path` to read, or None when there is none or it
+    is not a regular file (logged once per path)."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        return open_regular(path)
     except FileNotFoundError:
+        return None
+    except OSError as exc:  # a FIFO, a symlink, a file where the folder should be...
+        with _skipped_lock:
+            new = str(path) not in _skipped
+            if new and len(_skipped) < 10_000:
+                _skipped.add(str(path))
+        if new:
+            kind = exc.kind if isinstance(exc, NotRegular) else exc.strerror
+            log.warning("log_file_skipped", path=str(path), why=kind)
+        return None
+
+
+def read_tail(path: str | Path, limit: int) -> Tail:
+    """At most `limit` bytes of the end of `path`; a missing (or unusable) file is empty."""
+    fd = open_log(path)
+    if fd is None:
         return Tail(b"", 0, False)
     try:
         size = os.fstat(fd).st_size
@@ -52,7 +83,6 @@ def read_tail(path: str | Path, limit: int) -> Tail:
 # time). Bytes below a record's size and at or past the one before it were first seen at
 # its time; a follower cuts its chunks at records, so every replay shows the same times.
 
-TIMES = ".times"
 _RECORD = struct.Struct("<Qd")
 
 
@@ -72,15 +102,20 @@ def seal_times(folder: str | Path, when: float) -> None:
     for stream in STREAMS:
         size = log_size(f"{folder}/{stream}")
         path = times_path(folder, stream)
-        try:
-            with open(path, "rb") as f:
-                f.seek(-_RECORD.size, os.SEEK_END)
-                last = _RECORD.unpack(f.read(_RECORD.size))[0]
-        except (FileNotFoundError, OSError, struct.error):
-            last = 0
+        last = 0
+        fd = open_log(path)
+        if fd is not None:
+            try:
+                end = os.fstat(fd).st_size
+                if end >= _RECORD.size:
+                    last = _RECORD.unpack(os.pread(fd, _RECORD.size, end - _RECORD.size))[0]
+            except (OSError, struct.error):
+                pass
+            finally:
+                os.close(fd)
         if size > last:
             with contextlib.suppress(OSError):
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+                fd = open_regular(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
                 try:
                     append_time(fd, size, when)
                 finally:
@@ -103,10 +138,10 @@ class TimeIndex:
         if self._start <= offset < self._end:
             return self._end, self._time
         if self.fd < 0:
-            try:
-                self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
+            fd = open_log(self.path)
+            if fd is None:
                 return None
+            self.fd = fd
         count = os.fstat(self.fd).st_size // _RECORD.size
         lo = self._next if offset >= self._end else 0
         hi = count
@@ -139,9 +174,8 @@ TAIL_BLOCK = 64 * 1024  # read backwards in blocks this size to find the last li
 def tail_offset(path: str | Path, lines: int) -> int:
     """Where the last `lines` lines of `path` begin (a last line without its newline counts),
     found by reading backwards from the end in blocks: a big log costs no more than its tail."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
+    fd = open_log(path)
+    if fd is None:
         return 0
     try:
         end = os.fstat(fd).st_size
@@ -177,11 +211,12 @@ def tail_offsets(folders: dict[int, Path], lines: int) -> dict[int, tuple[int, i
 
 
 def log_size(path: str | Path) -> int:
-    """Bytes in a log file (0 when the job never started)."""
+    """Bytes in a log file (0 when the job never started, or it is not a regular file)."""
     try:
-        return os.stat(path).st_size
-    except FileNotFoundError:
+        st = os.lstat(path)
+    except OSError:
         return 0
+    return st.st_size if stat.S_ISREG(st.st_mode) else 0
 
 
 # --- followers ------------------------------------------------------------------------------
@@ -411,12 +446,11 @@ class Follower:
         fd = self._fds.get((index, k))
         if fd is None:
             path = os.path.join(self.batch.job_dir(index), STREAMS[k])
-            try:
-                # Most streams of most jobs stay empty: one stat, not open+read+close.
-                if os.stat(path).st_size <= offset:
-                    return b""
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
+            # Most streams of most jobs stay empty: one stat, not open+read+close.
+            if log_size(path) <= offset:
+                return b""
+            fd = open_log(path)
+            if fd is None:
                 return b""
             self._fds[(index, k)] = fd
         if self._end_size is not None:

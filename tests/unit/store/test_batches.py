@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -74,14 +75,16 @@ def test_a_damaged_line_is_kept_aside_and_later_events_survive(tmp_path: Path) -
 
     first = BatchStore(tmp_path)
     (loaded,) = first.load()
-    assert loaded.statuses[0].state is JobState.RUNNING  # what came before the damage
-    (aside,) = batch.path.glob("journal.damaged-*")
+    # The lines after the garbage are read too: nothing that ended runs again.
+    assert [s.state for s in loaded.statuses] == [JobState.SUCCEEDED] * 2
+    assert loaded.ended
+    (aside,) = (tmp_path / "quarantine" / batch.cid).glob("journal.*")
     assert aside.read_bytes() == damaged  # kept for a person to look at
-    # The restarted server goes on writing; the next restart must see it.
-    first.append(loaded, _event(first, loaded, 0, JobState.SUCCEEDED))
+    assert journal.read_bytes() == b"".join(lines)  # the good lines, in place
     first.close()
     (again,) = BatchStore(tmp_path).load()
-    assert again.statuses[0].state is JobState.SUCCEEDED
+    assert [s.state for s in again.statuses] == [JobState.SUCCEEDED] * 2
+    assert list((tmp_path / "quarantine" / batch.cid).iterdir()) == [aside]  # once
 
 
 def test_stdin_is_kept_in_the_jobs_folder_not_in_memory(tmp_path: Path) -> None:
@@ -130,10 +133,19 @@ def test_job_folders_never_bring_a_deleted_batch_back(tmp_path: Path) -> None:
     assert not (trash / "jobs").exists()
 
 
-def test_a_folder_without_metadata_is_removed(tmp_path: Path) -> None:
-    (tmp_path / "batches" / "half-made").mkdir(parents=True)
+def test_a_folder_a_crash_left_before_the_commit_is_removed(tmp_path: Path) -> None:
+    folder = tmp_path / "batches" / str(uuid.uuid4())
+    (folder / "jobs" / "0").mkdir(parents=True)
+    (folder / "jobs" / "0" / "stdin").write_bytes(b"in")
+    (folder / "batch.json.tmp").write_bytes(b'{"vers')
     assert BatchStore(tmp_path).load() == []
-    assert not (tmp_path / "batches" / "half-made").exists()
+    assert not folder.exists()
+
+
+def test_a_folder_the_server_did_not_make_is_left_alone(tmp_path: Path) -> None:
+    (tmp_path / "batches" / "half-made" / "jobs").mkdir(parents=True)
+    assert BatchStore(tmp_path).load() == []
+    assert (tmp_path / "batches" / "half-made" / "jobs").is_dir()
 
 
 @pytest.fixture
@@ -193,7 +205,7 @@ def test_a_full_disk_refuses_a_new_batch_with_the_limit_named(tiny_disk: Path) -
     index=st.integers(0, 100_000),
     state=st.sampled_from(list(JobState)),
     time_=st.floats(0, 4e9, allow_nan=False),
-    exit_code=st.none() | st.integers(-(1 << 31), 1 << 31),
+    exit_code=st.none() | st.integers(-(1 << 31), (1 << 31) - 1),
     signal=st.integers(0, 64),
     message=st.text(),
     pid=st.integers(0, 1 << 22),
