@@ -312,6 +312,11 @@ class Engine:
             found.update(await executor.recover(known.get(name, [])))
         for batch in batches:
             adopted = self._take_back(batch, found)
+            # Jobs whose folders show a start no executor knows of: never run again.
+            traced = {i: t for i, t in batch.traced.items() if i not in adopted}
+            if traced:
+                self.store.record_lost(batch, traced)
+            batch.traced = {}
             if not batch.ended:
                 self.submit(batch, adopted)
         for key, (attempt, left) in found.items():  # the journal says they ended (or gone)

@@ -76,6 +76,10 @@ class BatchRecord:
     _job_dirs: list[Path] = field(default_factory=list, repr=False)
     journal_size: int = 0  # bytes of whole lines in the journal
     pending: list[bytes] = field(default_factory=list)  # lines not written yet (disk full)
+    # After load: QUEUED jobs whose folder shows they started (what it shows), and why
+    # the journal may not say so. The engine asks their executor first (BatchStore.record_lost).
+    traced: dict[int, str] = field(default_factory=dict)
+    damage: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.names = {spec.name: i for i, spec in enumerate(self.specs)}
@@ -846,12 +850,13 @@ class BatchStore:
                 traces = start_traces(folder, status.log_sizes)
                 if traces:
                     traced[i] = traces
-        if traced:
-            self._record_lost(batch, traced, problems)
+        batch.traced, batch.damage = traced, problems
 
-    def _record_lost(self, batch: BatchRecord, traced: dict[int, str], problems: list[str]) -> None:
-        """Record LOST the queued jobs that `traced` shows had started, and the queued jobs
-        they depend on (a job starts only after its dependencies succeeded)."""
+    def record_lost(self, batch: BatchRecord, traced: dict[int, str]) -> None:
+        """Record LOST the queued jobs that `traced` shows had started (and no executor
+        runs: the engine asked), and the queued jobs they depend on (a job starts only
+        after its dependencies succeeded): they never run again."""
+        problems = batch.damage
         why = "; ".join(problems[:3]) if problems else "its start was not recorded"
         lost = dict(traced)
         work = list(traced)
