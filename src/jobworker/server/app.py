@@ -26,9 +26,9 @@ from jobworker.engine.process import Supervisor
 from jobworker.engine.scheduler import Engine
 from jobworker.errors import NotFound
 from jobworker.metrics import Metrics
-from jobworker.server.auth import AuthInterceptor
 from jobworker.server.datadir import data_dir_locked
-from jobworker.server.identity import Revocations
+from jobworker.server.identity import Identities, Revocations
+from jobworker.server.interceptor import Interceptor
 from jobworker.server.reload import Reloader, TlsFiles
 from jobworker.server.service import JobWorkerService, Settings
 from jobworker.store.batches import BatchStore
@@ -52,7 +52,7 @@ class Parts:
 
     tls: TlsFiles
     revocations: Revocations
-    auth: AuthInterceptor
+    identities: Identities
     server: aio.Server
     port: int
     health: health_aio.HealthServicer
@@ -136,11 +136,12 @@ class App:
         # Unreadable or mismatched certificates stop the start before any job is recovered.
         tls = TlsFiles(cfg)
         revocations = Revocations(cfg.tls.crl, cfg.tls.ca_cert)
-        auth = AuthInterceptor(self._role_of, [self.metrics.observe_rpc], revocations)
+        identities = Identities(self._role_of, revocations)
+        interceptor = Interceptor(identities, [self.metrics.observe_rpc])
         cfg.server.data_dir.mkdir(parents=True, exist_ok=True)
         stack.enter_context(data_dir_locked(cfg.server.data_dir))
         # Listen before recovery: a port in use must not start queued jobs only to stop them.
-        server, port = _listen(cfg, auth, tls)
+        server, port = _listen(cfg, interceptor, tls)
         health_servicer = health_aio.HealthServicer()
         self._serve_metrics(stack)
         store = BatchStore(cfg.server.data_dir, min_free_disk=cfg.jobs.min_free_disk)
@@ -167,7 +168,16 @@ class App:
         )
         _add_services(server, service, health_servicer)
         parts = Parts(
-            tls, revocations, auth, server, port, health_servicer, store, engine, core, service
+            tls=tls,
+            revocations=revocations,
+            identities=identities,
+            server=server,
+            port=port,
+            health=health_servicer,
+            store=store,
+            engine=engine,
+            core=core,
+            service=service,
         )
         self.port = port
         self.reloader.apply = functools.partial(self._apply, parts)
@@ -304,10 +314,10 @@ class App:
                 _end_refused_calls(parts, "crl changed")
 
 
-def _listen(cfg: Config, auth: AuthInterceptor, tls: TlsFiles) -> tuple[aio.Server, int]:
+def _listen(cfg: Config, interceptor: Interceptor, tls: TlsFiles) -> tuple[aio.Server, int]:
     """The gRPC server bound to server.listen, and its port (OSError when it cannot bind)."""
     server = aio.server(
-        interceptors=[auth],
+        interceptors=[interceptor],
         options=[
             ("grpc.keepalive_time_ms", int(cfg.server.keepalive_interval * 1000)),
             ("grpc.keepalive_timeout_ms", 10_000),
@@ -345,7 +355,7 @@ def _add_services(
 
 def _end_refused_calls(parts: Parts, why: str) -> None:
     """End the open calls (followers, uploads) whose identity lost its right to them."""
-    if ended := parts.auth.recheck():
+    if ended := parts.identities.recheck():
         log.info("open_calls_ended", trigger=why, count=ended)
 
 

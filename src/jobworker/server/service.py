@@ -14,7 +14,8 @@ from jobworker.engine.core import JobWorker
 from jobworker.errors import InvalidArgument, PermissionDenied, ResourceExhausted
 from jobworker.model import BatchState
 from jobworker.server import convert
-from jobworker.server.auth import current_caller, set_correlation_id
+from jobworker.server.audit import set_correlation_id
+from jobworker.server.identity import current_caller
 from jobworker.store.batches import BatchView
 from jobworker.store.inotify import Inotify
 from jobworker.store.logs import Cursor, Follower, tail_offsets
