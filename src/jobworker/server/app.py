@@ -29,8 +29,10 @@ from jobworker.metrics import Metrics
 from jobworker.server.datadir import data_dir_locked
 from jobworker.server.identity import Identities, Revocations
 from jobworker.server.interceptor import Interceptor
+from jobworker.server.reader import BatchReader
 from jobworker.server.reload import Reloader, TlsFiles
-from jobworker.server.service import JobWorkerService, Settings
+from jobworker.server.service import JobWorkerService
+from jobworker.server.uploads import Uploads
 from jobworker.store.batches import BatchStore
 from jobworker.store.inotify import Inotify
 from jobworker.v1 import jobworker_pb2 as pb
@@ -100,10 +102,6 @@ class App:
         """The live config (a reload swaps it whole)."""
         return self.reloader.config
 
-    def settings(self) -> Settings:
-        """What the servicer reads at each call."""
-        return Settings(self.config.jobs, self.config.server)
-
     # -- life cycle
 
     async def run(self, *, signals: bool = True) -> None:
@@ -163,9 +161,9 @@ class App:
             if not batch.ended:  # folders for the jobs still to run, as at scheduling
                 store.make_folders(batch)
         await engine.recover(batches)
-        service = JobWorkerService(
-            core, self.settings, inotify, lambda: self.closing, on_stream=self.metrics.on_stream
-        )
+        live = lambda: self.config  # noqa: E731 - read at each call: a reload swaps it
+        reader = BatchReader(core, live, inotify, lambda: self.closing, self.metrics.on_stream)
+        service = JobWorkerService(core, Uploads(core, live), reader)
         _add_services(server, service, health_servicer)
         parts = Parts(
             tls=tls,

@@ -18,7 +18,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 from grpc import aio
 
-from jobworker.errors import ConfigError, PermissionDenied, Unauthenticated
+from jobworker.errors import ConfigError, PermissionDenied, ResourceExhausted, Unauthenticated
 from jobworker.model import Caller
 from jobworker.units import shorten
 
@@ -234,3 +234,27 @@ class Identities:
             yield call
         finally:
             self.open.discard(call)
+
+
+class PerIdentity:
+    """Calls of each identity in flight, held against a per-identity cap."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def hold(self, identity: str, limit: int, refusal: str) -> Iterator[None]:
+        """One more call of `identity` while inside; RESOURCE_EXHAUSTED(`refusal`) when it
+        already has `limit` (0: no cap)."""
+        count = self.counts.get(identity, 0)
+        if limit and count >= limit:
+            raise ResourceExhausted(refusal)
+        self.counts[identity] = count + 1
+        try:
+            yield
+        finally:
+            left = self.counts[identity] - 1
+            if left:
+                self.counts[identity] = left
+            else:
+                del self.counts[identity]
