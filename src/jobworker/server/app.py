@@ -20,10 +20,10 @@ from grpc_reflection.v1alpha import reflection
 from jobworker import __version__
 from jobworker import logging as jwlogging
 from jobworker.config import Config
-from jobworker.engine.core import JobWorker
 from jobworker.engine.limits import CgroupBackend
 from jobworker.engine.process import Supervisor
 from jobworker.engine.scheduler import Engine
+from jobworker.engine.service import BatchService
 from jobworker.errors import NotFound
 from jobworker.metrics import Metrics
 from jobworker.server.datadir import data_dir_locked
@@ -60,7 +60,7 @@ class Parts:
     health: health_aio.HealthServicer
     store: BatchStore
     engine: Engine
-    core: JobWorker
+    core: BatchService
     service: JobWorkerService
 
 
@@ -156,7 +156,7 @@ class App:
             batches=lambda: len(store),
             max_concurrent=lambda: self.config.jobs.max_concurrent,
         )
-        core = JobWorker(store, engine)
+        core = BatchService(store, engine)
         for batch in batches:
             if not batch.ended:  # folders for the jobs still to run, as at scheduling
                 store.make_folders(batch)
@@ -295,7 +295,7 @@ class App:
             except Exception:  # the group commit must go on
                 log.exception("journal_flush_failed")
 
-    async def _sweep_loop(self, core: JobWorker) -> None:
+    async def _sweep_loop(self, core: BatchService) -> None:
         while True:
             max_age = self.config.retention.max_age
             try:

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any
 
 from jobworker.config import Config
-from jobworker.engine.core import JobWorker
+from jobworker.engine.service import BatchService
 from jobworker.errors import ResourceExhausted
 from jobworker.model import Caller
 from jobworker.server import convert
@@ -31,7 +31,7 @@ class BatchReader:
 
     def __init__(
         self,
-        core: JobWorker,
+        core: BatchService,
         config: Callable[[], Config],
         inotify: Inotify | None,
         closing: Callable[[], bool],

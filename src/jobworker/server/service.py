@@ -7,7 +7,7 @@ from typing import Any
 
 from grpc import aio
 
-from jobworker.engine.core import JobWorker
+from jobworker.engine.service import BatchService
 from jobworker.server import convert
 from jobworker.server.audit import set_correlation_id
 from jobworker.server.identity import current_caller
@@ -22,7 +22,7 @@ Context = aio.ServicerContext[Any, Any]
 class JobWorkerService(pb_grpc.JobWorkerServiceServicer):
     """The six RPCs of jobworker.v1.JobWorkerService (the wire's names)."""
 
-    def __init__(self, core: JobWorker, uploads: Uploads, reader: BatchReader) -> None:
+    def __init__(self, core: BatchService, uploads: Uploads, reader: BatchReader) -> None:
         self.core = core
         self.uploads = uploads
         self.reader = reader

@@ -9,7 +9,7 @@ from typing import Any
 from grpc import aio
 
 from jobworker.config import Config
-from jobworker.engine.core import JobWorker, require_scheduler
+from jobworker.engine.service import BatchService, require_scheduler
 from jobworker.errors import ResourceExhausted
 from jobworker.model import Caller
 from jobworker.server import convert
@@ -23,7 +23,7 @@ from jobworker.validate import BatchBuilder
 class Uploads:
     """Receives batches: nothing of an upload is kept until its stream ends whole."""
 
-    def __init__(self, core: JobWorker, config: Callable[[], Config]) -> None:
+    def __init__(self, core: BatchService, config: Callable[[], Config]) -> None:
         self.core = core
         self.config = config  # the live config, read at each call
         self.uploads_of = PerIdentity()

@@ -1,4 +1,4 @@
-"""The application core: what each RPC does, on the domain model; authorization lives here."""
+"""The application service: what each RPC does on the domain model, and who may do it."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ class Page:
     next_token: str
 
 
-class JobWorker:
+class BatchService:
     """Schedules, reads, cancels and lists batches on behalf of a caller."""
 
     def __init__(self, store: BatchStore, engine: Engine) -> None:
