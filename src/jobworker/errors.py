@@ -1,4 +1,4 @@
-"""The project's errors; each expected kind maps to one gRPC status code in server/auth.py."""
+"""The project's errors; each expected kind maps to one gRPC status code in server/errors.py."""
 
 
 class JobWorkerError(Exception):

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
+import contextvars
 import json
 import logging
 import sys
 import threading
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -40,7 +42,12 @@ Enricher = Callable[[EventDict], None]
 
 # The level is read at each call, not baked into logger classes: a logger bound before a
 # reload (a running job's, for one) follows the new level at its next line.
-_state: dict[str, Any] = {"level": logging.INFO, "enricher": None}
+_state: dict[str, Any] = {"level": logging.INFO}
+# Set by a server for the tasks and threads it starts: lines of another server in the same
+# process (tests) or of none are left alone.
+_enricher: contextvars.ContextVar[Enricher | None] = contextvars.ContextVar(
+    "jobworker_log_enricher", default=None
+)
 
 
 def setup(level: str = "info", fmt: str = "json") -> None:
@@ -211,15 +218,18 @@ def set_level(level: str) -> None:
     logging.getLogger().setLevel(_state["level"])
 
 
-def current_level() -> str:
-    """The level in force, by name."""
-    level: int = _state["level"]
-    return logging.getLevelName(level).lower()
-
-
-def set_enricher(enricher: Enricher | None) -> None:
-    """Install a function that may add fields (such as identity) to every line."""
-    _state["enricher"] = enricher
+@contextlib.contextmanager
+def enriched(enricher: Enricher) -> Iterator[None]:
+    """Within, `enricher` may add fields (such as identity) to every line of this context
+    and of the tasks and worker threads started from it."""
+    token = _enricher.set(enricher)
+    try:
+        yield
+    finally:
+        try:
+            _enricher.reset(token)
+        except ValueError:  # left from another context: this one ends with its owner
+            _enricher.set(None)
 
 
 def _json_default(obj: Any) -> Any:
@@ -297,7 +307,7 @@ def _filter_by_level(_logger: Any, method: str, event: EventDict) -> EventDict:
 
 
 def _enrich(_logger: Any, _method: str, event: EventDict) -> EventDict:
-    enricher: Enricher | None = _state["enricher"]
+    enricher = _enricher.get()
     if enricher is not None:
         try:
             enricher(event)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -69,28 +70,18 @@ class Limits:
 
     def over(self, defaults: Limits) -> Limits:
         """These limits with each unset (0) field taken from `defaults`."""
-        return Limits(
-            cpu_millis=self.cpu_millis or defaults.cpu_millis,
-            memory_bytes=self.memory_bytes or defaults.memory_bytes,
-            pids_max=self.pids_max or defaults.pids_max,
-            io_read_bytes_per_second=self.io_read_bytes_per_second
-            or defaults.io_read_bytes_per_second,
-            io_write_bytes_per_second=self.io_write_bytes_per_second
-            or defaults.io_write_bytes_per_second,
-        )
+        if not self.any:  # most jobs: no dict and no new object
+            return defaults
+        return Limits(**{f: getattr(self, f) or getattr(defaults, f) for f in LIMIT_FIELDS})
 
     @property
     def any(self) -> bool:
         """True when at least one limit is set."""
-        return any(
-            (
-                self.cpu_millis,
-                self.memory_bytes,
-                self.pids_max,
-                self.io_read_bytes_per_second,
-                self.io_write_bytes_per_second,
-            )
-        )
+        return any(getattr(self, f) for f in LIMIT_FIELDS)
+
+
+LIMIT_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Limits))
+"""The names of the Limits fields; the wire's ResourceLimits and the config use the same."""
 
 
 DEFAULT_RETRY_ON = frozenset({JobState.FAILED, JobState.TIMED_OUT})
@@ -234,7 +225,7 @@ class JobStatus:
         )
 
 
-ROLES = ("admin", "user", "viewer", "none")
+ROLES = ("admin", "user", "viewer", "none")  # config.Role checks config against these
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,8 +8,8 @@ import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
 
+from jobworker.config import JobsConfig
 from jobworker.errors import InvalidArgument, ResourceExhausted
 from jobworker.model import BatchOptions, JobSpec
 
@@ -33,19 +33,9 @@ def _cores() -> int:
     return int(_cores_seen[0])
 
 
-class BatchLimits(Protocol):
-    """The configured limits a batch is checked against."""
-
-    @property
-    def max_jobs_per_batch(self) -> int: ...
-    @property
-    def max_stdin_bytes(self) -> int: ...
-    @property
-    def max_argv_bytes(self) -> int: ...
-    @property
-    def max_batch_bytes(self) -> int: ...
-    @property
-    def max_args(self) -> int: ...
+def default_name(index: int) -> str:
+    """The name of a job that sends none."""
+    return f"job-{index}"
 
 
 def _job(index: int, name: str) -> str:
@@ -61,7 +51,7 @@ def _no_nul(where: str, fld: str, value: str) -> None:
 class BatchBuilder:
     """Collects a batch message by message, validating each on arrival."""
 
-    limits: BatchLimits
+    limits: JobsConfig
     options: BatchOptions | None = None
     specs: list[JobSpec] = field(default_factory=list)
     _names: dict[str, int] = field(default_factory=dict)
@@ -79,7 +69,7 @@ class BatchBuilder:
     def check_counts(self, name: str, args: int, env: int, depends_on: int) -> None:
         """Refuse a job by its item counts, before its strings are made (each costs memory)."""
         index = len(self.specs)
-        where = _job(index, name or f"job-{index}")
+        where = _job(index, name or default_name(index))
         limit = self.limits.max_args
         if args + env > limit:
             raise ResourceExhausted(
@@ -98,7 +88,7 @@ class BatchBuilder:
         limit = self.limits.max_jobs_per_batch
         if index >= limit:
             raise ResourceExhausted(f"batch has more than jobs.max_jobs_per_batch ({limit}) jobs")
-        name = spec.name or f"job-{index}"
+        name = spec.name or default_name(index)
         where = _job(index, name)
         if len(name) > MAX_NAME:
             raise InvalidArgument(f"{where}: name is {len(name)} characters, at most {MAX_NAME}")
@@ -155,7 +145,7 @@ def _check_options(o: BatchOptions) -> None:
         )
 
 
-def _check_job(where: str, spec: JobSpec, limits: BatchLimits) -> int:
+def _check_job(where: str, spec: JobSpec, limits: JobsConfig) -> int:
     """Check one job on its own; what it holds in memory (spec_cost)."""
     if not spec.argv or not spec.argv[0]:
         raise InvalidArgument(f"{where}: argv must not be empty")

@@ -151,7 +151,9 @@ class Server:
             code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             last = "\n".join(self.raw[-15:])
-            raise AssertionError(f"server did not stop in {timeout}s; it said last:\n{last}") from None
+            raise AssertionError(
+                f"server did not stop in {timeout}s; it said last:\n{last}"
+            ) from None
         self._close_pipe()
         return code
 

@@ -13,7 +13,7 @@ import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
-from jobworker.server.service import BUILD_INLINE_JOBS
+from jobworker.server.reader import BUILD_INLINE_JOBS
 from jobworker.v1 import jobworker_pb2 as pb
 from tests.integration.conftest import (
     PY,

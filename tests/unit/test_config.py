@@ -1,16 +1,18 @@
 """The config file: defaults, the committed file, error messages, paths and reloads."""
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pydantic
 import pytest
+from pydantic import BaseModel
 
 from jobworker.config import (
-    DEFAULT_CONFIG_TOML,
     RELOADABLE,
     Config,
     DefaultLimits,
     JobsConfig,
+    _key_lines,
     changed_keys,
     is_reloadable,
     load_config,
@@ -104,8 +106,22 @@ def test_builtin_defaults_are_the_contracts(
 
 
 def test_committed_file_is_the_defaults_with_an_admin() -> None:
+    """config/jobworker.toml names every key, each with its default (the models are the
+    one source), but for the CLI's admin role."""
     path = REPO / "config" / "jobworker.toml"
-    assert path.read_text() == DEFAULT_CONFIG_TOML
+    named = _key_lines(path.read_text())
+
+    def keys(model: type[BaseModel], loc: tuple[str, ...]) -> Iterator[tuple[str, ...]]:
+        for name, info in model.model_fields.items():
+            if name == "source":
+                continue
+            kind = info.annotation
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                yield from keys(kind, (*loc, name))
+            else:
+                yield (*loc, name)
+
+    assert [k for k in keys(Config, ()) if k not in named] == []
     config = load_config(path)
     assert config.source == path
     assert config.server.data_dir == REPO / "var/data"
@@ -277,3 +293,14 @@ def test_reloadable_keys() -> None:
     assert not is_reloadable("logging.format")
     assert not is_reloadable("server.data_dir")
     assert not is_reloadable("metrics.listen")
+
+
+def test_config_roles_and_default_limits_are_the_models() -> None:
+    """Each fact once: the config's roles and [jobs.default_limits] keys are the model's."""
+    import typing
+
+    from jobworker.config import DefaultLimits, Role
+    from jobworker.model import LIMIT_FIELDS, ROLES
+
+    assert typing.get_args(Role) == ROLES
+    assert tuple(DefaultLimits.model_fields) == LIMIT_FIELDS

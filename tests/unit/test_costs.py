@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from jobworker.config import JobsConfig
 from jobworker.errors import InvalidArgument, ResourceExhausted
 from jobworker.model import BatchOptions, JobSpec, frozen_map
 from jobworker.store import batches as store_module
@@ -15,13 +15,8 @@ from jobworker.store.batches import BatchStore
 from jobworker.validate import BatchBuilder, argv_cost, spec_cost
 
 
-@dataclass
-class _Limits:
-    max_jobs_per_batch: int = 100
-    max_stdin_bytes: int = 1 << 20
-    max_argv_bytes: int = 128 << 10
-    max_batch_bytes: int = 1 << 20
-    max_args: int = 10
+def _limits(max_batch_bytes: int = 1 << 20) -> JobsConfig:
+    return JobsConfig(max_jobs_per_batch=100, max_batch_bytes=max_batch_bytes, max_args=10)
 
 
 def test_an_argument_is_charged_the_str_it_becomes_not_its_bytes() -> None:
@@ -36,7 +31,7 @@ def test_an_argument_is_charged_the_str_it_becomes_not_its_bytes() -> None:
 
 
 def test_max_args_is_checked_before_the_strings_are_made() -> None:
-    builder = BatchBuilder(_Limits())
+    builder = BatchBuilder(_limits())
     builder.check_counts("ok", 6, 4, 0)  # at the limit
     with pytest.raises(ResourceExhausted, match=r"job 0 \('big'\).*11 items.*jobs.max_args \(10\)"):
         builder.check_counts("big", 6, 5, 0)
@@ -47,7 +42,7 @@ def test_max_args_is_checked_before_the_strings_are_made() -> None:
 
 
 def test_the_batch_total_names_what_it_holds_and_the_limit() -> None:
-    builder = BatchBuilder(_Limits(max_batch_bytes=4000))
+    builder = BatchBuilder(_limits(max_batch_bytes=4000))
     builder.add_job(JobSpec("a", ("true",), stdin=b"x" * 1900))
     with pytest.raises(ResourceExhausted, match=r"job 1 \('b'\).*jobs.max_batch_bytes \(4000\)"):
         builder.add_job(JobSpec("b", ("true",), stdin=b"x" * 1990))

@@ -18,7 +18,6 @@ from jobworker import logging as jwlogging
 @pytest.fixture(autouse=True)
 def _reset() -> object:
     yield
-    jwlogging.set_enricher(None)
     structlog.contextvars.clear_contextvars()
     structlog.reset_defaults()
     root = logging.getLogger()
@@ -61,7 +60,6 @@ def test_the_level_changes_for_loggers_made_and_bound_before(
         "shown_bound",
         "shown_warning",
     ]
-    assert jwlogging.current_level() == "warning"
 
 
 def test_exceptions_log_at_error_with_the_stack(capsys: pytest.CaptureFixture[str]) -> None:
@@ -105,15 +103,17 @@ def test_the_enricher_adds_fields_and_cannot_break_a_line(
         if event.get("correlation_id") == "bad":
             raise KeyError("bad")
 
-    jwlogging.set_enricher(owner)
     log = structlog.get_logger()
-    log.info("job_ended", correlation_id="c1")
-    log.info("rpc", correlation_id="c1", identity="admin")  # the caller wins
-    log.info("job_ended", correlation_id="bad")
-    first, second, third = lines(capsys)
+    with jwlogging.enriched(owner):
+        log.info("job_ended", correlation_id="c1")
+        log.info("rpc", correlation_id="c1", identity="admin")  # the caller wins
+        log.info("job_ended", correlation_id="bad")
+    log.info("job_ended", correlation_id="c1")  # out of the server's context: as logged
+    first, second, third, fourth = lines(capsys)
     assert first["identity"] == "alice"
     assert second["identity"] == "admin"
     assert third["event"] == "job_ended" and third["enrich_failed"] is True
+    assert "identity" not in fourth
 
 
 class _Writes:
@@ -181,12 +181,12 @@ def test_line_writes_what_a_bound_logger_writes(
     """jwlogging.line (every job's end line, without a logger per job) runs the same
     processors: context variables, the enricher, level, timestamp, the format."""
     jwlogging.setup("info", fmt)
-    jwlogging.set_enricher(lambda event: event.setdefault("identity", "alice"))
     structlog.contextvars.bind_contextvars(correlation_id="from-context", rpc="ScheduleBatch")
     ids = {"correlation_id": "c1", "job_index": 3, "job_name": "build"}
     fields = {"state": "SUCCEEDED", "exit_code": 0, "unix_user": None, "seconds": 0.25}
-    structlog.get_logger("jobworker.engine").bind(**ids).info("job_ended", **fields)
-    jwlogging.line("info", "job_ended", {**ids, **fields})
+    with jwlogging.enriched(lambda event: event.setdefault("identity", "alice")):
+        structlog.get_logger("jobworker.engine").bind(**ids).info("job_ended", **fields)
+        jwlogging.line("info", "job_ended", {**ids, **fields})
     jwlogging.flush()
     by_logger, by_line = capsys.readouterr().err.splitlines()
     if fmt == "json":

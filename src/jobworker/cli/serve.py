@@ -18,7 +18,7 @@ import click
 def serve(config_path: Path | None) -> None:
     """Run the server until SIGTERM or SIGINT, then shut down gracefully."""
     from jobworker.errors import ConfigError
-    from jobworker.server.app import serve as run_server
+    from jobworker.server.loop import serve as run_server
 
     try:
         run_server(config_path)

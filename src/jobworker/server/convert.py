@@ -1,18 +1,19 @@
-"""Translation between the wire messages and the domain model; nothing else."""
+"""Translation between the wire messages and the domain model: pure, no I/O."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from jobworker.errors import InvalidArgument, ResourceExhausted
+from jobworker.errors import InvalidArgument
 from jobworker.model import (
     DEFAULT_RETRY_ON,
+    LIMIT_FIELDS,
     RETRYABLE,
     BatchOptions,
+    BatchState,
     JobEvent,
     JobSpec,
     JobState,
@@ -23,11 +24,11 @@ from jobworker.model import (
     frozen_map,
 )
 from jobworker.store.batches import BatchRecord, BatchView
-from jobworker.store.logs import Chunk, Tail, log_size, read_tail
+from jobworker.store.logs import Chunk, Tail
 from jobworker.v1 import jobworker_pb2 as pb
+from jobworker.validate import BatchBuilder, default_name
 
-MESSAGE_LIMIT = 4 * 1024 * 1024  # gRPC's default for a message a client receives
-MESSAGE_MARGIN = 64 * 1024  # framing and what the size estimate does not see
+MAX_GRACE = 86_400  # a day: longer, and a CancelBatch call would wait that long
 REDACTED = "[redacted]"  # an env value shown to a caller who may not read it
 
 
@@ -54,6 +55,45 @@ def _seconds(where: str, fld: str, d: Duration) -> float:
     if d.seconds < 0 or d.nanos < 0 or d.nanos >= 1_000_000_000:
         raise InvalidArgument(f"{where}: {fld} is not a valid duration")
     return d.seconds + d.nanos / 1e9
+
+
+def grace_from_pb(r: pb.CancelBatchRequest) -> float | None:
+    """CancelBatch's grace period in seconds (None: the server's kill_grace)."""
+    if not r.HasField("grace_period"):
+        return None
+    g = r.grace_period
+    if g.seconds < 0 or not 0 <= g.nanos < 1_000_000_000 or g.seconds > MAX_GRACE:
+        raise InvalidArgument(f"grace_period: must be a valid duration from 0s to {MAX_GRACE}s")
+    return g.seconds + g.nanos / 1e9
+
+
+def states_from_pb(states: Iterable[int]) -> list[BatchState]:
+    """ListBatches' state filter; INVALID_ARGUMENT names a number that is no batch state."""
+    out = []
+    for s in states:
+        try:
+            out.append(BatchState(s))
+        except ValueError as exc:
+            raise InvalidArgument(f"states: {s} is not a batch state") from exc
+    return out
+
+
+async def batch_from_pb(
+    requests: AsyncIterator[pb.ScheduleBatchRequest], builder: BatchBuilder
+) -> BatchBuilder:
+    """Validate a ScheduleBatch stream message by message into `builder`, until it ends."""
+    async for request in requests:
+        item = request.WhichOneof("item")
+        if item == "options":
+            builder.add_options(options_from_pb(request.options))
+        elif item == "job":
+            j = request.job
+            # Counted on the wire message, before a str is made for each of its items.
+            builder.check_counts(j.name, len(j.argv), len(j.env), len(j.depends_on))
+            builder.add_job(spec_from_pb(len(builder.specs), j))
+        else:
+            raise InvalidArgument(f"message {len(builder.specs)}: neither options nor job is set")
+    return builder
 
 
 def retry_from_pb(where: str, r: pb.RetryPolicy) -> RetryPolicy | None:
@@ -118,16 +158,9 @@ def spec_from_pb(index: int, j: pb.JobSpec) -> JobSpec:
     retry = retry_from_pb(where, j.retry) if j.HasField("retry") else None
     limits = _NO_LIMITS
     if j.HasField("limits"):
-        lim = j.limits
-        limits = Limits(
-            cpu_millis=lim.cpu_millis,
-            memory_bytes=lim.memory_bytes,
-            pids_max=lim.pids_max,
-            io_read_bytes_per_second=lim.io_read_bytes_per_second,
-            io_write_bytes_per_second=lim.io_write_bytes_per_second,
-        )
+        limits = Limits(**{f: getattr(j.limits, f) for f in LIMIT_FIELDS})
     return JobSpec(
-        name=j.name or f"job-{index}",  # the default name (validate.BatchBuilder.add_job)
+        name=j.name or default_name(index),
         argv=tuple(j.argv),
         env=frozen_map(j.env) if j.env else _NO_ENV,
         working_dir=j.working_dir,
@@ -173,15 +206,7 @@ def spec_to_pb(s: JobSpec, *, redact: bool = False) -> pb.JobSpec:
     if s.retry is not None:
         out.retry.CopyFrom(retry_to_pb(s.retry))
     if s.limits.any:
-        out.limits.CopyFrom(
-            pb.ResourceLimits(
-                cpu_millis=s.limits.cpu_millis,
-                memory_bytes=s.limits.memory_bytes,
-                pids_max=s.limits.pids_max,
-                io_read_bytes_per_second=s.limits.io_read_bytes_per_second,
-                io_write_bytes_per_second=s.limits.io_write_bytes_per_second,
-            )
-        )
+        out.limits.CopyFrom(pb.ResourceLimits(**{f: getattr(s.limits, f) for f in LIMIT_FIELDS}))
     return out
 
 
@@ -203,8 +228,10 @@ def _usage_to_pb(u: Usage | None) -> pb.ResourceUsage | None:
     )
 
 
-def _set_tail(field: pb.LogTail, t: Tail) -> None:
-    field.data, field.total_bytes, field.truncated = t.data, t.total, t.truncated
+def set_tails(job: pb.Job, stdout: Tail, stderr: Tail) -> None:
+    """Put a job's log tails (which tell the logs' sizes too) in its wire Job."""
+    for fld, t in ((job.stdout, stdout), (job.stderr, stderr)):
+        fld.data, fld.total_bytes, fld.truncated = t.data, t.total, t.truncated
 
 
 def job_to_pb(
@@ -212,13 +239,12 @@ def job_to_pb(
     index: int,
     status: JobStatus,
     *,
-    sizes: bool = True,
+    sizes: tuple[int, int] | None = None,
     redact: bool = False,
     waiting: str = "",
 ) -> pb.Job:
-    """The wire Job with the sizes of its logs (`sizes` False: without; batch_to_pb reads
-    the tails then, which tell the sizes too); `redact`: its env values hidden; `waiting`:
-    why a queued job has not started (its message when it has none)."""
+    """The wire Job; `sizes`: its logs' (stdout, stderr) sizes; `redact`: its env values
+    hidden; `waiting`: why a queued job has not started (its message when it has none)."""
     job = pb.Job(
         index=index,
         spec=spec_to_pb(batch.specs[index], redact=redact),
@@ -232,35 +258,25 @@ def job_to_pb(
     )
     if status.exit_code is not None:
         job.exit_code = status.exit_code
-    if sizes:
-        folder = batch.job_dir(index)
-        for name, fld in (("stdout", job.stdout), ("stderr", job.stderr)):
-            size = log_size(f"{folder}/{name}")
+    if sizes is not None:
+        for fld, size in zip((job.stdout, job.stderr), sizes, strict=True):
             fld.total_bytes, fld.truncated = size, size > 0
     return job
 
 
 def batch_to_pb(
     batch: BatchRecord | BatchView,
-    indexes: Iterable[int] | None = None,
-    tail_limit: int | None = None,
+    chosen: Iterable[int],
     *,
-    strict: bool = True,
+    sizes: Mapping[int, tuple[int, int]] | None = None,
     redact: bool = False,
     waiting: Mapping[int, str] | None = None,
 ) -> pb.Batch:
-    """The wire Batch, kept under gRPC's 4 MiB message limit whatever was asked.
-
-    Tails are shortened first (each says truncated); jobs' stdin is echoed only when it
-    fits; past that, `strict` answers RESOURCE_EXHAUSTED (ask for fewer jobs), and
-    otherwise the specs are left out (CancelBatch must answer once it has cancelled).
-    `redact` (a caller who may not read them): env values and stdin hidden, stdin's size
-    told instead. `waiting`: why each ready job waits (Engine.waiting).
-    """
+    """The wire Batch with the `chosen` jobs (their logs' `sizes` if given); `redact` (a
+    caller who may not read them): env values hidden; `waiting`: why each ready job waits."""
     waiting = waiting or {}
-    chosen = list(range(len(batch.specs)) if indexes is None else indexes)
-    tails = bool(tail_limit and chosen)  # every chosen job's tails: they tell the sizes
-    out = pb.Batch(
+    sizes = sizes or {}
+    return pb.Batch(
         correlation_id=batch.cid,
         owner=batch.owner,
         state=int(batch.state),  # type: ignore[arg-type]
@@ -268,56 +284,17 @@ def batch_to_pb(
         create_time=_ts(batch.create_time),
         end_time=_ts(batch.end_time),
         jobs=[
-            job_to_pb(batch, i, st, sizes=not tails, redact=redact, waiting=waiting.get(i, ""))
-            for i, st in ((i, batch.statuses[i]) for i in chosen)
+            job_to_pb(
+                batch,
+                i,
+                batch.statuses[i],
+                sizes=sizes.get(i),
+                redact=redact,
+                waiting=waiting.get(i, ""),
+            )
+            for i in chosen
         ],
     )
-    budget = MESSAGE_LIMIT - MESSAGE_MARGIN
-    size = out.ByteSize()
-    if size > budget:
-        if strict:
-            raise ResourceExhausted(
-                f"the answer would be {size} bytes, over gRPC's message limit "
-                f"({MESSAGE_LIMIT} bytes); ask for fewer jobs with job_names"
-            )
-        for job in out.jobs:
-            job.ClearField("spec")
-        size = out.ByteSize()
-    if strict:
-        size = _echo_stdin(batch, chosen, out, budget - size, redact=redact)
-    if tail_limit and chosen:  # (tails)
-        # Each tail also costs a tag and length bytes in its own and the enclosing messages.
-        # (The sizes are not in `size` yet: a varint each, within the 16 bytes a job.)
-        limit = min(tail_limit, max(0, (budget - size) // (2 * len(chosen)) - 16))
-        while True:
-            for i, job in zip(chosen, out.jobs, strict=True):
-                folder = batch.job_dir(i)
-                _set_tail(job.stdout, read_tail(f"{folder}/stdout", limit))
-                _set_tail(job.stderr, read_tail(f"{folder}/stderr", limit))
-            if limit == 0 or out.ByteSize() <= budget:
-                break
-            limit //= 2
-    return out
-
-
-def _echo_stdin(
-    batch: BatchRecord | BatchView, chosen: list[int], out: pb.Batch, room: int, *, redact: bool
-) -> int:
-    """Put the chosen jobs' stdin (or, `redact`, its size) in `out` if all fits in `room`
-    bytes; the size of `out`."""
-    sizes = [batch.stdin_sizes[i] for i in chosen]
-    need = 32 * len(chosen) if redact else sum(sizes) + 8 * len(chosen)
-    if not any(sizes) or need > room:
-        return out.ByteSize()
-    for i, size, job in zip(chosen, sizes, out.jobs, strict=True):
-        if not size:
-            continue
-        if redact:
-            job.spec.stdin = redacted_stdin(size)
-        else:
-            with contextlib.suppress(FileNotFoundError):  # lost: the job said so
-                job.spec.stdin = (batch.job_dir(i) / "stdin").read_bytes()
-    return out.ByteSize()
 
 
 def summary_to_pb(batch: BatchRecord) -> pb.BatchSummary:

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import contextvars
 import functools
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import structlog
 from cryptography import x509
 from cryptography.x509.oid import NameOID
+from grpc import aio
 
-from jobworker.errors import ConfigError, Unauthenticated
+from jobworker.errors import ConfigError, PermissionDenied, ResourceExhausted, Unauthenticated
+from jobworker.model import Caller
 from jobworker.units import shorten
 
 log = structlog.get_logger("jobworker.server")
@@ -145,3 +151,110 @@ def _signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> boo
         return crl.is_signature_valid(key)
     except TypeError:  # a key type a CRL cannot be signed with
         return False
+
+
+_caller: contextvars.ContextVar[Caller] = contextvars.ContextVar("caller")
+
+
+def current_caller() -> Caller:
+    """The caller of the RPC being served (set by Identities.caller)."""
+    return _caller.get()
+
+
+@dataclass(slots=True, eq=False)
+class OpenCall:
+    """A streaming call in progress, which a reload or a revocation may end."""
+
+    method: str
+    peer: Peer
+    task: asyncio.Task[Any]
+    receiving: bool = True  # an upload that still reads; a follower always is
+    ending: tuple[grpc.StatusCode, str] | None = None
+
+
+class Identities:
+    """Who calls, and with which role; ends open calls whose right was taken away."""
+
+    def __init__(self, role_of: Callable[[str], str], revocations: Revocations | None) -> None:
+        self.role_of = role_of  # reads the live config: roles change without a restart
+        self.revocations = revocations
+        self.open: set[OpenCall] = set()
+
+    def peer(self, context: aio.ServicerContext[Any, Any]) -> Peer:
+        """The call's checked peer; Unauthenticated when its certificate is revoked."""
+        peer = peer_of(context.auth_context())
+        if self.revocations is not None:
+            if self.revocations.refresh():  # a stat: `certs revoke` counts from the next call
+                self.recheck()
+            if self.revocations.revoked(peer.serial):
+                raise Unauthenticated(
+                    f"the client certificate of {shorten(repr(peer.identity), 100)} "
+                    f"(serial {peer.serial:x}) is revoked"
+                )
+        return peer
+
+    def caller(self, peer: Peer) -> Caller:
+        """The caller of this call (current_caller() from now on); role none is refused."""
+        role = self.role_of(peer.identity)
+        if role == "none":
+            raise PermissionDenied(f"identity {shorten(repr(peer.identity), 100)} has role 'none'")
+        caller = Caller(peer.identity, role)
+        _caller.set(caller)
+        return caller
+
+    def refusal(self, call: OpenCall) -> tuple[grpc.StatusCode, str] | None:
+        """Why an open call may go on no longer (its role taken away, its certificate
+        revoked), or None."""
+        who = shorten(repr(call.peer.identity), 100)
+        if self.revocations is not None and self.revocations.revoked(call.peer.serial):
+            return grpc.StatusCode.UNAUTHENTICATED, f"the client certificate of {who} is revoked"
+        role = self.role_of(call.peer.identity)
+        if role == "none":
+            return grpc.StatusCode.PERMISSION_DENIED, f"identity {who} now has role 'none'"
+        if call.method == "ScheduleBatch" and not Caller(call.peer.identity, role).can_schedule:
+            return grpc.StatusCode.PERMISSION_DENIED, f"role {role!r} of {who} may not schedule"
+        return None
+
+    def recheck(self) -> int:
+        """End the open calls that may go on no longer (after a reload); how many."""
+        ended = 0
+        for call in list(self.open):
+            if call.ending is None and call.receiving and (why := self.refusal(call)):
+                call.ending = why
+                call.task.cancel()
+                ended += 1
+        return ended
+
+    @contextlib.contextmanager
+    def opened(self, method: str, peer: Peer) -> Iterator[OpenCall]:
+        """The current task as an open call of `peer` while inside."""
+        call = OpenCall(method, peer, asyncio.current_task())  # type: ignore[arg-type]
+        self.open.add(call)
+        try:
+            yield call
+        finally:
+            self.open.discard(call)
+
+
+class PerIdentity:
+    """Calls of each identity in flight, held against a per-identity cap."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def hold(self, identity: str, limit: int, refusal: str) -> Iterator[None]:
+        """One more call of `identity` while inside; RESOURCE_EXHAUSTED(`refusal`) when it
+        already has `limit` (0: no cap)."""
+        count = self.counts.get(identity, 0)
+        if limit and count >= limit:
+            raise ResourceExhausted(refusal)
+        self.counts[identity] = count + 1
+        try:
+            yield
+        finally:
+            left = self.counts[identity] - 1
+            if left:
+                self.counts[identity] = left
+            else:
+                del self.counts[identity]

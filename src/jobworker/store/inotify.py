@@ -50,11 +50,6 @@ class Inotify:
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(fd, self._on_readable)
 
-    @property
-    def watch_count(self) -> int:
-        """Folders watched now."""
-        return len(self._by_wd)
-
     def watch(self, path: Path, notifier: Notifier) -> int:
         """Wake `notifier` on changes in `path` until unwatch(key); refcounted per folder."""
         w = self._by_path.get(path)

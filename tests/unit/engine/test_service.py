@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from jobworker.engine.core import JobWorker
+from jobworker.engine.service import BatchService
 from jobworker.model import BatchOptions, Caller, JobSpec, frozen_map
 from jobworker.server.convert import summary_to_pb
 from jobworker.store.batches import BatchStore
@@ -18,9 +18,9 @@ from jobworker.v1 import jobworker_pb2 as pb
 ALICE = Caller("alice", "user")
 
 
-def _core(tmp_path: Path) -> tuple[JobWorker, BatchStore]:
+def _core(tmp_path: Path) -> tuple[BatchService, BatchStore]:
     store = BatchStore(tmp_path)
-    return JobWorker(store, engine=None), store  # type: ignore[arg-type]  # list needs no engine
+    return BatchService(store, engine=None), store  # type: ignore[arg-type]  # list needs no engine
 
 
 def test_pages_end_early_rather_than_pass_the_message_limit(tmp_path: Path) -> None:
@@ -77,7 +77,7 @@ class _Queue:
 
 async def test_a_retry_after_a_cancelled_schedule_finds_the_first_batch(tmp_path: Path) -> None:
     store, queue = _SlowStore(tmp_path), _Queue()
-    core = JobWorker(store, queue)  # type: ignore[arg-type]
+    core = BatchService(store, queue)  # type: ignore[arg-type]
     options = BatchOptions(idempotency_key="retry-me")
     specs = (JobSpec("j", ("true",)),)
     first = asyncio.create_task(core.schedule(ALICE, options, specs))

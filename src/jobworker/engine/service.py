@@ -1,4 +1,4 @@
-"""The application core: what each RPC does, on the domain model; authorization lives here."""
+"""The application service: what each RPC does on the domain model, and who may do it."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ class Page:
     next_token: str
 
 
-class JobWorker:
+class BatchService:
     """Schedules, reads, cancels and lists batches on behalf of a caller."""
 
     def __init__(self, store: BatchStore, engine: Engine) -> None:
@@ -45,8 +45,7 @@ class JobWorker:
         self, caller: Caller, options: BatchOptions, specs: tuple[JobSpec, ...]
     ) -> tuple[BatchRecord, bool]:
         """Store and queue a validated batch; (batch, deduplicated)."""
-        if not caller.can_schedule:
-            raise PermissionDenied(f"role {caller.role!r} of {caller.identity!r} may not schedule")
+        require_scheduler(caller)
         # Shielded as a whole: once past the checks, the batch is committed in memory and
         # queued even if the caller goes away, and the lock is held until it is, so a
         # retry with the same idempotency key finds it (what is on disk is what runs).
@@ -207,6 +206,12 @@ class JobWorker:
     def _require_reader(caller: Caller) -> None:
         if caller.role == "none":
             raise PermissionDenied(f"identity {caller.identity!r} has role 'none'")
+
+
+def require_scheduler(caller: Caller) -> None:
+    """PermissionDenied unless the caller may schedule batches."""
+    if not caller.can_schedule:
+        raise PermissionDenied(f"role {caller.role!r} of {caller.identity!r} may not schedule")
 
 
 def _log_orphan_failure(task: asyncio.Future[tuple[BatchRecord, bool]]) -> None:
