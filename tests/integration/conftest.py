@@ -185,7 +185,7 @@ class Server:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             return 0
-        return pid if b"supervise" in cmdline and alive(pid) else 0
+        return pid if any(b"supervis" in part for part in cmdline) and alive(pid) else 0
 
     def stop_supervisor(self, timeout: float = 30.0) -> None:
         """SIGTERM the job supervisor left running (it stops its jobs, then leaves)."""

@@ -139,7 +139,8 @@ def test_the_unit_stops_gracefully_and_reloads_with_sighup() -> None:
     service = _unit_sections()["Service"]
     assert service["ExecStart"].endswith("serve --config /etc/jobworker/jobworker.toml")
     assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
-    assert service["KillMode"] == "mixed"  # SIGTERM to the server; it stops its own jobs
+    # SIGTERM to the server only: its jobs outlive a restart (jobs.on_server_stop = "keep")
+    assert service["KillMode"] == "process"
     assert service["Delegate"] == "yes"
     assert service["Restart"] == "on-failure"
     # Longer than the default shutdown_grace (10s) plus kill_grace (5s).

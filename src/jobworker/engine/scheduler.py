@@ -37,6 +37,10 @@ EventListener = Callable[[BatchRecord, JobEvent], None]
 
 
 _FAILURES = frozenset({JobState.FAILED, JobState.TIMED_OUT, JobState.LOST})
+# Never follows a link planted in a job's folder, never blocks on a FIFO there.
+_APPEND_REGULAR = (
+    os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+)
 # A RUNNING job its executor gave no word of (an executor must answer for each it is asked).
 _UNANSWERED = ExitInfo(None, 0, Usage(), 0.0, False, lost="its executor does not know it")
 _STREAMS = ("stdout", "stderr")
@@ -672,7 +676,7 @@ class Engine:
         if size > run.seen[k]:
             try:
                 if run.times[k] < 0:  # made at the first output: most streams have none
-                    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+                    flags = _APPEND_REGULAR
                     run.times[k] = os.open(times_path(*run.logs[k].rsplit("/", 1)), flags, 0o600)
                 append_time(run.times[k], size, now)
                 run.seen[k] = size

@@ -63,7 +63,7 @@ def open_stdio(
 def _open_log(job_dir: Path, name: str) -> int:
     """The job's log file `name`, opened for appending (its folder made when missing)."""
     path = f"{job_dir}/{name}"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
     try:
         return os.open(path, flags, 0o600)
     except (FileNotFoundError, NotADirectoryError):  # no folder (or a file in the way)

@@ -145,7 +145,7 @@ class LocalExecutor:
 
     def _start_supervisor(self) -> subprocess.Popen[bytes]:
         level, fmt = self._log
-        argv = [sys.executable, "-m", "jobworker", "supervise", "--data-dir", str(self.data_dir)]
+        argv = [sys.executable, "-m", "jobworker.supervisor", "--data-dir", str(self.data_dir)]
         argv += ["--cgroup-root", self.cgroup_root, "--log-level", level, "--log-format", fmt]
         fd = os.open(self.data_dir / p.LOG_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:

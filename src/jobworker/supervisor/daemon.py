@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     os.set_inheritable(lock, True)
     os.set_inheritable(listen_copy, True)
     args_out = [
-        sys.executable, "-m", "jobworker", "supervise", "--data-dir", str(data_dir),
+        sys.executable, "-m", "jobworker.supervisor", "--data-dir", str(data_dir),
         "--cgroup-root", args.cgroup_root, "--log-level", args.log_level,
         "--log-format", args.log_format, "--resume",
         "--lock-fd", str(lock), "--listen-fd", str(listen_copy),
