@@ -35,6 +35,6 @@ def serve(config_path: Path | None) -> None:
 @click.pass_context
 def supervise(ctx: click.Context) -> None:
     """The job supervisor: the parent of every job, started by the server (docs/operations.md)."""
-    from jobworker.supervisor.daemon import main as run_supervisor
+    from jobworker.supervisor.run import main as run_supervisor
 
     raise SystemExit(run_supervisor(list(ctx.args)))

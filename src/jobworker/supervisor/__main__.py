@@ -3,6 +3,6 @@ the command line's modules; `jobworker supervise` runs the same)."""
 
 import sys
 
-from jobworker.supervisor.daemon import main
+from jobworker.supervisor.run import main
 
 sys.exit(main())

@@ -2,27 +2,22 @@
 
 Jobs belong to the host, not to one server process (contract 6.3): the server hands each
 job to this small process (no gRPC, no store, one event loop), which starts it in its
-cgroups, reaps it, and keeps how it ended until the server says that is journaled. A
-server that stops or dies leaves it running; the next server connects and takes the jobs
-back. It leaves once no server is connected and no job runs, handing unacknowledged ends
-on in STATE_FILE. SIGHUP re-execs it (an upgrade): the children stay its children, the
+cgroups, reaps it, and records every step in its ledger (supervisor/ledger.py) until the
+server says the job's end is journaled. A server that stops or dies leaves it running;
+the next server connects and takes the jobs back. It leaves once no server is connected
+and no job runs. SIGHUP re-execs it (an upgrade): the children stay its children, the
 lock and the listening socket are inherited, and the new program adopts the jobs.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import fcntl
-import json
 import os
 import signal
 import socket
-import stat
 import struct
-import sys
-import threading
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +29,11 @@ from jobworker import logging as jwlogging
 from jobworker.engine.cgroups.backend import CgroupBackend
 from jobworker.engine.cgroups.group import JobCgroup
 from jobworker.engine.executor import ExitInfo, SpawnError
-from jobworker.engine.running import Process, kill_stale, process_start_ticks
+from jobworker.engine.running import Process, kill_stale
 from jobworker.engine.spawn import Spawner
+from jobworker.model import Usage
 from jobworker.supervisor import protocol as p
+from jobworker.supervisor.ledger import Ledger, Record
 
 log = structlog.get_logger()
 
@@ -61,6 +58,7 @@ class Daemon:
 
     def __init__(self, data_dir: Path, backend: CgroupBackend, listener: socket.socket) -> None:
         self.data_dir = data_dir
+        self.ledger = Ledger(data_dir / p.LEDGER_FILE)
         self.backend = backend
         self.spawner = Spawner(backend, default_working_dir="/")
         self.listener = listener
@@ -79,7 +77,7 @@ class Daemon:
 
     async def run(self, resume: bool) -> bool:
         """Serve until nothing is left to do; True when the caller should re-exec."""
-        await self._restore(resume)
+        await self._restore()
         server = await asyncio.start_unix_server(self._serve, sock=self.listener, limit=p.MAX_LINE)
         log.info("supervisor_ready", pid=os.getpid(), jobs=len(self.jobs), resumed=resume)
         jwlogging.flush()
@@ -92,7 +90,7 @@ class Daemon:
                 await asyncio.wait(list(self._serving))
         if self._starting:
             await asyncio.wait(list(self._starting))
-        self._save_state()
+        self.ledger.close(empty=not self.jobs)
         if not self._reexec:
             await self.spawner.drain()
             await asyncio.to_thread(self.spawner.close)
@@ -129,71 +127,67 @@ class Daemon:
         if (alone or self._exit_when_idle) and not self._running() and not self._starting:
             self._leave.set()
 
-    # -- the state handed on (STATE_FILE)
+    # -- the ledger (supervisor/ledger.py)
 
-    async def _restore(self, resume: bool) -> None:
-        """Take the state a predecessor left: ended jobs always; running ones only after a
-        re-exec (the same pid: they are this process's children). Kill what no one owns."""
-        state = _read_state(self.data_dir / p.STATE_FILE)
-        mine = resume and state.get("pid") == os.getpid()
-        for item in state.get("jobs", ()):
+    async def _restore(self) -> None:
+        """Take back what the ledger records: ended jobs; running ones that are this
+        process's children (a re-exec keeps them); the others may have run and are gone
+        or orphaned: killed, and recorded lost. Then kill what no job owns."""
+        for record in self.ledger.replay().values():
             try:
-                self._restore_one(item, mine)
+                self._restore_one(record)
             except (KeyError, TypeError, ValueError, OSError) as exc:
-                log.warning("supervisor_state_entry_skipped", entry=str(item)[:200], error=str(exc))
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.data_dir / p.STATE_FILE)
-        owned = {e.started.get("cgroup") or e.key for e in self.jobs.values() if e.started}
+                log.warning("ledger_record_skipped", key=record.key, error=str(exc)[:200])
+        owned = {
+            str(e.started.get("cgroup") or e.key)
+            for e in self.jobs.values()
+            if e.process is not None and e.started is not None
+        }
         killed = await asyncio.to_thread(_kill_orphans, self.backend, owned)
         if killed:
             log.warning("orphan_jobs_killed", cgroups=killed)
         with contextlib.suppress(OSError):
             await asyncio.to_thread(self.backend.cleanup_stale, frozenset(owned))
 
-    def _restore_one(self, item: dict[str, Any], mine: bool) -> None:
-        entry = _Entry(str(item["key"]), int(item["attempt"]), started=item.get("started"))
-        if item.get("ended") is not None:
-            entry.ended = p.exit_from(item["ended"])
-        elif mine and entry.started is not None:
-            started = entry.started
-            pid, ticks = int(started["pid"]), int(started["pid_start"])
-            if process_start_ticks(pid) != ticks:
-                return  # not ours any more; _kill_orphans cleans its group
+    def _restore_one(self, record: Record) -> None:
+        entry = _Entry(record.key, record.attempt)
+        self.jobs[entry.key] = entry
+        started = record.started
+        if started is None:  # began, not known to have started: it may have run
+            entry.started = _started_unknown(record)
+            self._end(entry, _lost("the job supervisor stopped while starting it", record.begun))
+            return
+        entry.started = started
+        if record.ended is not None:
+            entry.ended = p.exit_from(record.ended)
+            return
+        pid, ticks = int(started["pid"]), int(started["pid_start"])
+        if _child(pid, ticks):
             group = self.backend.open(str(started.get("cgroup") or entry.key))
             if group is None:  # no cgroups here (or removed from outside)
                 group = JobCgroup(entry.key)
             entry.process = self.spawner.adopt(pid, ticks, float(started["start_time"]), group)
             entry.task = asyncio.get_running_loop().create_task(self._await_end(entry))
-        else:  # a running job of a supervisor that died: nobody will reap it
-            if entry.started is not None:
-                started = entry.started
-                kill_stale(int(started["pid"]), int(started["pid_start"]), None, self.backend)
-            return  # its group is killed with the other orphans'
-        self.jobs[entry.key] = entry
-
-    def _save_state(self) -> None:
-        jobs = [
-            {
-                "key": e.key,
-                "attempt": e.attempt,
-                "started": e.started,
-                "ended": None if e.ended is None else p.exit_to_json(e.ended),
-            }
-            for e in self.jobs.values()
-            if e.started is not None and (e.ended is not None or self._reexec)
-        ]
-        if not jobs:
             return
-        path = self.data_dir / p.STATE_FILE
-        tmp = path.with_suffix(".tmp")
-        data = json.dumps({"pid": os.getpid(), "version": p.VERSION, "jobs": jobs}).encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        # A running job of a supervisor that died: nobody could reap it.
+        cgroup = str(started.get("cgroup") or entry.key)
+        killed = kill_stale(pid, ticks, cgroup, self.backend)
+        why = "the job supervisor died while it ran; "
+        why += "its processes were killed" if killed else "nothing was left of it"
+        self._end(entry, _lost(why, time.time()))
+
+    def _end(self, entry: _Entry, info: ExitInfo) -> None:
+        """Record the end (the ledger first), tell the server when one is connected."""
+        entry.ended = info
+        message = _ended(entry)
+        self._write(message)
+        self._send(message)
+
+    def _write(self, record: p.Message) -> None:
         try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+            self.ledger.write(record)
+        except OSError as exc:  # a full disk: the server still hears it while connected
+            log.error("ledger_write_failed", path=str(self.ledger.path), error=str(exc))
 
     # -- the server's connection
 
@@ -259,6 +253,7 @@ class Daemon:
         elif op == "ack" and entry is not None and entry.attempt == int(m["attempt"]):
             if entry.ended is not None:
                 del self.jobs[entry.key]
+                self._write({"op": "ack", "key": entry.key, "attempt": entry.attempt})
         elif op == "reap":
             self._own(self._reap(m))
         elif op == "exit":
@@ -287,6 +282,8 @@ class Daemon:
                 self._send({"op": "failed", "key": key, "attempt": attempt, "message": "busy"})
                 return
         entry = self.jobs[key] = _Entry(key, attempt)
+        # On disk before the job can run a line: a crash from here on never starts it twice.
+        self._write({"op": "begin", "key": key, "attempt": attempt, "time": time.time()})
         task = asyncio.get_running_loop().create_task(self._start(entry, m))
         self._starting.add(task)
         task.add_done_callback(self._starting.discard)
@@ -304,6 +301,7 @@ class Daemon:
         except (SpawnError, ValueError, KeyError, TypeError) as exc:
             message = exc.message if isinstance(exc, SpawnError) else f"bad request: {exc}"
             del self.jobs[entry.key]
+            self._write({"op": "ack", "key": entry.key, "attempt": entry.attempt})  # never ran
             self._send(
                 {"op": "failed", "key": entry.key, "attempt": entry.attempt, "message": message}
             )
@@ -319,13 +317,13 @@ class Daemon:
             "start_time": process.start_time,
             "cgroup": process.cgroup.name if slot else "",
         }
+        self._write(entry.started)
         self._send(entry.started)
         entry.task = asyncio.get_running_loop().create_task(self._await_end(entry))
 
     async def _await_end(self, entry: _Entry) -> None:
         assert entry.process is not None
-        entry.ended = await entry.process.wait()
-        self._send(_ended(entry))
+        self._end(entry, await entry.process.wait())
         self._check_idle()
 
     async def _reap(self, m: p.Message) -> None:
@@ -359,27 +357,32 @@ def _same_user(writer: asyncio.StreamWriter) -> bool:
     return bool(uid == os.geteuid())
 
 
-def _read_state(path: Path) -> dict[str, Any]:
-    """The predecessor's state, or {}: only a regular file is opened, garbage is skipped."""
+def _lost(why: str, when: float) -> ExitInfo:
+    return ExitInfo(None, 0, Usage(), when, False, lost=why)
+
+
+def _started_unknown(record: Record) -> p.Message:
+    """A "started" message for a job whose start was begun and not seen through."""
+    return {
+        "op": "started",
+        "key": record.key,
+        "attempt": record.attempt,
+        "pid": 0,
+        "pid_start": 0,
+        "start_time": record.begun,
+        "cgroup": "",
+    }
+
+
+def _child(pid: int, ticks: int) -> bool:
+    """True when `pid` is still the process of that start time, and this one's child
+    (after a re-exec: execve keeps the children)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return {}
-    except OSError as exc:
-        log.warning("supervisor_state_unreadable", path=str(path), error=str(exc))
-        return {}
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            log.warning("supervisor_state_unreadable", path=str(path), error="not a file")
-            return {}
-        with os.fdopen(os.dup(fd), "rb") as f:
-            state = json.loads(f.read(p.MAX_LINE))
-    except (OSError, ValueError) as exc:
-        log.warning("supervisor_state_unreadable", path=str(path), error=str(exc)[:200])
-        return {}
-    finally:
-        os.close(fd)
-    return state if isinstance(state, dict) else {}
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return False
+    return int(fields[1]) == os.getpid() and int(fields[19]) == ticks
 
 
 def _kill_orphans(backend: CgroupBackend, owned: set[str]) -> list[str]:
@@ -398,120 +401,3 @@ def _kill_orphans(backend: CgroupBackend, owned: set[str]) -> list[str]:
                     group.remove_blocking(timeout=1.0)
                     killed.append(name)
     return killed
-
-
-# -- the process
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`jobworker supervise --data-dir D --cgroup-root R`; see the module doc."""
-    parser = argparse.ArgumentParser(prog="jobworker supervise")
-    parser.add_argument("--data-dir", type=Path, required=True)
-    parser.add_argument("--cgroup-root", default="jobworker")
-    parser.add_argument("--log-level", default="info")
-    parser.add_argument("--log-format", default="json")
-    parser.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--lock-fd", type=int, default=-1, help=argparse.SUPPRESS)
-    parser.add_argument("--listen-fd", type=int, default=-1, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    jwlogging.setup(args.log_level, args.log_format)
-    data_dir = args.data_dir.absolute()
-    lock = args.lock_fd if args.lock_fd >= 0 else _lock(data_dir)
-    if lock < 0:
-        return 0  # another supervisor serves this data_dir: the server connects to it
-    listener = socket.socket(fileno=args.listen_fd) if args.listen_fd >= 0 else _listen(data_dir)
-    _write_pid(data_dir)
-    # The asyncio server closes its socket when it ends; a re-exec hands on this copy.
-    listen_copy = os.dup(listener.fileno())
-    backend = CgroupBackend.detect(args.cgroup_root)
-    daemon = Daemon(data_dir, backend, listener)
-    reexec = _run_loop(daemon, args.resume)
-    if not reexec:
-        os.close(listen_copy)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(data_dir / p.PID_FILE)
-        log.info("supervisor_stopped")
-        jwlogging.flush()
-        return 0
-    jwlogging.flush()
-    os.set_inheritable(lock, True)
-    os.set_inheritable(listen_copy, True)
-    args_out = [
-        sys.executable, "-m", "jobworker.supervisor", "--data-dir", str(data_dir),
-        "--cgroup-root", args.cgroup_root, "--log-level", args.log_level,
-        "--log-format", args.log_format, "--resume",
-        "--lock-fd", str(lock), "--listen-fd", str(listen_copy),
-    ]  # fmt: skip
-    os.execv(sys.executable, args_out)  # noqa: S606 - our own program, by absolute path
-
-
-def _run_loop(daemon: Daemon, resume: bool) -> bool:
-    """The loop on a thread of its own, as the server's (cgroup v1 charges memory to the
-    main thread's group, and the spawner forks on the loop's thread: server/app.py)."""
-    loop = asyncio.new_event_loop()
-    result: list[bool] = []
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            result.append(loop.run_until_complete(daemon.run(resume)))
-            # Left after a re-exec request: watchers of jobs the next program adopts.
-            left = asyncio.all_tasks(loop)
-            for task in left:
-                task.cancel()
-            loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
-        except BaseException as exc:  # noqa: BLE001 - raised again on the main thread
-            failure.append(exc)
-        finally:
-            loop.close()
-
-    def deliver(sig: int, _frame: object) -> None:
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(daemon.on_signal, sig)
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, deliver)
-    thread = threading.Thread(target=run, name="jobworker-supervisor")
-    thread.start()
-    while thread.is_alive():
-        thread.join(0.5)  # wakes for signals: CPython runs handlers on the main thread
-    if failure:
-        raise failure[0]
-    return result[0]
-
-
-def _lock(data_dir: Path) -> int:
-    """flock data_dir/supervisor.lock; -1 when another supervisor holds it."""
-    fd = os.open(data_dir / p.LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return -1
-    return fd
-
-
-def _listen(data_dir: Path) -> socket.socket:
-    """The socket, made anew (under the lock: a file left there is a dead one's)."""
-    path = data_dir / p.SOCKET
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
-    try:
-        sock.bind(str(path))
-    finally:
-        os.umask(old)
-    sock.listen(64)
-    return sock
-
-
-def _write_pid(data_dir: Path) -> None:
-    path = data_dir / p.PID_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(f"{os.getpid()}\n")
-    os.replace(tmp, path)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

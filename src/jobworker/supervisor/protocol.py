@@ -25,7 +25,7 @@ VERSION = 1
 SOCKET = "supervisor.sock"  # in data_dir; mode 0600, and the peer's uid is checked
 PID_FILE = "supervisor.pid"
 LOCK_FILE = "supervisor.lock"  # flock: one supervisor per data_dir
-STATE_FILE = "supervisor.state"  # what a leaving or re-exec'ing supervisor hands on
+LEDGER_FILE = "supervisor.ledger"  # every job's steps, until the server has its end
 LOG_FILE = "supervisor.log"
 MAX_LINE = 64 * 1024 * 1024  # a hello with every running job's record stays far below
 
