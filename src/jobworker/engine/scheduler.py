@@ -25,7 +25,7 @@ import structlog
 
 from jobworker import logging as jwlogging
 from jobworker.engine.executor import Executor, ExitInfo, Handle, Known, Launch, SpawnError
-from jobworker.errors import ResourceExhausted, Unavailable
+from jobworker.errors import InvalidArgument, ResourceExhausted, Unavailable
 from jobworker.model import JobEvent, JobState, Limits, Usage
 from jobworker.store.batches import BatchRecord, BatchStore
 from jobworker.store.logs import append_time, seal_times, times_path
@@ -225,6 +225,15 @@ class Engine:
                 f"{jobs} more would pass jobs.max_queued_jobs_per_identity ({limit})"
             )
 
+    def check_executor(self, name: str) -> None:
+        """InvalidArgument when `name` ("": the default) names no configured executor."""
+        if name and name not in self.executors:
+            configured = ", ".join(sorted(self.executors))
+            raise InvalidArgument(
+                f"options: executor {name!r} names no configured executor "
+                f"(configured: {configured})"
+            )
+
     def submit(
         self, batch: BatchRecord, adopted: Mapping[int, Handle | ExitInfo] | None = None
     ) -> None:
@@ -381,7 +390,7 @@ class Engine:
     # -- scheduling
 
     def _executor_name(self, batch: BatchRecord) -> str:
-        return self.default_executor
+        return batch.options.executor or self.default_executor
 
     def _executor(self, batch: BatchRecord) -> Executor:
         return self.executors[self._executor_name(batch)]
@@ -567,6 +576,7 @@ class Engine:
             cgroup=process.cgroup,
             attempt=attempt,
             offsets=base,
+            node=process.node,
         )
 
     async def _supervise(
@@ -873,6 +883,7 @@ class Engine:
         attempt: int = 1,
         retry_at: float = 0.0,
         offsets: tuple[int, int] = (0, 0),
+        node: str = "",
     ) -> None:
         event = JobEvent(
             seq=self.store.next_seq(batch),
@@ -889,6 +900,7 @@ class Engine:
             attempt=attempt,
             retry_at=retry_at,
             offsets=offsets,
+            node=node,
         )
         self.store.append(batch, event)
         for listener in self.listeners:

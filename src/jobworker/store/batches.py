@@ -329,6 +329,7 @@ def _options_to_json(o: BatchOptions) -> dict[str, Any]:
         "max_parallel": o.max_parallel,
         "fail_fast": o.fail_fast,
         "idempotency_key": o.idempotency_key,
+        "executor": o.executor,
     }
 
 
@@ -342,6 +343,7 @@ def _options_from_json(value: object) -> BatchOptions:
         max_parallel=_int(d.get("max_parallel", 0), 0, _INT32),
         fail_fast=fail_fast,
         idempotency_key=_str(d.get("idempotency_key", "")),
+        executor=_str(d.get("executor", "")),
     )
 
 
@@ -368,6 +370,8 @@ def _event_to_line(e: JobEvent) -> bytes:
         parts.append(f',"r":{e.retry_at!r}')
     if e.offsets != (0, 0):
         parts.append(f',"o":[{e.offsets[0]},{e.offsets[1]}]')
+    if e.node:
+        parts.append(f',"n":{_json_string(e.node)}')
     parts.append("}\n")
     return "".join(parts).encode()
 
@@ -409,6 +413,7 @@ def _event_from_line(line: bytes) -> JobEvent:
         pid_start=_int(d["ps"]) if "ps" in d else 0,
         usage=Usage(_num(u[0], 0.0, 1e10), _num(u[1], 0.0, 1e10), _int(u[2])) if u else None,
         cgroup=_str(d["c"]) if "c" in d else "",
+        node=_str(d["n"]) if "n" in d else "",
         attempt=_int(d["a"], 1, (1 << 32) - 1) if "a" in d else 1,
         retry_at=_num(d["r"]) if "r" in d else 0.0,
         offsets=(_int(o[0]), _int(o[1])) if o else (0, 0),
