@@ -1,4 +1,4 @@
-"""Prometheus metrics: one registry per server, fed by the interceptor, engine and reloads."""
+"""Prometheus metrics: one registry per server, fed by the interceptor, scheduler and reloads."""
 
 from __future__ import annotations
 
@@ -175,7 +175,7 @@ class Metrics:
         self.streams_active.inc(delta)
 
     def on_job_event(self, batch: _Batch, event: JobEvent) -> None:
-        """A job changed state (the engine's listener; called after the store applied it)."""
+        """A job changed state (the scheduler's listener; called after the store applied it)."""
         if event.state is JobState.RUNNING:
             self.jobs_started.inc()
             return

@@ -129,6 +129,7 @@ class BatchOptions:
     max_parallel: int = 0
     fail_fast: bool = False
     idempotency_key: str = ""
+    executor: str = ""  # the configured executor that runs its jobs; "": the default
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +163,7 @@ class JobEvent:
     # RUNNING: the stdout and stderr sizes where the attempt began; QUEUED for a retry:
     # where the attempt before it ended.
     offsets: tuple[int, int] = (0, 0)
+    node: str = ""  # RUNNING: where it runs (the host's name, or a cluster node)
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,10 +182,9 @@ class JobStatus:
     cgroup: str = ""  # while RUNNING (JobEvent.cgroup): what a restart kills by name
     attempt: int = 0  # attempts started so far
     retry_at: float = 0.0  # QUEUED for a retry: when it may start
-    log_sizes: tuple[int, int] = (
-        0,
-        0,
-    )  # where the running (or, QUEUED for a retry, the next) attempt's output begins
+    # Where the running (or, QUEUED for a retry, the next) attempt's output begins.
+    log_sizes: tuple[int, int] = (0, 0)
+    node: str = ""  # where it ran or runs (JobEvent.node)
 
     def apply(self, event: JobEvent) -> JobStatus:
         """The status after `event`."""
@@ -210,6 +211,7 @@ class JobStatus:
                 cgroup=event.cgroup,
                 attempt=event.attempt,
                 log_sizes=event.offsets,  # where this attempt's output begins
+                node=event.node,
             )
         return JobStatus(
             state=event.state,
@@ -222,6 +224,7 @@ class JobStatus:
             pid=self.pid,
             pid_start=self.pid_start,
             attempt=event.attempt,  # the scheduler's count: a failed spawn is an attempt too
+            node=self.node,
         )
 
 

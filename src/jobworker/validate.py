@@ -18,6 +18,7 @@ MAX_LABELS = 64
 MAX_LABEL_KEY = 63
 MAX_LABEL_VALUE = 256
 MAX_IDEMPOTENCY_KEY = 256
+MAX_EXECUTOR_NAME = 64  # a key of the [executors] table
 MAX_TIMEOUT = 366 * 86400.0
 MIN_MEMORY = 1 << 20
 _CORES_TTL = 10.0  # seconds a count of online CPUs is trusted (os.cpu_count reads /sys)
@@ -138,6 +139,11 @@ def _check_options(o: BatchOptions) -> None:
                 f"options: labels[{k!r}] is {len(v)} characters, at most {MAX_LABEL_VALUE}"
             )
         _no_nul("options", f"labels[{k!r}]", k + v)
+    if len(o.executor) > MAX_EXECUTOR_NAME:
+        raise InvalidArgument(
+            f"options: executor is {len(o.executor)} characters, at most {MAX_EXECUTOR_NAME}"
+        )
+    _no_nul("options", "executor", o.executor)
     if len(o.idempotency_key) > MAX_IDEMPOTENCY_KEY:
         raise InvalidArgument(
             f"options: idempotency_key is {len(o.idempotency_key)} characters, "

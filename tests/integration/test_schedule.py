@@ -733,3 +733,23 @@ def test_list_batches_pages_are_stable_and_newest_first(server: Server) -> None:
     err = rpc_error(lambda: stub.ListBatches(pb.ListBatchesRequest(page_token="garbage!")))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "page_token" in err.details()
+
+
+def test_an_unknown_executor_is_refused_naming_it_and_the_configured_ones(server: Server) -> None:
+    stub = server.stub("alice")
+    error = rpc_error(lambda: schedule(stub, options(executor="nope"), job("true")))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "executor 'nope' names no configured executor (configured: local)" in error.details()
+    too_long = rpc_error(lambda: schedule(stub, options(executor="x" * 65), job("true")))
+    assert too_long.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "executor is 65 characters, at most 64" in too_long.details()
+
+
+def test_a_local_job_names_this_host_as_its_node(server: Server) -> None:
+    import socket
+
+    stub = server.stub("alice")
+    cid = schedule(stub, options(executor="local"), job("true", name="here")).correlation_id
+    done = wait_batch(stub, cid)
+    assert done.options.executor == "local"
+    assert done.jobs[0].node == socket.gethostname()

@@ -238,3 +238,17 @@ def test_batches_table_and_summary() -> None:
     assert row.split()[:8] == ["b-9", "bob", "running", "3/5", "ok,", "1", "failed,", "1"]
     assert "a=1,b=2" in row
     assert row.rstrip().endswith("30.0s+")
+
+
+def test_the_node_column_shows_for_a_cluster_batch_and_with_wide() -> None:
+    from jobworker.cli.render import plain_job_table
+    from jobworker.v1 import jobworker_pb2 as pb
+
+    job = pb.Job(index=0, spec=pb.JobSpec(name="a", argv=["true"]), node="10.0.0.7")
+    local = pb.Batch(jobs=[job])
+    cluster = pb.Batch(jobs=[job], options=pb.BatchOptions(executor="cluster"))
+    assert "node" not in plain_job_table(local).splitlines()[0]
+    for table in (plain_job_table(cluster), plain_job_table(local, wide=True)):
+        header, row = table.splitlines()
+        assert header.split()[:4] == ["#", "name", "state", "node"]
+        assert "10.0.0.7" in row

@@ -184,6 +184,7 @@ def _batch_options(
     max_parallel: int | None,
     fail_fast: bool | None,
     idempotency_key: str | None,
+    executor: str | None = None,
 ) -> pb.BatchOptions | None:
     """The batch file's options with the command line's on top; None when there are none."""
     from jobworker.v1 import jobworker_pb2 as pb
@@ -198,6 +199,8 @@ def _batch_options(
         options.fail_fast = fail_fast
     if idempotency_key is not None:
         options.idempotency_key = idempotency_key
+    if executor is not None:
+        options.executor = executor
     return options if options.ByteSize() or base is not None else None
 
 
@@ -285,6 +288,12 @@ def _apply_defaults(
     help="Submitting again with the same KEY returns the first batch's id.",
 )
 @click.option(
+    "--executor",
+    metavar="NAME",
+    help='Where the jobs run: "local" (the server\'s host) or an executor the server '
+    "configures under [executors], such as a Ray cluster. Default: the server's.",
+)
+@click.option(
     "--follow",
     is_flag=True,
     help="Then print the logs live and exit 0 if the batch succeeded, 1 if not.",
@@ -324,6 +333,7 @@ def submit(
     max_parallel: int | None,
     fail_fast: bool | None,
     idempotency_key: str | None,
+    executor: str | None,
     follow: bool,
     send_stdin: bool,
     quiet: bool,
@@ -351,7 +361,9 @@ def submit(
         raise click.UsageError("--quiet, --failures-only and --progress go with --follow")
     file_options, jobs = _gather_jobs(argv, commands, batch_file, names, send_stdin)
     _apply_defaults(jobs, env, workdir, timeout)
-    options = _batch_options(file_options, labels, max_parallel, fail_fast, idempotency_key)
+    options = _batch_options(
+        file_options, labels, max_parallel, fail_fast, idempotency_key, executor
+    )
 
     with conn.client() as client:
         response = client.schedule(jobs, options)

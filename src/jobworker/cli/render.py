@@ -242,14 +242,28 @@ def waiting_for(job: pb.Job, states: Mapping[str, int]) -> str:
 
 
 _JOB_COLUMNS = ("#", "name", "state", "exit", "duration", "cpu", "mem", "command", "message")
+_NODE_AT = 3  # the "node" column, where shown (_shows_node), comes after "state"
 _RIGHT = frozenset({"#", "exit", "duration", "cpu", "mem"})
 # Past this many jobs a table is laid out by hand: rich measures every cell (~0.5 ms a row).
 PLAIN_TABLE_JOBS = 1000
 
 
-def _job_cells(job: pb.Job, states: Mapping[str, int], now: float | None, wide: bool) -> list[str]:
+def _shows_node(batch: pb.Batch, wide: bool) -> bool:
+    """Where each job ran is shown for a batch of a cluster executor, and with --wide."""
+    return wide or batch.options.executor not in ("", "local")
+
+
+def _columns(node: bool) -> tuple[str, ...]:
+    if not node:
+        return _JOB_COLUMNS
+    return (*_JOB_COLUMNS[:_NODE_AT], "node", *_JOB_COLUMNS[_NODE_AT:])
+
+
+def _job_cells(
+    job: pb.Job, states: Mapping[str, int], now: float | None, wide: bool, node: bool = False
+) -> list[str]:
     state = job_state_name(job.state)
-    return [
+    cells = [
         str(job.index),
         job.spec.name,
         state if job.attempt <= 1 else f"{state} #{job.attempt}",
@@ -260,18 +274,23 @@ def _job_cells(job: pb.Job, states: Mapping[str, int], now: float | None, wide: 
         command_text(job.spec.argv, wide),
         job.message or waiting_for(job, states),
     ]
+    if node:
+        cells.insert(_NODE_AT, job.node)
+    return cells
 
 
 def plain_job_table(batch: pb.Batch, now: float | None = None, wide: bool = False) -> str:
     """The job table as plain text, columns padded, one line a job, for big batches."""
     states = {job.spec.name: job.state for job in batch.jobs}
-    rows = [list(_JOB_COLUMNS)] + [_job_cells(job, states, now, wide) for job in batch.jobs]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_JOB_COLUMNS) - 1)]
+    node = _shows_node(batch, wide)
+    columns = _columns(node)
+    rows = [list(columns)] + [_job_cells(job, states, now, wide, node) for job in batch.jobs]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns) - 1)]
     lines = []
     for row in rows:
         cells = [
             cell.rjust(width) if name in _RIGHT else cell.ljust(width)
-            for name, cell, width in zip(_JOB_COLUMNS, row, widths, strict=False)
+            for name, cell, width in zip(columns, row, widths, strict=False)
         ]
         lines.append(" ".join([*cells, row[-1]]).rstrip())
     return "\n".join(lines) + "\n"
@@ -280,19 +299,20 @@ def plain_job_table(batch: pb.Batch, now: float | None = None, wide: bool = Fals
 def job_table(batch: pb.Batch, now: float | None = None, wide: bool = False) -> Table:
     """One row a job: index, name, state, exit, duration, CPU, peak memory, command, message."""
     table = Table(box=None, pad_edge=False, header_style="bold")
-    table.add_column("#", justify="right")
-    table.add_column("name")
-    table.add_column("state")
-    table.add_column("exit", justify="right")
-    table.add_column("duration", justify="right")
-    table.add_column("cpu", justify="right")
-    table.add_column("mem", justify="right")
-    table.add_column("command", overflow="fold" if wide else "ellipsis")
-    table.add_column("message", overflow="fold")
+    node = _shows_node(batch, wide)
+    for name in _columns(node):
+        if name == "command":
+            table.add_column(name, overflow="fold" if wide else "ellipsis")
+        elif name == "message":
+            table.add_column(name, overflow="fold")
+        else:
+            table.add_column(name, justify="right" if name in _RIGHT else "left")
     states = {job.spec.name: job.state for job in batch.jobs}
     for job in batch.jobs:
-        cells = _job_cells(job, states, now, wide)
-        table.add_row(*cells[:2], state_text(cells[2]), *cells[3:7], Text(cells[7]), Text(cells[8]))
+        cells = _job_cells(job, states, now, wide, node)
+        table.add_row(
+            *cells[:2], state_text(cells[2]), *cells[3:-2], Text(cells[-2]), Text(cells[-1])
+        )
     return table
 
 

@@ -82,7 +82,7 @@ def kill_stale(pid: int, pid_start: int, cgroup_key: str | None, backend: Cgroup
         group = backend.open(cgroup_key)
         if group is not None:
             group.kill()
-            group.remove_blocking(timeout=1.0)  # runs in a thread (Engine.recover)
+            group.remove_blocking(timeout=1.0)  # runs in a thread (Scheduler.recover)
     return killed
 
 

@@ -19,13 +19,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 
 from jobworker import logging as jwlogging
+from jobworker.config import JobsConfig
 from jobworker.engine.executor import Executor, ExitInfo, Handle, Known, Launch, SpawnError
-from jobworker.errors import ResourceExhausted, Unavailable
+from jobworker.errors import InvalidArgument, ResourceExhausted, Unavailable
 from jobworker.model import JobEvent, JobState, Limits, Usage
 from jobworker.store.batches import BatchRecord, BatchStore
 from jobworker.store.logs import append_time, seal_times, times_path
@@ -51,34 +52,6 @@ _STREAMS = ("stdout", "stderr")
 # SIGTERM, in kill_grace more.
 _LOG_CHECK_INTERVAL = 0.1
 _LOG_STATS_PER_SECOND = 40_000
-
-
-class JobSettings(Protocol):
-    """The reloadable [jobs] settings the scheduler reads each time it decides."""
-
-    @property
-    def max_concurrent(self) -> int: ...
-    @property
-    def default_timeout(self) -> float: ...
-    @property
-    def kill_grace(self) -> float: ...
-    @property
-    def max_queued_jobs(self) -> int: ...
-    @property
-    def max_queued_jobs_per_identity(self) -> int: ...
-    @property
-    def max_running_per_identity(self) -> int: ...
-    @property
-    def fair_share(self) -> bool: ...
-    @property
-    def max_log_bytes(self) -> int: ...
-    @property
-    def default_limits(self) -> _LimitsSource: ...
-    def unix_user_for(self, identity: str) -> str: ...
-
-
-class _LimitsSource(Protocol):
-    def to_limits(self) -> Limits: ...
 
 
 @dataclass(eq=False)
@@ -143,14 +116,14 @@ class _Owner:
         return None
 
 
-class Engine:
+class Scheduler:
     """Runs the jobs of every batch under the global and per-batch limits."""
 
     def __init__(
         self,
         store: BatchStore,
         executors: Mapping[str, Executor],
-        settings: JobSettings,
+        settings: JobsConfig,
         listeners: Iterable[EventListener] = (),
         *,
         default_executor: str = "local",
@@ -201,7 +174,7 @@ class Engine:
 
     # -- inputs
 
-    def update_settings(self, settings: JobSettings) -> None:
+    def update_settings(self, settings: JobsConfig) -> None:
         """Take new [jobs] settings; a raised max_concurrent starts queued jobs at once."""
         self.settings = settings
         self._dispatch()
@@ -223,6 +196,15 @@ class Engine:
             raise ResourceExhausted(
                 f"queue of {owner!r} is full: {queued} jobs queued, "
                 f"{jobs} more would pass jobs.max_queued_jobs_per_identity ({limit})"
+            )
+
+    def check_executor(self, name: str) -> None:
+        """InvalidArgument when `name` ("": the default) names no configured executor."""
+        if name and name not in self.executors:
+            configured = ", ".join(sorted(self.executors))
+            raise InvalidArgument(
+                f"options: executor {name!r} names no configured executor "
+                f"(configured: {configured})"
             )
 
     def submit(
@@ -381,7 +363,7 @@ class Engine:
     # -- scheduling
 
     def _executor_name(self, batch: BatchRecord) -> str:
-        return self.default_executor
+        return batch.options.executor or self.default_executor
 
     def _executor(self, batch: BatchRecord) -> Executor:
         return self.executors[self._executor_name(batch)]
@@ -567,6 +549,7 @@ class Engine:
             cgroup=process.cgroup,
             attempt=attempt,
             offsets=base,
+            node=process.node,
         )
 
     async def _supervise(
@@ -873,6 +856,7 @@ class Engine:
         attempt: int = 1,
         retry_at: float = 0.0,
         offsets: tuple[int, int] = (0, 0),
+        node: str = "",
     ) -> None:
         event = JobEvent(
             seq=self.store.next_seq(batch),
@@ -889,6 +873,7 @@ class Engine:
             attempt=attempt,
             retry_at=retry_at,
             offsets=offsets,
+            node=node,
         )
         self.store.append(batch, event)
         for listener in self.listeners:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from jobworker.engine.scheduler import Engine
+from jobworker.engine.scheduler import Scheduler
 from jobworker.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from jobworker.model import BatchOptions, BatchState, Caller, JobSpec
 from jobworker.store.batches import BatchRecord, BatchStore
@@ -36,9 +36,9 @@ class Page:
 class BatchService:
     """Schedules, reads, cancels and lists batches on behalf of a caller."""
 
-    def __init__(self, store: BatchStore, engine: Engine) -> None:
+    def __init__(self, store: BatchStore, scheduler: Scheduler) -> None:
         self.store = store
-        self.engine = engine
+        self.scheduler = scheduler
         self._lock = asyncio.Lock()
 
     async def schedule(
@@ -66,7 +66,8 @@ class BatchService:
                 earlier = self.store.find_idempotent(owner, options.idempotency_key)
                 if earlier is not None:
                     return earlier, True
-            self.engine.check_capacity(len(specs), owner)
+            self.scheduler.check_executor(options.executor)
+            self.scheduler.check_capacity(len(specs), owner)
             return await self._commit(owner, options, specs), False
 
     async def _commit(
@@ -77,7 +78,7 @@ class BatchService:
         self.store.register(batch)
         log.info("batch_scheduled", correlation_id=batch.cid, identity=owner, jobs=len(specs))
         self.store.make_folders(batch)
-        self.engine.submit(batch)
+        self.scheduler.submit(batch)
         return batch
 
     def get(self, caller: Caller, cid: str) -> BatchRecord:
@@ -122,7 +123,7 @@ class BatchService:
             raise PermissionDenied(
                 f"role {caller.role!r} of {caller.identity!r} may not delete batch {batch.cid}"
             )
-        if not batch.ended or self.engine.has_jobs_left(batch.cid):
+        if not batch.ended or self.scheduler.has_jobs_left(batch.cid):
             left = sum(1 for s in batch.statuses if not s.state.ended)
             raise FailedPrecondition(
                 f"batch {batch.cid} has {left} jobs queued or running: cancel it first"
@@ -148,7 +149,7 @@ class BatchService:
             identity=caller.identity,
             jobs=len(indexes),
         )
-        await self.engine.cancel(batch, indexes, grace, f"canceled by {caller.identity}")
+        await self.scheduler.cancel(batch, indexes, grace, f"canceled by {caller.identity}")
         return batch
 
     def list(

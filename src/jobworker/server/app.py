@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from jobworker import __version__
 from jobworker import logging as jwlogging
 from jobworker.config import Config
-from jobworker.engine.scheduler import Engine
+from jobworker.engine.scheduler import Scheduler
 from jobworker.engine.service import BatchService
 from jobworker.errors import NotFound
 from jobworker.metrics import Metrics
@@ -58,16 +58,16 @@ class Parts:
     port: int
     health: health_aio.HealthServicer
     store: BatchStore
-    engine: Engine
+    scheduler: Scheduler
     core: BatchService
     service: JobWorkerService
 
 
-async def build_engine(
+async def build_scheduler(
     config: Config, live: Callable[[], Config], store: BatchStore, metrics: Metrics
-) -> Engine:
-    """The engine and the executors that run its jobs (the local one: the data_dir's job
-    supervisor, started when none runs); closed by the engine's shutdown."""
+) -> Scheduler:
+    """The scheduler and the executors that run its jobs (the local one: the data_dir's job
+    supervisor, started when none runs); closed by the scheduler's shutdown."""
     local = LocalExecutor(
         config.server.data_dir,
         config.server.cgroup_root,
@@ -77,7 +77,7 @@ async def build_engine(
     )
     await local.open()
     # The metrics listen from the first event: recovery ends jobs LOST and starts others.
-    return Engine(store, {local.name: local}, config.jobs, listeners=[metrics.on_job_event])
+    return Scheduler(store, {local.name: local}, config.jobs, listeners=[metrics.on_job_event])
 
 
 class App:
@@ -144,21 +144,21 @@ class App:
         stack.enter_context(jwlogging.enriched(_owner_lookup(store)))
         stack.callback(store.close)
         batches = store.load()
-        engine = await build_engine(cfg, lambda: self.config, store, self.metrics)
+        scheduler = await build_scheduler(cfg, lambda: self.config, store, self.metrics)
         inotify = Inotify()
         stack.callback(inotify.close)
-        stack.push_async_callback(self._drain, server, health_servicer, store, engine)
+        stack.push_async_callback(self._drain, server, health_servicer, store, scheduler)
         self.metrics.watch(
-            queued=lambda: engine.queued,
-            running=lambda: engine.running,
+            queued=lambda: scheduler.queued,
+            running=lambda: scheduler.running,
             batches=lambda: len(store),
             max_concurrent=lambda: self.config.jobs.max_concurrent,
         )
-        core = BatchService(store, engine)
+        core = BatchService(store, scheduler)
         for batch in batches:
             if not batch.ended:  # folders for the jobs still to run, as at scheduling
                 store.make_folders(batch)
-        await engine.recover(batches)
+        await scheduler.recover(batches)
         live = lambda: self.config  # noqa: E731 - read at each call: a reload swaps it
         reader = BatchReader(core, live, inotify, lambda: self.closing, self.metrics.on_stream)
         service = JobWorkerService(core, Uploads(core, live), reader)
@@ -171,7 +171,7 @@ class App:
             port=port,
             health=health_servicer,
             store=store,
-            engine=engine,
+            scheduler=scheduler,
             core=core,
             service=service,
         )
@@ -219,7 +219,7 @@ class App:
         server: aio.Server,
         health_servicer: health_aio.HealthServicer,
         store: BatchStore,
-        engine: Engine,
+        scheduler: Scheduler,
     ) -> None:
         """Refuse new work, end streams UNAVAILABLE, stop jobs and calls together."""
         for name in ("", SERVICE_NAME):
@@ -228,7 +228,7 @@ class App:
             batch.changed.notify()  # followers see `closing` and end with UNAVAILABLE
         grace = self.config.server.shutdown_grace
         await asyncio.gather(
-            engine.shutdown(
+            scheduler.shutdown(
                 min(self.config.jobs.kill_grace, grace),
                 stop_jobs=self.config.jobs.on_server_stop == "stop",
             ),
@@ -258,7 +258,7 @@ class App:
         """Hand a reloaded config to the parts that keep settings of their own."""
         parts.tls.config = applied
         parts.store.min_free_disk = applied.jobs.min_free_disk
-        parts.engine.update_settings(applied.jobs)
+        parts.scheduler.update_settings(applied.jobs)
         parts.revocations.configure(applied.tls.crl, applied.tls.ca_cert)
         if applied.jobs.root_keys() != running.jobs.root_keys():
             _warn_root_jobs(applied.jobs.root_keys())

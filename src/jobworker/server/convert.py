@@ -44,6 +44,7 @@ def options_from_pb(o: pb.BatchOptions) -> BatchOptions:
         max_parallel=o.max_parallel,
         fail_fast=o.fail_fast,
         idempotency_key=o.idempotency_key,
+        executor=o.executor,
     )
 
 
@@ -217,6 +218,7 @@ def options_to_pb(o: BatchOptions) -> pb.BatchOptions:
         max_parallel=o.max_parallel,
         fail_fast=o.fail_fast,
         idempotency_key=o.idempotency_key,
+        executor=o.executor,
     )
 
 
@@ -255,6 +257,7 @@ def job_to_pb(
         end_time=_ts(status.end_time),
         usage=_usage_to_pb(status.usage),
         attempt=status.attempt,
+        node=status.node,
     )
     if status.exit_code is not None:
         job.exit_code = status.exit_code
@@ -337,6 +340,7 @@ def item_to_pb(
         message=item.message,
         time=_ts(item.time),
         attempt=max(1, item.attempt),
+        node=item.node,
     )
     if item.exit_code is not None:
         change.exit_code = item.exit_code

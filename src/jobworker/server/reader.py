@@ -54,7 +54,7 @@ class BatchReader:
         batch = self.core.get(caller, cid)
         indexes = batch.select(names)
         tail = self.config().jobs.log_tail_bytes if tail is None else tail
-        waiting = self.core.engine.waiting(batch.cid)
+        waiting = self.core.scheduler.waiting(batch.cid)
         redact = not caller.can_read_secrets(batch.owner)
         if len(indexes) <= BUILD_INLINE_JOBS:
             return answer(batch, indexes, tail, redact=redact, waiting=waiting)
@@ -88,7 +88,7 @@ class BatchReader:
             folders = {i: batch.job_dir(i) for i in selected if batch.statuses[i].start_time}
             floors = await asyncio.to_thread(tail_offsets, folders, request.tail_lines)
         with self.streams_of.hold(caller.identity, mine, refusal), self._counted():
-            sample = functools.partial(self.core.engine.sample_logs, batch.cid)
+            sample = functools.partial(self.core.scheduler.sample_logs, batch.cid)
             follower = Follower(batch, selected, cursor, self.inotify, self.closing, floors, sample)
             # aclosing: a client that goes away closes the follower at once, files and all.
             async with contextlib.aclosing(follower.items(request.follow)) as items:

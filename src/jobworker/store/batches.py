@@ -77,7 +77,7 @@ class BatchRecord:
     journal_size: int = 0  # bytes of whole lines in the journal
     pending: list[bytes] = field(default_factory=list)  # lines not written yet (disk full)
     # After load: QUEUED jobs whose folder shows they started (what it shows), and why
-    # the journal may not say so. The engine asks their executor first (BatchStore.record_lost).
+    # the journal may not say so. The scheduler asks their executor first (BatchStore.record_lost).
     traced: dict[int, str] = field(default_factory=dict)
     damage: list[str] = field(default_factory=list)
 
@@ -210,7 +210,7 @@ def _spec_to_json(spec: JobSpec) -> dict[str, Any]:
 
 
 # Everything read back from disk is checked as if a stranger wrote it: a wrong type or an
-# out-of-range number would otherwise fail later, far from the file (in the engine, or
+# out-of-range number would otherwise fail later, far from the file (in the scheduler, or
 # when a reply is encoded), and take the server down. Each check raises ValueError.
 
 _INT32 = (1 << 31) - 1
@@ -297,7 +297,7 @@ def _spec_from_json(value: object) -> JobSpec:
 
 def _check_graph(specs: tuple[JobSpec, ...]) -> None:
     """ValueError unless names are unique and dependencies name other jobs, without a cycle
-    (the engine trusts both); a worklist, not recursion: a long chain is a valid batch."""
+    (the scheduler trusts both); a worklist, not recursion: a long chain is a valid batch."""
     names = {spec.name: i for i, spec in enumerate(specs)}
     if len(names) != len(specs):
         raise ValueError("two jobs have the same name")
@@ -329,6 +329,7 @@ def _options_to_json(o: BatchOptions) -> dict[str, Any]:
         "max_parallel": o.max_parallel,
         "fail_fast": o.fail_fast,
         "idempotency_key": o.idempotency_key,
+        "executor": o.executor,
     }
 
 
@@ -342,6 +343,7 @@ def _options_from_json(value: object) -> BatchOptions:
         max_parallel=_int(d.get("max_parallel", 0), 0, _INT32),
         fail_fast=fail_fast,
         idempotency_key=_str(d.get("idempotency_key", "")),
+        executor=_str(d.get("executor", "")),
     )
 
 
@@ -368,6 +370,8 @@ def _event_to_line(e: JobEvent) -> bytes:
         parts.append(f',"r":{e.retry_at!r}')
     if e.offsets != (0, 0):
         parts.append(f',"o":[{e.offsets[0]},{e.offsets[1]}]')
+    if e.node:
+        parts.append(f',"n":{_json_string(e.node)}')
     parts.append("}\n")
     return "".join(parts).encode()
 
@@ -409,6 +413,7 @@ def _event_from_line(line: bytes) -> JobEvent:
         pid_start=_int(d["ps"]) if "ps" in d else 0,
         usage=Usage(_num(u[0], 0.0, 1e10), _num(u[1], 0.0, 1e10), _int(u[2])) if u else None,
         cgroup=_str(d["c"]) if "c" in d else "",
+        node=_str(d["n"]) if "n" in d else "",
         attempt=_int(d["a"], 1, (1 << 32) - 1) if "a" in d else 1,
         retry_at=_num(d["r"]) if "r" in d else 0.0,
         offsets=(_int(o[0]), _int(o[1])) if o else (0, 0),
@@ -854,7 +859,7 @@ class BatchStore:
 
     def record_lost(self, batch: BatchRecord, traced: dict[int, str]) -> None:
         """Record LOST the queued jobs that `traced` shows had started (and no executor
-        runs: the engine asked), and the queued jobs they depend on (a job starts only
+        runs: the scheduler asked), and the queued jobs they depend on (a job starts only
         after its dependencies succeeded): they never run again."""
         problems = batch.damage
         why = "; ".join(problems[:3]) if problems else "its start was not recorded"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -28,6 +29,7 @@ _CONNECT_TIMEOUT = 10.0  # seconds for a supervisor to start listening
 _CONNECT_POLL = 0.01
 _RECONNECT_TIMEOUT = 10.0  # a live supervisor that re-execs is back within this
 _DIED = "the job supervisor died while it ran; its processes were killed"
+_HOST = socket.gethostname()
 
 
 class LocalJob:
@@ -47,7 +49,7 @@ class LocalJob:
 
     @property
     def node(self) -> str:
-        return ""
+        return _HOST  # Job.node: the host's name for the local executor
 
     @property
     def ended(self) -> bool:

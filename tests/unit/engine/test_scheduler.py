@@ -14,7 +14,7 @@ import pytest
 from jobworker.config import JobsConfig
 from jobworker.engine.cgroups.backend import CgroupBackend
 from jobworker.engine.executor import ExitInfo, Known, Launch
-from jobworker.engine.scheduler import Engine
+from jobworker.engine.scheduler import Scheduler
 from jobworker.engine.spawn import Spawner
 from jobworker.errors import ResourceExhausted
 from jobworker.model import BatchOptions, JobEvent, JobSpec, JobState, Usage
@@ -36,7 +36,7 @@ async def test_a_job_that_exits_in_its_deadlines_loop_turn_keeps_its_own_result(
             # meanwhile `true` exits and the 0.2 s deadline passes
             asyncio.get_running_loop().call_soon(time.sleep, 0.5)
 
-    engine = Engine(store, {"local": executor}, JobsConfig(), listeners=[hold_the_loop])
+    engine = Scheduler(store, {"local": executor}, JobsConfig(), listeners=[hold_the_loop])
     spec = JobSpec("quick", ("true",), timeout=0.2)
     batch = store.create("alice", BatchOptions(), (spec,))
     engine.submit(batch)
@@ -52,11 +52,11 @@ async def test_a_job_that_exits_in_its_deadlines_loop_turn_keeps_its_own_result(
 
 # --- the dispatcher, against a fake supervisor ----------------------------------------------
 # A fake: it starts no process, so each test decides when every job ends and the order of
-# starts is exact. Real processes run through the same Engine in tests/integration.
+# starts is exact. Real processes run through the same Scheduler in tests/integration.
 
 
 class FakeProcess:
-    """What the Engine uses of a Process; ends when the test (or a stop) says so."""
+    """What the Scheduler uses of a Process; ends when the test (or a stop) says so."""
 
     def __init__(self, key: str, number: int) -> None:
         self.key = key
@@ -133,10 +133,10 @@ class FakeExecutor:
             await asyncio.sleep(0)
 
 
-def _engine(tmp_path: Path, **settings: object) -> tuple[BatchStore, FakeExecutor, Engine]:
+def _engine(tmp_path: Path, **settings: object) -> tuple[BatchStore, FakeExecutor, Scheduler]:
     store = BatchStore(tmp_path)
     supervisor = FakeExecutor()
-    engine = Engine(store, {"local": supervisor}, JobsConfig(**settings))  # type: ignore[arg-type]
+    engine = Scheduler(store, {"local": supervisor}, JobsConfig(**settings))  # type: ignore[arg-type]
     return store, supervisor, engine
 
 
@@ -308,10 +308,10 @@ async def _left_running(tmp_path: Path, *names: str) -> tuple[BatchRecord, list[
     return batch, supervisor.live
 
 
-async def _restarted(tmp_path: Path, supervisor: FakeExecutor) -> tuple[BatchRecord, Engine]:
+async def _restarted(tmp_path: Path, supervisor: FakeExecutor) -> tuple[BatchRecord, Scheduler]:
     store = BatchStore(tmp_path)
     (batch,) = store.load()
-    engine = Engine(store, {"local": supervisor}, JobsConfig())  # type: ignore[arg-type]
+    engine = Scheduler(store, {"local": supervisor}, JobsConfig())  # type: ignore[arg-type]
     await engine.recover([batch])
     return batch, engine
 

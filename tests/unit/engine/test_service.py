@@ -20,7 +20,7 @@ ALICE = Caller("alice", "user")
 
 def _core(tmp_path: Path) -> tuple[BatchService, BatchStore]:
     store = BatchStore(tmp_path)
-    return BatchService(store, engine=None), store  # type: ignore[arg-type]  # list needs no engine
+    return BatchService(store, scheduler=None), store  # type: ignore[arg-type]  # list needs none
 
 
 def test_pages_end_early_rather_than_pass_the_message_limit(tmp_path: Path) -> None:
@@ -63,12 +63,15 @@ class _SlowStore(BatchStore):
 
 
 class _Queue:
-    """Stands in for the engine: these tests are about the core's commit, not running jobs."""
+    """Stands in for the scheduler: these tests are about the commit, not running jobs."""
 
     def __init__(self) -> None:
         self.submitted: list[str] = []
 
     def check_capacity(self, jobs: int, owner: str = "") -> None:
+        pass
+
+    def check_executor(self, name: str) -> None:
         pass
 
     def submit(self, batch: Any) -> None:

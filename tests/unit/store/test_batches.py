@@ -246,6 +246,7 @@ def test_journal_lines_are_the_json_they_say(
         pid_start if pid else 0,
         usage,
         cgroup,
+        node=cgroup[::-1],  # any text, as a cluster's node names are
     )
     line = _event_to_line(event)
     assert line.endswith(b"\n") and line.count(b"\n") == 1

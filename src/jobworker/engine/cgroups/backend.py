@@ -64,7 +64,7 @@ class CgroupBackend:
         self._chosen: dict[frozenset[str], list[Hierarchy]] = {}  # _choose, by wanted limits
         self.pooling = True  # False: every job gets groups of its own, named by its key
         # Pooled groups are named pool-<this run's token>-<n>: never a name an earlier run
-        # used, whose record may still name it after a crash (Engine.recover kills by it).
+        # used, whose record may still name it after a crash (Scheduler.recover kills by it).
         self._pool_token = secrets.token_hex(4)
         self._pool_count = 0
 
