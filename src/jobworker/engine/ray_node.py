@@ -162,7 +162,9 @@ def _pump(proc: subprocess.Popen[bytes], pipes: dict[int, str]) -> Iterator[Even
     ended: dict[str, Any] | None = None
     deadline = 0.0
     try:
-        while pipes:
+        # Until the leader exits (a job may close its stdout and stderr long before), then
+        # until its pipes end or DRAIN_SECONDS pass.
+        while pipes or ended is None:
             timeout = None if ended is None else deadline - time.monotonic()
             if timeout is not None and timeout <= 0:
                 break  # a process that left the session holds a pipe: stop reading it
@@ -179,14 +181,13 @@ def _pump(proc: subprocess.Popen[bytes], pipes: dict[int, str]) -> Iterator[Even
                     sel.unregister(key.fd)
                     os.close(key.fd)
                     del pipes[key.fd]
-        if ended is None:
-            ended = _reap(proc.pid)
     finally:
         sel.close()
         os.close(pidfd)
         for fd in pipes:
             os.close(fd)
     proc.returncode = 0  # reaped by _reap: keep Popen from waiting again
+    assert ended is not None
     yield ("ended", ended)
 
 
