@@ -37,7 +37,7 @@ def test_without_the_section_only_local() -> None:
     ("text", "message"),
     [
         ('[executors]\ndefault = "x"', "default = 'x' names no [executors.NAME] table"),
-        ('[executors.c]\nkind = "k8s"', 'executors.c.kind = "k8s" (line 2): must be one of "ray"'),
+        ('[executors.c]\nkind = "k8s"', 'executors.c.kind = "k8s" (line 2): must be "ray"'),
         ('[executors.c]\naddress = "nope"', "must be the cluster's GCS address, host:port"),
         ("[executors.c]\ncpus_per_job = 0", "must be a number of CPUs above 0"),
         ("[executors.c]\nport = 1", "unknown key executors.c.port (line 2); known keys"),
