@@ -157,6 +157,7 @@ def start_cluster(tmp: Path, cpus: int = 1) -> RayCluster:
     n = os.getpid() % 200 + 20
     ns, outside, inside = f"jwray{os.getpid()}", f"jwr{os.getpid()}a", f"jwr{os.getpid()}b"
     head_ip, node_ip = f"10.231.{n}.1", f"10.231.{n}.2"
+    tmp.mkdir(parents=True, exist_ok=True)
     token = tmp / "auth_token"
     token.write_text(uuid.uuid4().hex)
     token.chmod(0o600)

@@ -35,6 +35,7 @@ AGENT_NAME = "jobworker-agent-v1-{node_id}"  # one detached actor per node
 NAMESPACE = "jobworker"
 BACKPRESSURE = 32  # chunks a job's task may yield ahead of the bridge
 CONNECT_TIMEOUT = 5.0  # the TCP check before ray.init
+WATCH_AFTER = 1.0  # seconds a job runs before its node's agent watches it (_watch)
 NODES_TTL = 2.0  # seconds the bridge trusts its view of the cluster's nodes
 
 
@@ -131,7 +132,10 @@ class Bridge:
         stdin = None
         if cmd.get("stdin"):
             stdin = await asyncio.to_thread(_read_file, cmd["stdin"])
-        options: dict[str, Any] = {"num_cpus": cpus, "_generator_backpressure_num_objects": 32}
+        options: dict[str, Any] = {
+            "num_cpus": cpus,
+            "_generator_backpressure_num_objects": BACKPRESSURE,
+        }
         if memory:
             options["memory"] = memory
         job.gen = self.run_job.options(**options).remote(
@@ -181,10 +185,19 @@ class Bridge:
     def _started(self, job: _Job, info: dict[str, Any]) -> None:
         job.info = info
         self.emit({"ev": "started", "id": job.cmd["id"], **info})
-        agent = self.agent(info["node_id"])
-        agent.watch.remote(info["pid"], info["pid_start"], info["worker_pid"], info["worker_start"])
+        # Most jobs of a busy cluster end within a second: only longer ones cost the agent a
+        # call (a job whose bridge dies within its first second can outlive it).
+        asyncio.get_running_loop().call_later(WATCH_AFTER, self._watch, job)
         for sig in job.signals:
-            agent.signal.remote(info["pid"], info["pid_start"], sig)
+            self.agent(info["node_id"]).signal.remote(info["pid"], info["pid_start"], sig)
+
+    def _watch(self, job: _Job) -> None:
+        if job.cmd["id"] in self.jobs:
+            info = job.info
+            agent = self.agent(info["node_id"])
+            agent.watch.remote(
+                info["pid"], info["pid_start"], info["worker_pid"], info["worker_start"]
+            )
 
     def agent(self, node_id: str) -> Any:
         """The node's agent (made at its first use, or found by name)."""
