@@ -234,7 +234,9 @@ async def test_a_restarted_server_reports_lost_and_kills_leftovers(
     link.process.kill()  # the server died with its bridge: Ray ends the task's worker
     end = await handle.wait()
     assert "lost" in end.lost and cluster.address in end.lost
-    after = RayExecutor("cluster", cluster.address, 1, token_file=cluster.token_file)
+    after = RayExecutor(
+        "cluster", cluster.address, 1, token_file=cluster.token_file, log_path=tmp_path / "b2"
+    )
     try:
         recovered = await after.recover([known])
     finally:
@@ -242,6 +244,7 @@ async def test_a_restarted_server_reports_lost_and_kills_leftovers(
     attempt, info = recovered[known.key]
     assert attempt == 1 and not isinstance(info, RayHandle)
     assert info.lost.startswith(f"server restarted while it ran on node {handle.node}")  # type: ignore[union-attr]
+    assert info.lost.endswith("what was left of it was killed"), info.lost  # type: ignore[union-attr]
     deadline = time.monotonic() + 10
     while processes_with(marker):
         assert time.monotonic() < deadline, "the job outlived its server and bridge"

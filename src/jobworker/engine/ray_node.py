@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import os
 import pwd
 import select
@@ -56,7 +57,7 @@ def run_job(
         "pid": proc.pid,
         "pid_start": start_ticks(proc.pid),
         "node": _node(),
-        "node_id": ray.get_runtime_context().get_node_id(),
+        "node_id": _node_id(),
         "worker_pid": os.getpid(),
         "worker_start": start_ticks(os.getpid()),
     }
@@ -64,8 +65,15 @@ def run_job(
     yield from _pump(proc, pipes)
 
 
+@functools.cache
 def _node() -> str:
+    """This node's IP (a worker stays on its node: asked of Ray once per worker)."""
     return str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
+
+
+@functools.cache
+def _node_id() -> str:
+    return str(ray.get_runtime_context().get_node_id())
 
 
 def _spawn(
