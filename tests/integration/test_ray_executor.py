@@ -167,20 +167,19 @@ async def test_jobs_spread_over_both_nodes(
 
 
 async def test_cpus_are_a_ray_resource(executor: RayExecutor, tmp_path: Path) -> None:
-    # Two nodes of one CPU: a third job of one CPU waits for a free one; half CPUs fit 4.
-    began = time.monotonic()
-    whole = [executor.start(launch(tmp_path, "sleep", "2")) for _ in range(3)]
-    handles = await asyncio.gather(*whole)
-    assert time.monotonic() - began >= 1.5
-    await asyncio.gather(*(h.wait() for h in handles))
-    began = time.monotonic()
-    halves = [
-        executor.start(launch(tmp_path, "sleep", "2", limits=Limits(cpu_millis=500)))
-        for _ in range(4)
-    ]
-    handles = await asyncio.gather(*halves)
-    assert time.monotonic() - began < 1.5
-    await asyncio.gather(*(h.wait() for h in handles))
+    # Two nodes of one CPU. Three jobs of one CPU: the last starts only once one has ended.
+    whole = await asyncio.gather(
+        *(executor.start(launch(tmp_path, "sleep", "1")) for _ in range(3))
+    )
+    assert sum(h.ended for h in whole) >= 1
+    await asyncio.gather(*(h.wait() for h in whole))
+    # Four of half a CPU run at once: all have started while none has ended.
+    half = Limits(cpu_millis=500)
+    halves = await asyncio.gather(
+        *(executor.start(launch(tmp_path, "sleep", "8", limits=half)) for _ in range(4))
+    )
+    assert not any(h.ended for h in halves)
+    await asyncio.gather(*(h.stop(1.0) for h in halves))
 
 
 async def test_a_request_no_node_can_meet_fails_to_start(
