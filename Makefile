@@ -16,21 +16,22 @@ export GRPC_ENABLE_FORK_SUPPORT := false
 
 build: $(STAMP) $(CERTS)/ca.pem
 
-# Exact versions from the lock file (reproducible builds); the project itself on top.
+# Exact versions from the lock file (reproducible builds); the project itself on top,
+# with its extras: dev and ray (the Ray executor's tests need a real cluster).
 $(STAMP): pyproject.toml $(LOCK)
 	@test -n "$(PYTHON)" || { echo "need Python 3.11 or newer on PATH" \
 		"(python3.13, python3.12, python3.11 or python3)" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check --upgrade pip==25.3
 	$(BIN)/pip install --quiet --disable-pip-version-check -r $(LOCK)
-	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e '.[dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e '.[dev,ray]'
 	touch $@
 
 # Remakes the lock file from pyproject.toml's ranges, in a clean throw-away venv.
 lock:
 	@test -n "$(PYTHON)" || { echo "need Python 3.11 or newer on PATH" >&2; exit 1; }
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
-	.lock-venv/bin/pip install --quiet --disable-pip-version-check '.[dev]'
+	.lock-venv/bin/pip install --quiet --disable-pip-version-check '.[dev,ray]'
 	{ echo "# pip install -r requirements.lock: exact versions for make build (make lock)"; \
 	  .lock-venv/bin/pip freeze --exclude-editable --disable-pip-version-check | \
 	  grep -v '^jobworker[= @]'; } > $(LOCK)

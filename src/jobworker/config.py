@@ -20,6 +20,7 @@ from pydantic import (
     Field,
     ValidationError,
     ValidationInfo,
+    model_validator,
 )
 from pydantic_core import ErrorDetails
 
@@ -33,9 +34,11 @@ __all__ = [
     "Config",
     "ConfigError",
     "DefaultLimits",
+    "ExecutorsConfig",
     "JobsConfig",
     "LoggingConfig",
     "MetricsConfig",
+    "RayExecutorConfig",
     "RetentionConfig",
     "Role",
     "ServerConfig",
@@ -304,6 +307,36 @@ class RetentionConfig(_Section):
     max_age: Duration = _duration("7d", positive=True)
 
 
+class RayExecutorConfig(_Section):
+    """[executors.NAME] with kind = "ray": jobs run as Ray tasks on an existing cluster."""
+
+    kind: Literal["ray"] = _setting("ray", '"ray"')
+    address: Listen = _setting("127.0.0.1:6379", "the cluster's GCS address, host:port")
+    cpus_per_job: float = _setting(1.0, "a number of CPUs above 0", gt=0)
+    token_file: OptionalPath = _setting(None, '"" (Ray\'s own, ~/.ray/auth_token) or a path')
+
+
+class ExecutorsConfig(_Section):
+    """[executors]: `default` and one table per named executor; restart to change."""
+
+    model_config = ConfigDict(extra="allow")
+    __pydantic_extra__: dict[str, RayExecutorConfig] = Field(init=False)  # the named tables
+    default: str = _setting("local", '"local" or the name of an [executors.NAME] table')
+
+    @model_validator(mode="after")
+    def _known_default(self) -> ExecutorsConfig:
+        named = self.named()
+        if "local" in named:
+            raise ValueError('"local" is the built-in executor: name the table otherwise')
+        if self.default != "local" and self.default not in named:
+            raise ValueError(f"default = {self.default!r} names no [executors.NAME] table")
+        return self
+
+    def named(self) -> dict[str, RayExecutorConfig]:
+        """The [executors.NAME] tables by name."""
+        return dict(self.__pydantic_extra__ or {})
+
+
 class Config(_Section):
     """The whole config; `source` is the file it came from and takes no part in ==."""
 
@@ -314,6 +347,7 @@ class Config(_Section):
     jobs: JobsConfig = Field(default_factory=JobsConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
+    executors: ExecutorsConfig = Field(default_factory=ExecutorsConfig)
     source: Path | None = Field(default=None, exclude=True)
 
     def __eq__(self, other: object) -> bool:
@@ -457,6 +491,8 @@ def _model_at(loc: tuple[str, ...]) -> type[BaseModel] | None:
     for part in loc:
         field = model.model_fields.get(part)
         annotation = field.annotation if field else None
+        if field is None and model is ExecutorsConfig:  # a named table, not a field
+            annotation = RayExecutorConfig
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return None
         model = annotation

@@ -23,6 +23,11 @@ class SpawnError(Exception):
         self.message = message
 
 
+class ExecutorUnavailable(SpawnError):
+    """The executor cannot start jobs now (its cluster cannot be reached): the server
+    answers UNAVAILABLE with the message, which names the cluster's address."""
+
+
 @dataclass(frozen=True, slots=True)
 class ExitInfo:
     """How a job's main process ended, with the job's resource usage.
