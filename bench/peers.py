@@ -146,8 +146,10 @@ def run_tsp(tsp: str, n: int, folder: Path) -> float:
     return rate
 
 
-def run_jobworker(server: ServerProcess, ctx: Context, n: int, *, follow: bool) -> float:
-    figures = asyncio.run(schedule_once(server, ctx, n, poll=not follow))
+def run_jobworker(
+    server: ServerProcess, ctx: Context, n: int, *, follow: bool = False, tag: str = ""
+) -> float:
+    figures = asyncio.run(schedule_once(server, ctx, n, poll=not follow, tag=tag))
     return figures["jobs_per_s"]
 
 
@@ -179,13 +181,13 @@ def throughput(ctx: Context) -> list[Result]:
         tmpfs = ctx.server("throughput-tmpfs").start()
     contenders: dict[str, Callable[[Path], float]] = {
         "popen": lambda d: run_popen(n, d),
-        "jobworker": lambda d: run_jobworker(server, ctx, n, follow=False),
+        "jobworker": lambda d: run_jobworker(server, ctx, n),
         "jobworker_followed": lambda d: run_jobworker(server, ctx, n, follow=True),
-        "jobworker_root": lambda d: run_jobworker(root, ctx, n, follow=False),
+        "jobworker_root": lambda d: run_jobworker(root, ctx, n, tag="root"),
         "xargs": lambda d: run_xargs(n, d),
     }
     if tmpfs is not None:
-        contenders["jobworker_tmpfs"] = lambda d: run_jobworker(tmpfs, ctx, n, follow=False)
+        contenders["jobworker_tmpfs"] = lambda d: run_jobworker(tmpfs, ctx, n, tag="tmpfs")
     if tsp is not None:
         contenders["tsp"] = lambda d: run_tsp(tsp, n, d)
     if parallel is not None:
