@@ -12,7 +12,7 @@ PROTO_SRC := proto/jobworker/v1/jobworker.proto
 GEN_DIR := src/jobworker/v1
 export GRPC_ENABLE_FORK_SUPPORT := false
 
-.PHONY: build lock run test lint typecheck proto proto-check pytest bench clean
+.PHONY: build lock run test lint typecheck proto proto-check pytest bench bench-peers clean
 
 build: $(STAMP) $(CERTS)/ca.pem
 
@@ -71,8 +71,23 @@ proto-check: $(STAMP)
 pytest: build
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-bench: build
+bench: build bench-peers
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# The peers the bench runs beside jobworker (docs/benchmarks.md): task-spooler (Debian
+# names its client tsp) and GNU parallel, installed when missing. If they cannot be, the
+# bench still runs, and says which peer it could not run and why.
+bench-peers:
+	@if command -v tsp >/dev/null && parallel --version 2>/dev/null | grep -q 'GNU parallel'; \
+	then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+		echo "bench-peers: cannot install task-spooler and parallel here" \
+			"(needs root and apt-get); the bench runs without them" >&2; exit 0; fi; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	apt-get install -y -q task-spooler parallel >/dev/null || \
+	{ apt-get update -q >/dev/null && apt-get install -y -q task-spooler parallel >/dev/null; } || \
+	echo "bench-peers: apt-get could not install task-spooler and parallel;" \
+		"the bench runs without them" >&2
 
 clean:
 	rm -rf $(VENV) .lock-venv build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

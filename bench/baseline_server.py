@@ -1,11 +1,18 @@
-"""The follow baseline: a plain grpc.aio server streaming a file, as fast as gRPC allows.
+"""The baselines of the follow and load figures: a plain grpc.aio server, as fast as gRPC
+allows.
 
-`python -m bench.baseline_server PKI_DIR` listens on a free loopback port with the same
-mutual TLS as jobworker (require_client_auth, the same CA and server certificate), prints
-`{"address": ...}` on stdout, and serves one server-streaming method: the request is a file
-path; the answer is the file in reads of jobworker's own CHUNK size (512 KiB), each wrapped
-as jobworker wraps its chunks (a StreamBatchLogsResponse holding a LogChunk and a cursor),
-so every message has the size and shape of jobworker's. No store, no inotify, no engine.
+`python -m bench.baseline_server PKI_DIR [GETBATCH_FILE]` listens on a free loopback port
+with the same mutual TLS as jobworker (require_client_auth, the same CA and server
+certificate), prints `{"address": ...}` on stdout, and serves, as `bench.Baseline`:
+
+- StreamFile: the request is a file path; the answer is the file in reads of jobworker's
+  own CHUNK size (512 KiB), each wrapped as jobworker wraps its chunks (a
+  StreamBatchLogsResponse holding a LogChunk and a cursor), so every message has the size
+  and shape of jobworker's. No store, no inotify, no engine.
+- GetBatch: parses a GetBatchRequest and answers with the GetBatchResponse in
+  GETBATCH_FILE (one jobworker gave for a batch like those asked for), as it is.
+- ScheduleBatch: parses every ScheduleBatchRequest of the stream and answers with a
+  ScheduleBatchResponse holding a new correlation id. Nothing is stored or run.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -53,15 +61,37 @@ async def _stream_file(request: bytes, context: aio.ServicerContext) -> AsyncIte
         os.close(fd)
 
 
-async def serve(pki: Path) -> None:
+async def _schedule_batch(
+    requests: AsyncIterator[pb.ScheduleBatchRequest], context: aio.ServicerContext
+) -> pb.ScheduleBatchResponse:
+    async for _ in requests:
+        pass
+    return pb.ScheduleBatchResponse(correlation_id=str(uuid.uuid4()))
+
+
+async def serve(pki: Path, getbatch: bytes = b"") -> None:
     """Serve until stdin closes (the bench holds it open while it needs the server)."""
+
+    async def get_batch(request: pb.GetBatchRequest, context: aio.ServicerContext) -> bytes:
+        return getbatch
+
     server = aio.server()
     handler = grpc.method_handlers_generic_handler(
         "bench.Baseline",
         {
             "StreamFile": grpc.unary_stream_rpc_method_handler(
                 _stream_file, request_deserializer=_identity, response_serializer=_identity
-            )
+            ),
+            "GetBatch": grpc.unary_unary_rpc_method_handler(
+                get_batch,
+                request_deserializer=pb.GetBatchRequest.FromString,
+                response_serializer=_identity,
+            ),
+            "ScheduleBatch": grpc.stream_unary_rpc_method_handler(
+                _schedule_batch,
+                request_deserializer=pb.ScheduleBatchRequest.FromString,
+                response_serializer=pb.ScheduleBatchResponse.SerializeToString,
+            ),
         },
     )
     server.add_generic_rpc_handlers((handler,))
@@ -79,4 +109,5 @@ async def serve(pki: Path) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(serve(Path(sys.argv[1])))
+    canned = Path(sys.argv[2]).read_bytes() if len(sys.argv) > 2 else b""
+    asyncio.run(serve(Path(sys.argv[1]), canned))

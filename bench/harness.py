@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import json
 import os
 import platform
@@ -13,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,12 +48,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+_CGROUP_ROOTS = itertools.count()
+
+
 def write_config(
     path: Path, pki: Path, data_dir: Path, port: int = 0, **sections: dict[str, object]
 ) -> Path:
-    """A server config: loopback, the bench's certificates, the identity `bench` an admin."""
+    """A server config: loopback, the bench's certificates, the identity `bench` an admin,
+    a cgroup root of its own (servers of the bench may run at once, and beside others')."""
     base: dict[str, dict[str, object]] = {
-        "server": {"listen": f"127.0.0.1:{port}", "data_dir": str(data_dir)},
+        "server": {
+            "listen": f"127.0.0.1:{port}",
+            "data_dir": str(data_dir),
+            "cgroup_root": f"jobworker-bench-{os.getpid()}-{next(_CGROUP_ROOTS)}",
+        },
         "tls": {
             "ca_cert": str(pki / "ca.pem"),
             "server_cert": str(pki / "server.pem"),
@@ -71,18 +82,28 @@ def write_config(
     return path
 
 
-def channel_credentials(pki: Path) -> grpc.ChannelCredentials:
-    """mTLS credentials of the bench's client identity."""
+def client_identities(pki: Path, names: Sequence[str]) -> None:
+    """Client certificates for these identities (role: the server's default, `user`)."""
+    for name in names:
+        if not (pki / f"{name}.pem").exists():
+            certs.issue_client(pki, name)
+
+
+def channel_credentials(pki: Path, identity: str = IDENTITY) -> grpc.ChannelCredentials:
+    """mTLS credentials of a client identity (the bench's own by default)."""
     return grpc.ssl_channel_credentials(
         root_certificates=(pki / "ca.pem").read_bytes(),
-        private_key=(pki / f"{IDENTITY}-key.pem").read_bytes(),
-        certificate_chain=(pki / f"{IDENTITY}.pem").read_bytes(),
+        private_key=(pki / f"{identity}-key.pem").read_bytes(),
+        certificate_chain=(pki / f"{identity}.pem").read_bytes(),
     )
 
 
-def aio_channel(address: str, pki: Path, extra: Sequence[tuple[str, Any]] = ()) -> aio.Channel:
-    """An asyncio channel to `address` with the bench's certificate."""
-    return aio.secure_channel(address, channel_credentials(pki), options=[*GRPC_OPTIONS, *extra])
+def aio_channel(
+    address: str, pki: Path, extra: Sequence[tuple[str, Any]] = (), identity: str = IDENTITY
+) -> aio.Channel:
+    """An asyncio channel to `address` with the certificate of `identity`."""
+    creds = channel_credentials(pki, identity)
+    return aio.secure_channel(address, creds, options=[*GRPC_OPTIONS, *extra])
 
 
 @dataclass
@@ -104,6 +125,19 @@ class ServerProcess:
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return tomllib.loads(self.config.read_text())
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.settings["server"]["data_dir"])
+
+    def supervisor_pid(self) -> int | None:
+        """The job supervisor's pid from `data_dir/supervisor.pid`, while it runs (issue 13:
+        the server starts it; until it lands there is no such file)."""
+        return supervisor_pid(self.data_dir)
 
     def start(self, timeout: float = 60.0) -> ServerProcess:
         """Start the server and wait for its server_ready line."""
@@ -165,9 +199,11 @@ class ServerProcess:
         return read_rss(self.pid)
 
     def stop(self, timeout: float = 60.0) -> int:
-        """SIGTERM and wait; the exit code."""
+        """SIGTERM and wait; the exit code. Then its job supervisor, if one still runs (by
+        the pid in its file), and its emptied cgroups."""
         if self.proc is None:
             return 0
+        supervisor = self.supervisor_pid()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
@@ -176,10 +212,12 @@ class ServerProcess:
             self.proc.kill()
             code = self.proc.wait(10)
         self._close()
+        stop_supervisor(supervisor or self.supervisor_pid())
+        remove_cgroups(str(self.settings["server"]["cgroup_root"]))
         return code
 
     def kill(self) -> None:
-        """SIGKILL this server process (only it)."""
+        """SIGKILL this server process (only it: its supervisor and jobs are left)."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
@@ -190,6 +228,53 @@ class ServerProcess:
             self._reader.join(5)
         if self.proc is not None and self.proc.stderr is not None:
             self.proc.stderr.close()
+
+
+def supervisor_pid(data_dir: Path) -> int | None:
+    """The pid in `data_dir/supervisor.pid` if that process runs and is jobworker's."""
+    try:
+        pid = int((data_dir / "supervisor.pid").read_text().split()[0])
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if b"jobworker" in cmdline else None  # not a recycled pid of another program
+
+
+def stop_supervisor(pid: int | None, timeout: float = 10.0) -> None:
+    """SIGTERM the supervisor by its pid, SIGKILL if it is still there after `timeout`."""
+    if pid is None:
+        return
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if not Path(f"/proc/{pid}").exists():
+                return
+            time.sleep(0.05)
+
+
+def remove_cgroups(root: str) -> None:
+    """rmdir the (empty) cgroups a bench server left under its own root, deepest first; a
+    group that still holds a process stays."""
+    for top in Path("/sys/fs/cgroup").glob(f"*/{root}"):
+        for folder in sorted(top.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+            if folder.is_dir():
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+        with contextlib.suppress(OSError):
+            top.rmdir()
+
+
+def read_pss(pid: int) -> int:
+    """Pss of `pid` in bytes (its share of pages shared with others), from smaps_rollup."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no Pss for pid {pid}")
 
 
 def read_rss(pid: int) -> int:

@@ -1,4 +1,5 @@
-"""Batch figures (issues 2 and 3): schedule throughput, memory on record, restart time."""
+"""Batch figures (issues 2 and 3): memory on record, restart time; the baseline spawn loop
+and one timed batch, which bench.peers and bench.ab use."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import os
 import select
 import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -35,22 +35,36 @@ TRUE = shutil.which("true") or "/bin/true"
 WIDTH = 8  # jobs.max_concurrent of the schedule benchmark, and the baseline's processes in flight
 
 
-# --- 1. schedule_throughput -----------------------------------------------------------------
+# --- the spawn loop and one batch (bench.peers, bench.ab) -------------------------------------
 
 
-def spawn_loop(n: int, width: int = WIDTH) -> float:
+def spawn_loop(n: int, width: int = WIDTH, logs: Path | None = None) -> float:
     """The baseline: spawn and reap `n` `true` processes, `width` in flight; processes/s.
 
     Popen with close_fds and /dev/null for stdin (as a job gets), reaped with os.wait4 on
-    the pid whose pidfd became readable (the server reaps the same way).
+    the pid whose pidfd became readable (the server reaps the same way). With `logs`, each
+    process writes its stdout and stderr to two files of its own there, `<i>.out` and
+    `<i>.err`, made just before its Popen.
     """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
     start = time.perf_counter()
     running: dict[int, tuple[subprocess.Popen[bytes], int]] = {}  # pidfd -> (process, pidfd)
     poller = select.poll()
     started = done = 0
     while done < n:
         while started < n and len(running) < width:
-            proc = subprocess.Popen([TRUE], close_fds=True, stdin=subprocess.DEVNULL)
+            if logs is None:
+                proc = subprocess.Popen([TRUE], close_fds=True, stdin=subprocess.DEVNULL)
+            else:
+                out = os.open(logs / f"{started}.out", flags, 0o644)
+                err = os.open(logs / f"{started}.err", flags, 0o644)
+                try:
+                    proc = subprocess.Popen(
+                        [TRUE], close_fds=True, stdin=subprocess.DEVNULL, stdout=out, stderr=err
+                    )
+                finally:
+                    os.close(out)
+                    os.close(err)
             pidfd = os.pidfd_open(proc.pid)
             running[pidfd] = (proc, pidfd)
             poller.register(pidfd, select.POLLIN)
@@ -72,7 +86,7 @@ def _machine_ticks() -> tuple[int, int]:
     return sum(values), values[3] + values[4]
 
 
-async def _schedule_once(
+async def schedule_once(
     server: Server, ctx: Context, n: int, *, poll: bool = False, tag: str = ""
 ) -> dict[str, float]:
     """One batch of `n` `true` jobs: jobs/s from ScheduleBatch to the batch's end.
@@ -124,37 +138,6 @@ async def _schedule_once(
     return figures
 
 
-def _timed_spawn_loop(n: int) -> dict[str, float]:
-    ticks0, me0 = _machine_ticks(), os.times()
-    rate = spawn_loop(n)
-    ticks1, me1 = _machine_ticks(), os.times()
-    total, idle = ticks1[0] - ticks0[0], ticks1[1] - ticks0[1]
-    children = me1.children_user + me1.children_system - me0.children_user - me0.children_system
-    own = me1.user + me1.system - me0.user - me0.system
-    return {
-        "processes_per_s": rate,
-        "loop_cpu_ms_per_process": own / n * 1000,
-        "processes_cpu_ms_per_process": children / n * 1000,
-        "machine_busy": (total - idle) / total if total else float("nan"),
-    }
-
-
-def folder_probe(where: Path, count: int = 300) -> float:
-    """CPU ms to make a job's folder with its two empty log files, `count` times, in a new
-    folder under `where`: what the file system charges per job before any job runs (kept
-    there: deleting them at once would make the next creations there dearer, see
-    docs/benchmarks.md)."""
-    base = where / f"probe-{os.getpid()}-{time.monotonic_ns()}"
-    base.mkdir(parents=True)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
-    start = time.process_time()
-    for i in range(count):
-        os.mkdir(base / str(i))
-        for name in ("stdout", "stderr"):
-            os.close(os.open(base / str(i) / name, flags, 0o644))
-    return (time.process_time() - start) / count * 1000
-
-
 def fs_type(path: Path) -> str:
     """The type of the file system `path` is on (tmpfs, ext4, ...), from /proc/self/mounts."""
     best, kind = "", "?"
@@ -168,121 +151,6 @@ def fs_type(path: Path) -> str:
         if inside and len(point) >= len(best):
             best, kind = point, fields[2]
     return kind
-
-
-def schedule_throughput(ctx: Context) -> Result:
-    """1,000 `true` jobs in one batch at max_concurrent 8, against a plain spawn loop.
-
-    The server keeps its data in the work folder (tmpfs by default: what it measures is
-    jobworker, not the disk; see docs/benchmarks.md). The same batch is also run by a
-    server whose data_dir is on the other kind of file system (the checkout's var/bench
-    on disk, or /dev/shm), and what a job's folder and log files cost on each is probed.
-    """
-    n = ctx.sizes.schedule_jobs
-    server = ctx.server("schedule", jobs={"max_concurrent": WIDTH}).start()
-    ctx.note_limits(server)
-    # Jobs run as nobody by default when the server is root: the same batch as root too
-    # (no setpriv and env steps), as the server ran jobs before the second release.
-    root_server = ctx.server(
-        "schedule-root",
-        server={"cgroup_root": f"jobworker-bench-root-{os.getpid()}"},
-        jobs={"max_concurrent": WIDTH, "run_as": "root"},
-    ).start()
-    as_root: list[dict[str, float]] = []
-    streamed: list[dict[str, float]] = []
-    polled: list[dict[str, float]] = []
-    loops: list[dict[str, float]] = []
-    other: list[dict[str, float]] = []
-    here = fs_type(ctx.work)
-    elsewhere = ctx.disk if here == "tmpfs" else Path("/dev/shm")
-    other_dir: Path | None = None
-    if os.access(elsewhere, os.W_OK) or not elsewhere.exists():
-        elsewhere.mkdir(parents=True, exist_ok=True)
-        other_dir = Path(tempfile.mkdtemp(prefix="jobworker-bench-", dir=elsewhere))
-    other_kind = fs_type(other_dir) if other_dir else ""
-    other_server = None
-    probes: dict[str, float] = {}
-    try:
-        probes[here] = folder_probe(ctx.work / "probe")
-        if other_dir is not None and other_kind != here:
-            probes[other_kind] = folder_probe(other_dir / "probe")
-            other_server = ctx.server(
-                "schedule-other",
-                data_dir=other_dir / "data",
-                server={"cgroup_root": f"jobworker-bench-{os.getpid()}"},  # both run at once
-                jobs={"max_concurrent": WIDTH},
-            ).start()
-        ctx.log(
-            "making a job's folder and log files costs "
-            + ", ".join(f"{ms:.3f} ms of CPU on {kind}" for kind, ms in probes.items())
-            + f" (work folder {ctx.work})"
-        )
-        spawn_loop(min(n, 50))  # warm the page cache and the interpreter's paths
-        for _ in range(ctx.sizes.reps):
-            loops.append(_timed_spawn_loop(n))
-            ctx.log(
-                f"baseline        : {loops[-1]['processes_per_s']:7.1f} processes/s  (CPU per "
-                f"process: loop {loops[-1]['loop_cpu_ms_per_process']:.2f} ms, processes "
-                f"{loops[-1]['processes_cpu_ms_per_process']:.2f} ms)"
-            )
-            streamed.append(asyncio.run(_schedule_once(server, ctx, n)))
-            polled.append(asyncio.run(_schedule_once(server, ctx, n, poll=True)))
-            as_root.append(asyncio.run(_schedule_once(root_server, ctx, n, poll=True, tag="root")))
-            if other_server is not None:
-                other.append(
-                    asyncio.run(_schedule_once(other_server, ctx, n, poll=True, tag=other_kind))
-                )
-    finally:
-        server.stop()
-        root_server.stop()
-        if other_server is not None:
-            other_server.stop()
-        if other_dir is not None:
-            shutil.rmtree(other_dir, ignore_errors=True)
-    runs = [f["jobs_per_s"] for f in polled]
-    base = [f["processes_per_s"] for f in loops]
-    ratio = median(runs) / median(base)
-
-    def med(rows: list[dict[str, float]], key: str) -> float:
-        return median([row[key] for row in rows])
-
-    return Result(
-        name="schedule_throughput",
-        metric=f"jobs/s, {n} `true` jobs in one batch, max_concurrent {WIDTH}, "
-        "ScheduleBatch to the batch's recorded end",
-        runs=runs,
-        baseline_metric=f"processes/s, Python Popen+pidfd+wait4 loop, {WIDTH} in flight",
-        baseline_runs=base,
-        aim="ratio >= 0.5",
-        met=ratio >= 0.5,
-        extra={
-            "data_dir_fs": here,
-            "job_folder_cpu_ms": probes,
-            "other_fs": other_kind if other else None,
-            "other_fs_jobs_per_s": [f["jobs_per_s"] for f in other],
-            "other_fs_ratio": med(other, "jobs_per_s") / median(base) if other else None,
-            "other_fs_server_cpu_ms_per_job": med(other, "server_cpu_ms_per_job")
-            if other
-            else None,
-            "as_root_jobs_per_s": [f["jobs_per_s"] for f in as_root],
-            "as_root_ratio": med(as_root, "jobs_per_s") / median(base),
-            "as_root_server_cpu_ms_per_job": med(as_root, "server_cpu_ms_per_job"),
-            "followed_jobs_per_s": [f["jobs_per_s"] for f in streamed],
-            "followed_ratio": med(streamed, "jobs_per_s") / median(base),
-            "server_cpu_ms_per_job": med(polled, "server_cpu_ms_per_job"),
-            "server_cpu_ms_per_job_followed": med(streamed, "server_cpu_ms_per_job"),
-            "jobs_cpu_ms_per_job": med(polled, "jobs_cpu_ms_per_job"),
-            "bench_cpu_ms_per_job": med(polled, "bench_cpu_ms_per_job"),
-            "bench_cpu_ms_per_job_followed": med(streamed, "bench_cpu_ms_per_job"),
-            "machine_busy": med(polled, "machine_busy"),
-            "baseline_loop_cpu_ms_per_process": med(loops, "loop_cpu_ms_per_process"),
-            "baseline_processes_cpu_ms_per_process": med(loops, "processes_cpu_ms_per_process"),
-            "baseline_machine_busy": med(loops, "machine_busy"),
-            "streamed": streamed,
-            "polled": polled,
-            "baseline": loops,
-        },
-    )
 
 
 # --- 2. memory_10k_ended --------------------------------------------------------------------

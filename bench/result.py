@@ -23,6 +23,9 @@ class Result:
     met: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0  # wall time the benchmark took
+    # Each run has a baseline run of its own, just before it: the ratio is then the median
+    # of the runs' own ratios, which cancels noise slower than a pair of runs.
+    paired: bool = False
 
     @property
     def value(self) -> float:
@@ -37,7 +40,7 @@ class Result:
         base = self.baseline
         if base is None or base == 0 or math.isnan(base):
             return None
-        return self.value / base
+        return median(self.run_ratios) if self.paired else self.value / base
 
     @property
     def run_ratios(self) -> list[float]:
