@@ -105,6 +105,10 @@ class Executor(Protocol):
 
     async def start(self, launch: Launch) -> Handle: ...
 
+    async def ready(self) -> None:
+        """ExecutorUnavailable when it cannot start jobs now (a cluster out of reach)."""
+        ...
+
     async def recover(self, known: Sequence[Known]) -> dict[str, tuple[int, Handle | ExitInfo]]:
         """After a server restart: by key, (attempt, handle) for every job this executor
         still knows of, running or ended (then its handle has ended), whether listed in

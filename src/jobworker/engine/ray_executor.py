@@ -246,6 +246,10 @@ class RayExecutor:
             "memory": memory,
         }
 
+    async def ready(self) -> None:
+        """ExecutorUnavailable, naming the address, when the cluster cannot be reached."""
+        await self._connect()
+
     async def _connect(self) -> _Link:
         async with self._lock:
             if self._link is not None and self._link.alive:
@@ -322,11 +326,6 @@ class RayExecutor:
 
     def forget(self, key: str, attempt: int) -> None:
         """Nothing is kept for a restart (recover)."""
-
-    def enforceable(self) -> frozenset[str]:
-        """None: cpu and memory are Ray resource requests (where a job is placed), not
-        limits enforced on the node; pids and io have no Ray resource."""
-        return frozenset()
 
     async def close(self, *, stop_jobs: bool) -> None:
         """Stop the bridge; its running jobs end with it (their tasks fate-share with their

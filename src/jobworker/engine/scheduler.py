@@ -25,7 +25,15 @@ import structlog
 
 from jobworker import logging as jwlogging
 from jobworker.config import JobsConfig
-from jobworker.engine.executor import Executor, ExitInfo, Handle, Known, Launch, SpawnError
+from jobworker.engine.executor import (
+    Executor,
+    ExecutorUnavailable,
+    ExitInfo,
+    Handle,
+    Known,
+    Launch,
+    SpawnError,
+)
 from jobworker.errors import InvalidArgument, ResourceExhausted, Unavailable
 from jobworker.model import JobEvent, JobState, Limits, Usage
 from jobworker.store.batches import BatchRecord, BatchStore
@@ -198,14 +206,19 @@ class Scheduler:
                 f"{jobs} more would pass jobs.max_queued_jobs_per_identity ({limit})"
             )
 
-    def check_executor(self, name: str) -> None:
-        """InvalidArgument when `name` ("": the default) names no configured executor."""
+    async def check_executor(self, name: str) -> None:
+        """InvalidArgument when `name` ("": the default) names no configured executor;
+        Unavailable when it cannot start jobs now (its cluster cannot be reached)."""
         if name and name not in self.executors:
             configured = ", ".join(sorted(self.executors))
             raise InvalidArgument(
                 f"options: executor {name!r} names no configured executor "
                 f"(configured: {configured})"
             )
+        try:
+            await self.executors[name or self.default_executor].ready()
+        except ExecutorUnavailable as exc:
+            raise Unavailable(exc.message) from None
 
     def submit(
         self, batch: BatchRecord, adopted: Mapping[int, Handle | ExitInfo] | None = None
@@ -294,8 +307,11 @@ class Scheduler:
                     item = Known(_key(batch, i), st.attempt, st.pid, st.pid_start, st.cgroup)
                     known.setdefault(self._executor_name(batch), []).append(item)
         found: dict[str, tuple[int, Handle | ExitInfo]] = {}
+        reported_by: dict[str, Executor] = {}
         for name, executor in self.executors.items():
-            found.update(await executor.recover(known.get(name, [])))
+            answer = await executor.recover(known.get(name, []))
+            found.update(answer)
+            reported_by.update(dict.fromkeys(answer, executor))
         for batch in batches:
             adopted = self._take_back(batch, found)
             # Jobs whose folders show a start no executor knows of: never run again.
@@ -311,7 +327,7 @@ class Scheduler:
             if not left.ended:
                 log.warning("job_unrecorded_killed", key=key, pid=left.pid)
                 left.kill()
-            self.executors[self.default_executor].forget(key, attempt)
+            reported_by[key].forget(key, attempt)
 
     def _take_back(
         self, batch: BatchRecord, found: dict[str, tuple[int, Handle | ExitInfo]]

@@ -66,7 +66,7 @@ class BatchService:
                 earlier = self.store.find_idempotent(owner, options.idempotency_key)
                 if earlier is not None:
                     return earlier, True
-            self.scheduler.check_executor(options.executor)
+            await self.scheduler.check_executor(options.executor)
             self.scheduler.check_capacity(len(specs), owner)
             return await self._commit(owner, options, specs), False
 

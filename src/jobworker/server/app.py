@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from jobworker import __version__
 from jobworker import logging as jwlogging
 from jobworker.config import Config
+from jobworker.engine.executor import Executor
 from jobworker.engine.scheduler import Scheduler
 from jobworker.engine.service import BatchService
 from jobworker.errors import NotFound
@@ -76,8 +77,26 @@ async def build_scheduler(
         log_format=config.logging.format,
     )
     await local.open()
+    executors: dict[str, Executor] = {local.name: local}
+    for name, table in config.executors.named().items():  # kind = "ray", the only other
+        from jobworker.engine.ray_executor import RayExecutor  # Ray's users only pay for it
+
+        executors[name] = RayExecutor(
+            name,
+            table.address,
+            table.cpus_per_job,
+            token_file=table.token_file,
+            default_working_dir=config.jobs.working_dir,
+            log_path=config.server.data_dir / f"executor-{name}.log",
+        )
     # The metrics listen from the first event: recovery ends jobs LOST and starts others.
-    return Scheduler(store, {local.name: local}, config.jobs, listeners=[metrics.on_job_event])
+    return Scheduler(
+        store,
+        executors,
+        config.jobs,
+        listeners=[metrics.on_job_event],
+        default_executor=config.executors.default,
+    )
 
 
 class App:

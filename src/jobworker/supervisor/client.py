@@ -296,6 +296,9 @@ class LocalExecutor:
             raise SpawnError(str(reply.get("message", "the job supervisor could not start it")))
         return self._jobs[launch.key]
 
+    async def ready(self) -> None:
+        """Always: a start waits for a supervisor being reconnected."""
+
     async def recover(self, known: Sequence[Known]) -> dict[str, tuple[int, Handle | ExitInfo]]:
         found: dict[str, tuple[int, Handle | ExitInfo]] = {}
         for item in self._hello.get("jobs", ()):

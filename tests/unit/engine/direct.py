@@ -52,6 +52,9 @@ class DirectExecutor:
         )
         return DirectJob(process)
 
+    async def ready(self) -> None:
+        pass
+
     async def recover(self, known: Sequence[Known]) -> dict[str, tuple[int, Handle | ExitInfo]]:
         return {}
 

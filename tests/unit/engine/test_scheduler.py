@@ -108,6 +108,9 @@ class FakeExecutor:
         self.started.append(launch.spec.name)
         return process
 
+    async def ready(self) -> None:
+        pass
+
     async def recover(self, known: Sequence[Known]) -> dict[str, tuple[int, Any]]:
         self.asked.extend(known)
         found: dict[str, tuple[int, Any]] = dict(self.known)

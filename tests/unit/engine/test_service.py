@@ -71,7 +71,7 @@ class _Queue:
     def check_capacity(self, jobs: int, owner: str = "") -> None:
         pass
 
-    def check_executor(self, name: str) -> None:
+    async def check_executor(self, name: str) -> None:
         pass
 
     def submit(self, batch: Any) -> None:
