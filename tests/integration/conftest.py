@@ -199,6 +199,17 @@ class Server:
         if alive(pid):
             os.kill(pid, signal.SIGKILL)
 
+    def crash(self) -> None:
+        """SIGKILL the server and its job supervisor, as a crash of the host would take
+        both (the jobs are left orphaned, as they are not after a power cut)."""
+        supervisor = self.supervisor_pid()
+        self.kill()
+        if supervisor:
+            os.kill(supervisor, signal.SIGKILL)
+            wait_gone = time.monotonic() + 10
+            while alive(supervisor) and time.monotonic() < wait_gone:
+                time.sleep(0.01)
+
     def channel(self, identity: str = "alice", *, pki: Path | None = None) -> grpc.Channel:
         directory = pki or self.pki
         creds = grpc.ssl_channel_credentials(

@@ -80,7 +80,9 @@ def _full(stub: object, cid: str) -> pb.Batch:
     return stub.GetBatch(pb.GetBatchRequest(correlation_id=cid, log_tail_bytes=1 << 20)).batch  # type: ignore[attr-defined,no-any-return]
 
 
-def test_kill_9_then_restart(make_server: ServerFactory, tmp_path: Path) -> None:
+def test_a_crash_of_server_and_supervisor_then_restart(
+    make_server: ServerFactory, tmp_path: Path
+) -> None:
     srv = make_server(jobs={"max_concurrent": 1})
     stub = srv.stub("alice")
     data = data_dir_of(srv)
@@ -107,8 +109,8 @@ def test_kill_9_then_restart(make_server: ServerFactory, tmp_path: Path) -> None
         wait_job(stub, running.correlation_id, "runner", pb.JOB_STATE_RUNNING)
         assert get_job(stub, queued.correlation_id, "queued").state == pb.JOB_STATE_QUEUED
 
-        srv.kill()
-        assert all(alive(p) for p in pids)  # the jobs are not the server's children to kill
+        srv.crash()
+        assert all(alive(p) for p in pids)  # orphaned, not killed: the next start kills them
         srv.start()
         stub = srv.stub("alice")
 
@@ -116,7 +118,7 @@ def test_kill_9_then_restart(make_server: ServerFactory, tmp_path: Path) -> None
             assert _full(stub, cid) == batch
         runner = get_job(stub, running.correlation_id, "runner")
         assert runner.state == pb.JOB_STATE_LOST
-        assert "server restarted while it ran" in runner.message
+        assert "the job supervisor died while it ran" in runner.message
         assert runner.HasField("start_time")
         assert runner.HasField("end_time")
         _wait_runner_gone(pids)  # its cgroup, found by the name the journal recorded
@@ -208,7 +210,7 @@ def test_torn_journal_of_a_running_job(make_server: ServerFactory, tmp_path: Pat
     pids = _wait_pids(pidfile)
     try:
         wait_job(stub, cid, "runner", pb.JOB_STATE_RUNNING)
-        srv.kill()
+        srv.crash()
         journal = data_dir_of(srv) / "batches" / cid / "journal"
         with journal.open("ab") as f:
             f.write(b"\x00\xff garbage")
@@ -216,7 +218,7 @@ def test_torn_journal_of_a_running_job(make_server: ServerFactory, tmp_path: Pat
         stub = srv.stub("alice")
         runner = wait_batch(stub, cid).jobs[0]
         assert runner.state == pb.JOB_STATE_LOST
-        assert "server restarted while it ran" in runner.message
+        assert "the job supervisor died while it ran" in runner.message
         _wait_runner_gone(pids)
     finally:
         kill_pids(pids)
@@ -312,7 +314,7 @@ def test_fail_fast_holds_for_a_job_lost_in_a_crash(
         job("touch", str(marker), name="second"),
     )
     pids = _wait_pids(pidfile)
-    srv.kill()
+    srv.crash()
     srv.start()
     stub = srv.stub("alice")
     batch = wait_batch(stub, reply.correlation_id)

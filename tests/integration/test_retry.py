@@ -257,9 +257,9 @@ def test_a_job_running_at_a_crash_is_retried_when_its_policy_names_lost(
     cid = schedule(stub, job(PY, "-c", script, str(marker), retry=lost_too)).correlation_id
     wait_until(lambda: marker.exists() and len(marker.read_text().split()) == 2)
     killed = server
-    killed.kill()
-    # Its process gone with the server (as after a reboot): nothing recorded how it ended,
-    # so it is LOST, which its policy retries.
+    killed.crash()
+    # Its process gone with the server and the supervisor (as after a reboot): nothing
+    # recorded how it ended, so it is LOST, which its policy retries.
     os.kill(int(marker.read_text().split()[1]), signal.SIGKILL)
     server = make_server(data_dir_of(killed))
     stub = server.stub()

@@ -94,15 +94,15 @@ def test_a_10000_job_chain_whose_head_fails_ends_and_survives_a_restart(
 def test_a_restart_in_the_middle_of_a_10000_job_chain_starts_and_serves(
     make_server: ServerFactory,
 ) -> None:
-    """The second job runs when the server is killed: at the restart it is LOST and recovery
-    skips the 9,998 behind it."""
+    """The second job runs when the server and its supervisor are killed: at the restart it
+    is LOST and recovery skips the 9,998 behind it."""
     srv = make_server(jobs={"max_jobs_per_batch": CHAIN})
     stub = srv.stub("alice")
     reply = schedule(stub, *_chain(["true"], second=_SLEEPER))
     cid = reply.correlation_id
     wait_job(stub, cid, "j1", pb.JOB_STATE_RUNNING, 60)
     pid = _pid_of(srv, cid, 1)
-    srv.kill()
+    srv.crash()
     try:
         srv.start(timeout=120)
         stub = srv.stub("alice")
