@@ -23,6 +23,7 @@ import pytest
 from jobworker import certs
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
+from tests.integration.ray_cluster import cluster  # noqa: F401 - one Ray cluster a session
 
 IDENTITIES = ("alice", "bob", "viewer", "nobody")
 _SERVER_NUMBERS = itertools.count()

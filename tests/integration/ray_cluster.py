@@ -18,8 +18,11 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pytest
 
 RAY = str(Path(sys.executable).with_name("ray"))
 # Faster than Ray's defaults at telling a dead node (the node-lost test waits for it).
@@ -178,3 +181,12 @@ def start_cluster(tmp: Path, cpus: int = 1) -> RayCluster:
         cluster.stop()
         raise
     return cluster
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
+    """Head on this host's side of a veth pair, a second node in a namespace; 1 CPU each.
+    One for the whole session (test_ray_executor.py and test_ray_server.py share it)."""
+    started = start_cluster(tmp_path_factory.mktemp("ray"), cpus=1)
+    yield started
+    started.stop()

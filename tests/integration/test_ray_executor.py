@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,21 +17,13 @@ import pytest
 from jobworker.engine.executor import ExecutorUnavailable, Known, Launch, SpawnError
 from jobworker.engine.ray_executor import RayExecutor, RayHandle
 from jobworker.model import JobSpec, Limits
-from tests.integration.ray_cluster import RayCluster, start_cluster, why_not
+from tests.integration.ray_cluster import RayCluster, why_not
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(bool(why_not()), reason=f"Ray cluster: {why_not()}"),
     pytest.mark.timeout(240),
 ]
-
-
-@pytest.fixture(scope="session")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
-    """Head on this host's side of a veth pair, a second node in a namespace; 1 CPU each."""
-    started = start_cluster(tmp_path_factory.mktemp("ray"), cpus=1)
-    yield started
-    started.stop()
 
 
 @pytest.fixture
