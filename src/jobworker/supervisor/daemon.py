@@ -47,6 +47,7 @@ class _Entry:
 
     key: str
     attempt: int
+    begun: float = 0.0  # when its start began (the ledger's "begin")
     process: Process | None = None
     started: p.Message | None = None
     ended: ExitInfo | None = None
@@ -150,7 +151,7 @@ class Daemon:
             await asyncio.to_thread(self.backend.cleanup_stale, frozenset(owned))
 
     def _restore_one(self, record: Record) -> None:
-        entry = _Entry(record.key, record.attempt)
+        entry = _Entry(record.key, record.attempt, record.begun)
         self.jobs[entry.key] = entry
         started = record.started
         if started is None:  # began, not known to have started: it may have run
@@ -182,6 +183,19 @@ class Daemon:
         message = _ended(entry)
         self._write(message)
         self._send(message)
+
+    def _compact(self) -> None:
+        live: list[p.Message] = []
+        for e in self.jobs.values():
+            live.append(_begin(e))
+            if e.started is not None:
+                live.append(e.started)
+            if e.ended is not None:
+                live.append(_ended(e))
+        try:
+            self.ledger.compact(live)
+        except OSError as exc:
+            log.error("ledger_compact_failed", path=str(self.ledger.path), error=str(exc))
 
     def _write(self, record: p.Message) -> None:
         try:
@@ -254,6 +268,8 @@ class Daemon:
             if entry.ended is not None:
                 del self.jobs[entry.key]
                 self._write({"op": "ack", "key": entry.key, "attempt": entry.attempt})
+                if self.ledger.due:
+                    self._compact()
         elif op == "reap":
             self._own(self._reap(m))
         elif op == "exit":
@@ -281,9 +297,9 @@ class Daemon:
             if entry.ended is None:
                 self._send({"op": "failed", "key": key, "attempt": attempt, "message": "busy"})
                 return
-        entry = self.jobs[key] = _Entry(key, attempt)
+        entry = self.jobs[key] = _Entry(key, attempt, time.time())
         # On disk before the job can run a line: a crash from here on never starts it twice.
-        self._write({"op": "begin", "key": key, "attempt": attempt, "time": time.time()})
+        self._write(_begin(entry))
         task = asyncio.get_running_loop().create_task(self._start(entry, m))
         self._starting.add(task)
         task.add_done_callback(self._starting.discard)
@@ -355,6 +371,10 @@ def _same_user(writer: asyncio.StreamWriter) -> bool:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", creds)
     return bool(uid == os.geteuid())
+
+
+def _begin(entry: _Entry) -> p.Message:
+    return {"op": "begin", "key": entry.key, "attempt": entry.attempt, "time": entry.begun}
 
 
 def _lost(why: str, when: float) -> ExitInfo:

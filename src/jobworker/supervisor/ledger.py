@@ -15,7 +15,7 @@ import contextlib
 import json
 import os
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,6 @@ class Record:
     begun: float  # when its start began (seconds since the epoch)
     started: p.Message | None = None  # the "started" message: pid, start ticks, cgroup...
     ended: dict[str, Any] | None = None  # protocol.exit_to_json of its end
-    lines: list[bytes] = field(default_factory=list, repr=False)
 
 
 class Ledger:
@@ -54,40 +53,35 @@ class Ledger:
             log.warning("ledger_moved_aside", path=str(path), moved_to=str(aside), error=str(exc))
             self._fd = _open_append(path)
         self.size = os.fstat(self._fd).st_size
-        self._lines: dict[str, list[bytes]] = {}  # the live records' lines, for compact()
 
     def replay(self) -> dict[str, Record]:
         """Every job the ledger has not seen acknowledged, by key (damaged lines skipped)."""
         records: dict[str, Record] = {}
         for number, line in enumerate(_read_lines(self.path), 1):
             try:
-                _fold(records, json.loads(line), line)
+                _fold(records, json.loads(line))
             except (ValueError, KeyError, TypeError) as exc:
                 log.warning("ledger_line_skipped", path=str(self.path), line=number, error=str(exc))
-        self._lines = {key: r.lines for key, r in records.items()}
         return records
 
     def write(self, record: p.Message) -> None:
         """Append one step; OSError (a full disk) is the caller's to handle."""
         line = p.encode(record)
-        key = str(record["key"])
         view = memoryview(line)
         while view:
             view = view[os.write(self._fd, view) :]
         self.size += len(line)
-        if record["op"] == "begin":
-            self._lines[key] = [line]
-        elif record["op"] == "ack":
-            self._lines.pop(key, None)
-            if self.size > _COMPACT_BYTES:
-                self.compact()
-        elif key in self._lines:
-            self._lines[key].append(line)
 
-    def compact(self) -> None:
-        """Rewrite the ledger with the live records only (atomically: rename)."""
+    @property
+    def due(self) -> bool:
+        """Grown enough to be rewritten (compact)."""
+        return self.size > _COMPACT_BYTES
+
+    def compact(self, live: list[p.Message]) -> None:
+        """Rewrite the ledger with the live records only (atomically: rename). The
+        caller's own records are the source: no copy of each line is kept in memory."""
         tmp = self.path.with_suffix(".tmp")
-        data = b"".join(line for lines in self._lines.values() for line in lines)
+        data = b"".join(p.encode(record) for record in live)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             view = memoryview(data)
@@ -108,10 +102,10 @@ class Ledger:
                 os.unlink(self.path)
 
 
-def _fold(records: dict[str, Record], m: dict[str, Any], line: bytes) -> None:
+def _fold(records: dict[str, Record], m: dict[str, Any]) -> None:
     op, key, attempt = m["op"], str(m["key"]), int(m["attempt"])
     if op == "begin":
-        records[key] = Record(key, attempt, float(m["time"]), lines=[line])
+        records[key] = Record(key, attempt, float(m["time"]))
         return
     record = records.get(key)
     if record is None or record.attempt != attempt:
@@ -122,8 +116,6 @@ def _fold(records: dict[str, Record], m: dict[str, Any], line: bytes) -> None:
         record.ended = dict(m["exit"])
     elif op == "ack":
         del records[key]
-        return
-    record.lines.append(line)
 
 
 def _open_append(path: Path) -> int:
