@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from jobworker.errors import JobWorkerError
+from jobworker.fsutil import fsync_dir
 
 CA_DAYS = 3650
 LEAF_DAYS = 825  # the longest validity browsers and most TLS stacks still accept
@@ -299,14 +300,6 @@ def _write_temp(final: Path, data: bytes, mode: int) -> Path:
     return tmp
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _stage(items: Sequence[tuple[Path, bytes, int]]) -> list[tuple[Path, Path]]:
     """Write every item to a temp file; on failure remove them all."""
     staged: list[tuple[Path, Path]] = []
@@ -322,7 +315,7 @@ def _stage(items: Sequence[tuple[Path, bytes, int]]) -> list[tuple[Path, Path]]:
 
 def _fsync_parents(staged: Sequence[tuple[Path, Path]]) -> None:
     for directory in dict.fromkeys(final.parent for _, final in staged):
-        _fsync_dir(directory)
+        fsync_dir(directory)
 
 
 def _install_new(staged: Sequence[tuple[Path, Path]]) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 import structlog
 
 from jobworker.errors import NotFound, ResourceExhausted
+from jobworker.fsutil import fsync_dir
 from jobworker.model import (
     BatchOptions,
     BatchState,
@@ -465,15 +466,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     _write_synced(tmp, data)
     tmp.replace(path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
 
 
 def _order(batch: BatchRecord) -> tuple[float, str]:
@@ -578,9 +571,9 @@ class BatchStore:
                     (path / "jobs").mkdir(0o700, exist_ok=True)
                     (path / "jobs" / str(i)).mkdir(0o700)
                     _write_synced(path / "jobs" / str(i) / STDIN, spec.stdin)
-                    _fsync_dir(path / "jobs" / str(i))
+                    fsync_dir(path / "jobs" / str(i))
             if any(spec.stdin for spec in specs):
-                _fsync_dir(path / "jobs")
+                fsync_dir(path / "jobs")
             _write_atomic(path / META, json.dumps(meta, separators=(",", ":")).encode())
         except OSError as exc:
             shutil.rmtree(path, ignore_errors=True)
@@ -601,8 +594,12 @@ class BatchStore:
         return batch
 
     def register(self, batch: BatchRecord) -> None:
-        """Make a persisted batch known (event loop only)."""
-        self._add(batch)
+        """Make a persisted (or loaded) batch known (event loop only)."""
+        self._batches[batch.cid] = batch
+        _enlist(self._ordered, batch)
+        _enlist(self._by_owner.setdefault(batch.owner, []), batch)
+        if batch.options.idempotency_key:
+            self._idempotency[(batch.owner, batch.options.idempotency_key)] = batch.cid
 
     def make_folders(self, batch: BatchRecord) -> Future[None]:
         """Make the folders and empty stdout/stderr files of `batch`'s jobs, in job order,
@@ -698,7 +695,7 @@ class BatchStore:
             del self._idempotency[key]
         trash = self.root / f"{TRASH}{batch.cid}"
         batch.path.rename(trash)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         return trash
 
     def close(self) -> None:
@@ -716,13 +713,6 @@ class BatchStore:
             with self._lock:
                 self._dirty.discard(fd)
                 self._closing.append(fd)
-
-    def _add(self, batch: BatchRecord) -> None:
-        self._batches[batch.cid] = batch
-        _enlist(self._ordered, batch)
-        _enlist(self._by_owner.setdefault(batch.owner, []), batch)
-        if batch.options.idempotency_key:
-            self._idempotency[(batch.owner, batch.options.idempotency_key)] = batch.cid
 
     def _check_free_space(self) -> None:
         if not self.min_free_disk:
@@ -782,7 +772,7 @@ class BatchStore:
                 loaded.append(batch)
         loaded.sort(key=lambda b: b.order)
         for batch in loaded:
-            self._add(batch)
+            self.register(batch)
         return loaded
 
     def _load_one(self, path: Path, quarantine: Quarantine) -> BatchRecord | None:
