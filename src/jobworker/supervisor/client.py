@@ -274,8 +274,13 @@ class LocalExecutor:
         if not self._connected.is_set():  # reconnecting: jobs wait for it, not fail
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._connected.wait(), 2 * _CONNECT_TIMEOUT)
-        if self._writer is None:
-            raise SpawnError(f"the job supervisor is not connected{self._log_tail()}")
+        if self._writer is None:  # it could not be reached: try again
+            if self._closing:
+                raise SpawnError("the server is shutting down")
+            try:
+                await self._connect(start=True)
+            except OSError as exc:
+                raise SpawnError(f"the job supervisor is not connected: {exc}") from None
         spec = launch.spec
         cwd = os.path.join(self.working_dir(), spec.working_dir)
         message = p.spawn_message(
