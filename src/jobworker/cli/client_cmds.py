@@ -376,12 +376,18 @@ def submit(
             click.echo(response.correlation_id)
             return
         batch = _follow_submitted(client, response, progress, quiet, failures_only)
+    _end_followed(batch, quiet)
 
+
+def _end_followed(batch: pb.Batch, quiet: bool) -> None:
+    """After --follow: the job table on stderr (with --quiet, only when one failed); exit
+    with the batch's result."""
     from jobworker.cli.render import print_batch
 
-    if not quiet or not _selected_succeeded(batch, ()):
+    succeeded = _selected_succeeded(batch, ())
+    if not quiet or not succeeded:
         print_batch(_stderr_console(), batch)
-    raise click.exceptions.Exit(EXIT_OK if _selected_succeeded(batch, ()) else EXIT_FAILED)
+    raise click.exceptions.Exit(EXIT_OK if succeeded else EXIT_FAILED)
 
 
 def _gather_jobs(
