@@ -97,6 +97,12 @@ def ticks_between(before_ns: int, after_ns: int) -> int | None:
 class Process:
     """A running job: its main process, its cgroup, and the single result of its end."""
 
+    # Slots: one of these per running job, in the supervisor (memory_per_running_job).
+    __slots__ = (
+        "_deadline", "_done", "_loop", "_pidfd", "_reaped", "_released",
+        "_rusage", "_status", "_timer", "cgroup", "pid", "pid_start", "start_time",
+    )  # fmt: skip
+
     def __init__(
         self,
         popen: subprocess.Popen[bytes] | None,
@@ -123,7 +129,6 @@ class Process:
         self.pid_start = start_ticks
         self.start_time = start_time
         self.cgroup = cgroup
-        self._popen = popen
         self._loop = asyncio.get_running_loop()
         self._done: asyncio.Future[ExitInfo] = self._loop.create_future()
         self._released: asyncio.Future[None] = self._loop.create_future()
@@ -141,6 +146,10 @@ class Process:
         if releases is not None:  # only now: unwatched, _released would never resolve
             releases.add(self._released)
             self._released.add_done_callback(releases.discard)
+        if popen is not None:
+            # Reaped here from now on, by wait4 on the pidfd: the Popen must never wait for
+            # (or, from its finalizer, reap) that pid again, and is not kept (~1.5 KiB a job).
+            popen.returncode = 0
 
     @property
     def ended(self) -> bool:
@@ -198,8 +207,6 @@ class Process:
             exit_code, sig = None, os.WTERMSIG(status)
         else:
             exit_code, sig = os.waitstatus_to_exitcode(status), 0
-        if self._popen is not None:  # else Popen's finalizer would wait for it again
-            self._popen.returncode = -sig if exit_code is None else exit_code
         self._status = (exit_code, sig, time.time())
         if rusage is not None:
             self._rusage = (rusage.ru_utime, rusage.ru_stime, rusage.ru_maxrss * 1024)

@@ -62,7 +62,7 @@ _LOG_CHECK_INTERVAL = 0.1
 _LOG_STATS_PER_SECOND = 40_000
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Run:
     """A job that was handed to the supervisor: its task and, once spawned, its process."""
 
@@ -491,13 +491,6 @@ class Scheduler:
         """Start the job (or take back `adopted`, after a restart) and see it to its end."""
         batch, i = br.batch, run.index
         spec = batch.specs[i]
-        # The fields of every line about this job (jwlogging.line: no logger bound per job).
-        ids: dict[str, Any] = {
-            "correlation_id": batch.cid,
-            "job_index": i,
-            "job_name": spec.name,
-            "identity": batch.owner,
-        }
         limits = spec.limits.over(self.settings.default_limits.to_limits())
         run.timeout = spec.timeout or self.settings.default_timeout
         run.user = self.settings.unix_user_for(batch.owner)
@@ -509,17 +502,17 @@ class Scheduler:
                 self._finish_run(br, run, JobState.LOST, message=adopted.lost)
                 return
             if adopted is None:
-                process = await self._start_job(br, run, executor, limits, ids)
+                process = await self._start_job(br, run, executor, limits)
                 if process is None:
                     return
                 self._emit_running(batch, i, process, run.attempt, run.base)
             else:
                 process = adopted
             run.process = process
-            await self._supervise(br, run, process, limits, ids)
+            await self._supervise(br, run, process, limits)
             executor.forget(_key(batch, i), run.attempt)
         except Exception:  # one job's bug must not stop the scheduler
-            log.exception("job_supervision_failed", **ids)
+            log.exception("job_supervision_failed", **_ids(batch, i))
             if run.process is not None:  # never leave a process behind, whatever failed
                 run.process.kill()
                 await run.process.wait()
@@ -528,7 +521,7 @@ class Scheduler:
                 self._finish_run(br, run, JobState.FAILED, message="internal error running the job")
 
     async def _start_job(
-        self, br: _BatchRun, run: _Run, executor: Executor, limits: Limits, ids: dict[str, Any]
+        self, br: _BatchRun, run: _Run, executor: Executor, limits: Limits
     ) -> Handle | None:
         """The started job, or None when it could not start (then recorded FAILED)."""
         batch, i = br.batch, run.index
@@ -548,6 +541,7 @@ class Scheduler:
         try:
             return await executor.start(launch)
         except SpawnError as exc:
+            ids = _ids(batch, i)
             jwlogging.line("info", "job_spawn_failed", {**ids, "message": exc.message})
             self._finish_run(br, run, JobState.FAILED, message=exc.message)
             return None
@@ -568,14 +562,14 @@ class Scheduler:
             node=process.node,
         )
 
-    async def _supervise(
-        self, br: _BatchRun, run: _Run, process: Handle, limits: Limits, ids: dict[str, Any]
-    ) -> None:
+    async def _supervise(self, br: _BatchRun, run: _Run, process: Handle, limits: Limits) -> None:
         """From the job's start (recorded) to its recorded end: timeout, log sizes, outcome."""
         batch = br.batch
         # One info line a job, at its end (like an access log); the start is for debugging.
         jwlogging.line(
-            "debug", "job_started", {**ids, "pid": process.pid, "unix_user": run.user or None}
+            "debug",
+            "job_started",
+            {**_ids(batch, run.index), "pid": process.pid, "unix_user": run.user or None},
         )
         if run.reason is not None:  # cancelled while it was being spawned
             self._stop(run, run.reason, run.message, run.grace)
@@ -601,7 +595,7 @@ class Scheduler:
             info=info,
         )
         ended = {
-            **ids,
+            **_ids(batch, run.index),
             "state": state.name,
             "exit_code": info.exit_code,
             "signal": info.signal,
@@ -894,6 +888,17 @@ class Scheduler:
         self.store.append(batch, event)
         for listener in self.listeners:
             listener(batch, event)
+
+
+def _ids(batch: BatchRecord, index: int) -> dict[str, Any]:
+    """The fields of every line about a job (jwlogging.line: no logger bound per job; made
+    when a line is written, not held by each running job)."""
+    return {
+        "correlation_id": batch.cid,
+        "job_index": index,
+        "job_name": batch.specs[index].name,
+        "identity": batch.owner,
+    }
 
 
 def _key(batch: BatchRecord, index: int) -> str:

@@ -41,7 +41,7 @@ _FIRST_CONNECT_WAIT = 10.0  # seconds a new supervisor waits for a server before
 _STOP_GRACE = 10.0  # SIGTERM to the supervisor: each job's TERM-to-KILL grace
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Entry:
     """A job this supervisor started: its process until it ends, then how it ended."""
 

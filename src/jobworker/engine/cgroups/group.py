@@ -26,7 +26,7 @@ from jobworker.model import Limits
 _log = structlog.get_logger()
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class JobCgroup:
     """The cgroup(s) of one job: one group per hierarchy, the limits put on them."""
 
@@ -57,7 +57,7 @@ class JobCgroup:
 
     def __post_init__(self) -> None:
         if self.slot is not None:  # worked out once for the slot, not per job
-            self.procs_files, self._dirs = self.slot.procs_files, dict(self.slot.dirs)
+            self.procs_files, self._dirs = self.slot.procs_files, self.slot.dirs  # read-only
             self._memory_v2, self.name = False, self.slot.name
             return
         self.procs_files = tuple(path / "cgroup.procs" for _, path in self.groups)
