@@ -113,7 +113,6 @@ class Prepared:
     stdio: tuple[int, int, int]
     # setpriv ... -- env ... argv (last_link) when the job runs as another user, else ()
     last: tuple[str, ...] = ()
-    who: Account | None = None  # that user
 
 
 def popen_job(
@@ -129,8 +128,6 @@ def popen_job(
         cwd, env = "/", dict(FIXED_ENV)
     else:
         command = [*prefix, argv0, *spec.argv[1:]]
-    if cgroup.by_thread and prepared.who is not None and not prefix:
-        return *_popen_dropped(cgroup, prepared, prepared.who, stdio), -1
     if not cgroup.procs_files or cgroup.by_thread:  # no join step
         executable = command[0] if prefix or prepared.last else resolved
         if cgroup.by_thread:
@@ -162,22 +159,6 @@ def popen_job(
     finally:
         os.close(gate_w)
     return child, ticks, gate_r
-
-
-def _popen_dropped(
-    cgroup: JobCgroup, prepared: Prepared, who: Account, stdio: tuple[int, int, int]
-) -> tuple[subprocess.Popen[bytes], int | None]:
-    """Forked in place from the thread in the job's groups, the child drops to `who`
-    itself (setgroups, setregid, setreuid: CPython then forks instead of vforking) and
-    execs env(1), which as `who` enters the job's directory: setpriv's exec is saved
-    (~0.65 ms a job measured), and nothing of the job's runs as root all the same."""
-    command = list(prepared.last[prepared.last.index("--") + 1 :])  # env -i ... argv
-    ids = (who.uid, who.gid, who.groups)
-    try:
-        with cgroup.thread_joined():  # the child is born in the job's groups
-            return popen(command, _ENV, "/", dict(FIXED_ENV), stdio, ids)
-    except OSError as exc:  # the thread could not join: nothing was started
-        raise JoinFailed(f"cannot join cgroup {cgroup.key}: {why(exc)}") from exc
 
 
 def last_link(spec: JobSpec, cwd: str, env: Mapping[str, str], who: Account) -> tuple[str, ...]:
@@ -213,12 +194,9 @@ def popen(
     cwd: str,
     env: dict[str, str],
     stdio: tuple[int, int, int],
-    ids: tuple[int, int, tuple[int, ...]] | None = None,
 ) -> tuple[subprocess.Popen[bytes], int | None]:
-    """Popen the way that keeps CPython on vfork+exec: no preexec_fn, user or groups (but
-    with `ids`, the uid, gid and groups the child takes before its exec); the child and
-    its start time in clock ticks when the clock tells it (ticks_between)."""
-    uid, gid, groups = ids if ids is not None else (None, None, None)
+    """Popen the way that keeps CPython on vfork+exec: no preexec_fn, user or groups; the
+    child and its start time in clock ticks when the clock tells it (ticks_between)."""
     try:
         before = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
         popen = subprocess.Popen(
@@ -231,9 +209,6 @@ def popen(
             env=env,
             close_fds=True,
             start_new_session=True,
-            user=uid,
-            group=gid,
-            extra_groups=None if groups is None else list(groups),
         )
         return popen, ticks_between(before, time.clock_gettime_ns(time.CLOCK_BOOTTIME))
     except OSError as exc:

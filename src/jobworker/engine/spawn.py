@@ -240,7 +240,7 @@ class Spawner:
             job_dir = Path(os.path.abspath(job_dir))
         last = last_link(spec, cwd, env, who) if who is not None else ()
         stdio = open_stdio(job_dir, spec.stdin, self._devnull, stdin_file)
-        return Prepared(cwd, env, found[0], job_dir, stdio, last, who)
+        return Prepared(cwd, env, found[0], job_dir, stdio, last)
 
     def account(self, user: str, now: float | None = None) -> Account | None:
         """The Unix account a job of `user` drops to, or None when it runs as the server's
