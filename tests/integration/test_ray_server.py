@@ -81,3 +81,27 @@ def test_an_unreachable_cluster_is_unavailable_naming_its_address(
     assert "Ray cluster at 127.0.0.1:9 is unreachable" in error.details()
     local = schedule(stub, job("true")).correlation_id  # the local executor still serves
     assert wait_batch(stub, local).state == pb.BATCH_STATE_SUCCEEDED
+
+
+def test_a_cluster_timeout_is_timed_out_while_a_local_batch_runs_beside_it(
+    make_server: ServerFactory, cluster: RayCluster
+) -> None:
+    import socket
+
+    from google.protobuf.duration_pb2 import Duration
+
+    srv = _server(make_server, cluster)
+    stub = srv.stub("alice")
+    slow = job("sleep", "30", name="slow", timeout=Duration(seconds=2))
+    remote = schedule(stub, options(executor="cluster"), slow).correlation_id
+    local = schedule(stub, job("echo", "here", name="here")).correlation_id
+    here = wait_batch(stub, local, 60, log_tail_bytes=100).jobs[0]
+    assert (here.state, here.stdout.data, here.node) == (
+        pb.JOB_STATE_SUCCEEDED,
+        b"here\n",
+        socket.gethostname(),
+    )
+    timed_out = wait_batch(stub, remote, 120).jobs[0]
+    assert timed_out.state == pb.JOB_STATE_TIMED_OUT
+    assert timed_out.message == "timed out after 2s"
+    assert timed_out.node in (cluster.head_ip, cluster.node_ip)
