@@ -144,6 +144,11 @@ def test_sigterm_with_stop_leaves_no_job_process_and_no_supervisor(
     assert srv.stop() == 0
     assert not alive(pid)
     wait_until(lambda: not alive(supervisor), 10, "the supervisor gone")
+    data = data_dir_of(srv)
+    assert not (data / "supervisor.pid").exists()  # it left cleanly, and said so
+    assert not (data / "supervisor.sock").exists()
+    log = (data / "supervisor.log").read_text()
+    assert "supervisor_stopped" in log and "Traceback" not in log
     srv.start()
     ticker = get_job(srv.stub("alice"), cid, "ticker")
     assert ticker.state == pb.JOB_STATE_LOST

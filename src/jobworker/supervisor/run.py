@@ -49,8 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     reexec = _run_loop(daemon, args.resume)
     if not reexec:
         os.close(listen_copy)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(data_dir / p.PID_FILE)
+        for name in (p.PID_FILE, p.SOCKET):  # still under the lock: no successor's yet
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(data_dir / name)
         log.info("supervisor_stopped")
         jwlogging.flush()
         return 0
@@ -74,13 +75,15 @@ def _run_loop(daemon: Daemon, resume: bool) -> bool:
     failure: list[BaseException] = []
 
     def run() -> None:
+        asyncio.set_event_loop(loop)  # this thread's loop
         try:
             result.append(loop.run_until_complete(daemon.run(resume)))
             # Left after a re-exec request: watchers of jobs the next program adopts.
             left = asyncio.all_tasks(loop)
             for task in left:
                 task.cancel()
-            loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+            if left:
+                loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
         except BaseException as exc:  # noqa: BLE001 - raised again on the main thread
             failure.append(exc)
         finally:
