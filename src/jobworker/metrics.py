@@ -74,6 +74,24 @@ class Metrics:
             buckets=RPC_BUCKETS,
             registry=r,
         )
+        self._add_job_metrics(r)
+        self._add_server_metrics(r)
+        self.build_info.labels(__version__, platform.python_version()).set(1)
+        # Every known label value exists from the start, so rate() and alerts see a 0
+        # rather than nothing until the first event.
+        # The labelled children, made once: they are used at every job's end.
+        self._ended = {s: self.jobs_ended.labels(s.name) for s in JobState if s.ended}
+        self._output = {stream: self.output_bytes.labels(stream) for stream in STREAMS}
+        for outcome in ("success", "failure"):
+            self.config_reloads.labels(outcome)
+        for method in METHODS:
+            self.rpc_duration.labels(method)
+            self.rpcs.labels(method, "OK")
+        self.config_loaded()
+        self._http: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def _add_job_metrics(self, r: CollectorRegistry) -> None:
         self.jobs_started = Counter(
             "jobworker_jobs_started", "Jobs whose process was started.", registry=r
         )
@@ -106,6 +124,8 @@ class Metrics:
             ["stream"],
             registry=r,
         )
+
+    def _add_server_metrics(self, r: CollectorRegistry) -> None:
         self.streams_active = Gauge(
             "jobworker_streams_active", "StreamBatchLogs calls open now.", registry=r
         )
@@ -133,20 +153,6 @@ class Metrics:
             ["version", "python"],
             registry=r,
         )
-        self.build_info.labels(__version__, platform.python_version()).set(1)
-        # Every known label value exists from the start, so rate() and alerts see a 0
-        # rather than nothing until the first event.
-        # The labelled children, made once: they are used at every job's end.
-        self._ended = {s: self.jobs_ended.labels(s.name) for s in JobState if s.ended}
-        self._output = {stream: self.output_bytes.labels(stream) for stream in STREAMS}
-        for outcome in ("success", "failure"):
-            self.config_reloads.labels(outcome)
-        for method in METHODS:
-            self.rpc_duration.labels(method)
-            self.rpcs.labels(method, "OK")
-        self.config_loaded()
-        self._http: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
 
     # -- sources the gauges read at each scrape
 
