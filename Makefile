@@ -8,13 +8,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CERTS := var/certs
+EXEC_HELPER := $(VENV)/libexec/jobworker/jobworker-exec
 PROTO_SRC := proto/jobworker/v1/jobworker.proto
 GEN_DIR := src/jobworker/v1
 export GRPC_ENABLE_FORK_SUPPORT := false
 
 .PHONY: build lock run test lint typecheck proto proto-check pytest bench bench-peers clean
 
-build: $(STAMP) $(CERTS)/ca.pem
+build: $(STAMP) $(EXEC_HELPER) $(CERTS)/ca.pem
 
 # Exact versions from the lock file (reproducible builds); the project itself on top,
 # with its extras: dev and ray (the Ray executor's tests need a real cluster).
@@ -36,6 +37,10 @@ lock:
 	  .lock-venv/bin/pip freeze --exclude-editable --disable-pip-version-check | \
 	  grep -v '^jobworker[= @]'; } > $(LOCK)
 	rm -rf .lock-venv
+
+# The small static program that drops a job to its user in one exec (engine/exec_helper.py).
+$(EXEC_HELPER): src/jobworker/engine/jobworker-exec.c | $(STAMP)
+	$(BIN)/python -m jobworker.engine.exec_helper $@
 
 # Certificates are made once and never overwritten.
 $(CERTS)/ca.pem: | $(STAMP)

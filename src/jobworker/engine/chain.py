@@ -20,18 +20,21 @@ replaced by its resolved path, since dash's exec has no "--").
 Running as another user (jobs.run_as; "nobody" by default when the server is root): the
 exec chain ends in a last link, last_link(), that holds everything the client controls:
 
-    [join shell ... --] [prlimit ARGS --] setpriv --reuid=U --regid=G --groups=... --
-        env -i --chdir=DIR -- NAME=VALUE... argv
+    [join shell ... --] [prlimit ARGS --] jobworker-exec ENVFD U G GROUPS DIR argv
 
-Every step before env(1) runs as root, so none of them gets a byte of the job's: they run
-with a fixed environment (FIXED_ENV) in "/" (Popen's cwd), and by absolute paths. setpriv
-drops to the user only after the job is in its cgroups; env(1), as the user, empties the
-environment, enters the job's working directory (a folder the user may not enter fails
-there, as it should, never read as root), sets the job's variables and execs argv, which
-it searches in the job's PATH. GNU env reads options up to "--"; after it, words with "="
-are variables and the first without is the command (even "-x"). An argv[0] with "=" cannot
-be told from a variable: refused. The job's variables show in the chain's argv
-(/proc/<pid>/cmdline) for the milliseconds until its exec.
+Every step before the drop runs as root, so none of them gets a byte of the job's: they
+run with a fixed environment (FIXED_ENV) in "/" (Popen's cwd), and by absolute paths.
+jobworker-exec (engine/jobworker-exec.c, static: no dynamic loader reads LD_*) reads the
+job's variables from a memory file, so no secret shows in a command line, drops to the
+user after the job is in its cgroups, enters the job's directory as the user (a folder the
+user may not enter fails there, never read as root) and execs argv in the job's PATH.
+Where the helper is missing (exec_helper.py) the same is done by two programs, slower:
+
+    setpriv --reuid=U --regid=G --groups=... -- env -i --chdir=DIR -- NAME=VALUE... argv
+
+GNU env reads options up to "--"; after it, words with "=" are variables and the first
+without is the command (even "-x"), so there an argv[0] with "=" is refused, and the
+job's variables show in the chain's argv for the milliseconds until its exec.
 
 Which shell joins, and what environment it sees, when the job runs as the server's own
 user (no drop: the server is not root, or the config says "root"): the join shell runs
@@ -111,8 +114,10 @@ class Prepared:
     resolved: str  # argv[0] resolved against the job's PATH
     job_dir: Path  # absolute
     stdio: tuple[int, int, int]
-    # setpriv ... -- env ... argv (last_link) when the job runs as another user, else ()
+    # The drop to another user (last_link), else (): jobworker-exec and its arguments but
+    # ENVFD, or setpriv ... -- env ... argv where the helper is missing.
     last: tuple[str, ...] = ()
+    env_block: bytes | None = None  # the job's environment, for jobworker-exec's ENVFD
 
 
 def popen_job(
@@ -120,25 +125,62 @@ def popen_job(
 ) -> tuple[subprocess.Popen[bytes], int | None, int]:
     """Popen the job (through the join shell when it has cgroups); its start ticks when
     known (popen) and the gate fd or -1."""
+    if prepared.env_block is None:
+        return _popen_job(spec, cgroup, prepared, (shell, shell_sees_env), prepared.last, ())
+    env_fd = env_memfd(prepared.env_block)
+    try:
+        last = (prepared.last[0], str(env_fd), *prepared.last[1:])
+        return _popen_job(spec, cgroup, prepared, (shell, shell_sees_env), last, (env_fd,))
+    finally:
+        os.close(env_fd)
+
+
+def env_memfd(block: bytes) -> int:
+    """A memory file holding `block`, read from its start (jobworker-exec's ENVFD)."""
+    try:
+        fd = os.memfd_create("jobworker-env", os.MFD_CLOEXEC)
+    except OSError as exc:
+        raise SpawnError(f"cannot pass the job's environment: {why(exc)}") from exc
+    try:
+        with memoryview(block) as view:
+            written = 0
+            while written < len(view):
+                written += os.pwrite(fd, view[written:], written)
+    except OSError as exc:
+        os.close(fd)
+        raise SpawnError(f"cannot pass the job's environment: {why(exc)}") from exc
+    return fd
+
+
+def _popen_job(
+    spec: JobSpec,
+    cgroup: JobCgroup,
+    prepared: Prepared,
+    join: tuple[str, bool],
+    last: tuple[str, ...],
+    fds: tuple[int, ...],
+) -> tuple[subprocess.Popen[bytes], int | None, int]:
+    """popen_job with the last link complete and the descriptors it needs passed."""
     cwd, env, resolved, stdio = prepared.cwd, prepared.env, prepared.resolved, prepared.stdio
+    shell, shell_sees_env = join
     argv0 = resolved if spec.argv[0].startswith("-") else spec.argv[0]
     prefix = [PRLIMIT, *cgroup.rlimit_args, "--"] if cgroup.rlimit_args else []
-    if prepared.last:  # dropped to the job's user in the last link: every step before
-        command = [*prefix, *prepared.last]  # it runs where and with what we choose
+    if last:  # dropped to the job's user in the last link: every step before
+        command = [*prefix, *last]  # it runs where and with what we choose
         cwd, env = "/", dict(FIXED_ENV)
     else:
         command = [*prefix, argv0, *spec.argv[1:]]
     if not cgroup.procs_files or cgroup.by_thread:  # no join step
-        executable = command[0] if prefix or prepared.last else resolved
+        executable = command[0] if prefix or last else resolved
         if cgroup.by_thread:
             try:
                 with cgroup.thread_joined():  # the child is born in the job's groups
-                    return *popen(command, executable, cwd, env, stdio), -1
+                    return *popen(command, executable, cwd, env, stdio, fds), -1
             except OSError as exc:  # the thread could not join: nothing was started
                 raise JoinFailed(f"cannot join cgroup {cgroup.key}: {why(exc)}") from exc
-        return *popen(command, executable, cwd, env, stdio), -1
+        return *popen(command, executable, cwd, env, stdio, fds), -1
     shell_env = env
-    if not prepared.last and not shell_sees_env:  # no dash (module doc)
+    if not last and not shell_sees_env:  # no dash (module doc)
         if "=" in argv0:  # env(1) would take it for an assignment
             argv0 = resolved
         command = [_ENV, "-i", *_assignments(env), *prefix, argv0, *spec.argv[1:]]
@@ -152,7 +194,7 @@ def popen_job(
         raise SpawnError(f"cannot create a pipe for the job: {why(exc)}") from exc
     try:
         os.set_blocking(gate_r, False)
-        child, ticks = popen(args, shell, cwd, shell_env, (stdio[0], stdio[1], gate_w))
+        child, ticks = popen(args, shell, cwd, shell_env, (stdio[0], stdio[1], gate_w), fds)
     except BaseException:
         os.close(gate_r)
         raise
@@ -161,7 +203,21 @@ def popen_job(
     return child, ticks, gate_r
 
 
-def last_link(spec: JobSpec, cwd: str, env: Mapping[str, str], who: Account) -> tuple[str, ...]:
+def last_link(
+    spec: JobSpec, cwd: str, env: Mapping[str, str], who: Account, helper: str | None
+) -> tuple[tuple[str, ...], bytes | None]:
+    """The drop to `who` and the exec of the job's argv, with the environment block for
+    jobworker-exec (None for setpriv and env(1), where the helper is missing)."""
+    if helper is None:
+        return setpriv_link(spec, cwd, env, who), None
+    groups = ",".join(map(str, who.groups)) or "-"
+    block = b"".join(os.fsencode(f"{assignment}\0") for assignment in _assignments(env))
+    if block.count(0) != len(env):
+        raise SpawnError("invalid argv or environment: a variable's value contains NUL")
+    return (helper, str(who.uid), str(who.gid), groups, cwd, *spec.argv), block
+
+
+def setpriv_link(spec: JobSpec, cwd: str, env: Mapping[str, str], who: Account) -> tuple[str, ...]:
     """setpriv, as root, drops to `who`; then env(1), as `who`, clears the environment,
     enters the job's directory and sets the job's variables, and execs its argv (module doc,
     "Running as another user")."""
@@ -194,6 +250,7 @@ def popen(
     cwd: str,
     env: dict[str, str],
     stdio: tuple[int, int, int],
+    fds: tuple[int, ...] = (),
 ) -> tuple[subprocess.Popen[bytes], int | None]:
     """Popen the way that keeps CPython on vfork+exec: no preexec_fn, user or groups; the
     child and its start time in clock ticks when the clock tells it (ticks_between)."""
@@ -208,6 +265,7 @@ def popen(
             cwd=cwd,
             env=env,
             close_fds=True,
+            pass_fds=fds,
             start_new_session=True,
         )
         return popen, ticks_between(before, time.clock_gettime_ns(time.CLOCK_BOOTTIME))

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import structlog
 
+from jobworker.engine import exec_helper
 from jobworker.engine.cgroups.backend import CgroupBackend
 from jobworker.engine.cgroups.group import JobCgroup
 from jobworker.engine.chain import JoinFailed, Prepared, join_shell, last_link, popen_job, read_gate
@@ -71,6 +72,21 @@ _Launched = tuple[subprocess.Popen[bytes], JobCgroup, int | None, int]
 _MAIN_THREAD = threading.main_thread()
 
 
+def _exec_helper(wanted: str | bool) -> str | None:
+    """Spawner's exec_helper: jobworker-exec's path, or None to drop through setpriv."""
+    if wanted is not True:
+        return wanted or None
+    found = exec_helper.find()
+    if found is None and os.geteuid() == 0:
+        _log.warning(
+            "exec_helper_missing",
+            why=exec_helper.unusable(exec_helper.default_path()),
+            effect="jobs as other users start through setpriv and env(1), slower",
+            fix="python -m jobworker.engine.exec_helper (make build does it)",
+        )
+    return found
+
+
 class Spawner:
     """Starts job processes in their cgroups with their files as stdio."""
 
@@ -82,13 +98,16 @@ class Spawner:
         base_path: str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         shell: tuple[str, bool] | None = None,
         check_ttl: float = _CHECK_TTL,
+        exec_helper: str | bool = True,
     ) -> None:
         """A spawner putting jobs into `backend`'s cgroups; `shell`: see join_shell();
-        `check_ttl`: how long a checked directory or resolved command is trusted."""
+        `check_ttl`: how long a checked directory or resolved command is trusted;
+        `exec_helper`: jobworker-exec's path, True to look for it, False for setpriv."""
         self.backend = backend
         self.default_working_dir = default_working_dir
         self.base_path = base_path
         self.shell, self.shell_sees_env = shell or join_shell()
+        self.exec_helper = _exec_helper(exec_helper)
         self._home = home_dir()
         self._pool = ThreadPoolExecutor(SPAWN_THREADS, thread_name_prefix="jobworker-spawn")
         try:  # the stdin of every job without one (one open and close less per job)
@@ -238,9 +257,9 @@ class Spawner:
             found = self._resolved[search] = (resolved, now + self.check_ttl)
         if not job_dir.is_absolute():  # the exec chain reopens stderr by path
             job_dir = Path(os.path.abspath(job_dir))
-        last = last_link(spec, cwd, env, who) if who is not None else ()
+        last, block = last_link(spec, cwd, env, who, self.exec_helper) if who else ((), None)
         stdio = open_stdio(job_dir, spec.stdin, self._devnull, stdin_file)
-        return Prepared(cwd, env, found[0], job_dir, stdio, last)
+        return Prepared(cwd, env, found[0], job_dir, stdio, last, block)
 
     def account(self, user: str, now: float | None = None) -> Account | None:
         """The Unix account a job of `user` drops to, or None when it runs as the server's

@@ -21,11 +21,11 @@ from typing import Any
 
 import pytest
 
-from jobworker.engine import chain
+from jobworker.engine import chain, exec_helper
 from jobworker.engine.cgroups.backend import CgroupBackend
 from jobworker.engine.cgroups.group import JobCgroup
 from jobworker.engine.cgroups.hierarchy import Hierarchy
-from jobworker.engine.chain import join_shell
+from jobworker.engine.chain import join_shell, last_link
 from jobworker.engine.checks import resolve_executable
 from jobworker.engine.executor import ExitInfo, SpawnError
 from jobworker.engine.running import Process, kill_stale, process_start_ticks
@@ -975,10 +975,22 @@ def _nobody() -> Any:
     return pwd.getpwnam(NOBODY)
 
 
+@pytest.fixture(params=["helper", "setpriv"])
+def dropping(backend: CgroupBackend, request: pytest.FixtureRequest) -> Iterator[Spawner]:
+    """A spawner that drops to a job's user through jobworker-exec, or through setpriv and
+    env(1) as on a host without the helper."""
+    helper = exec_helper.find()
+    if request.param == "helper" and helper is None:
+        pytest.fail(f"no usable jobworker-exec: {exec_helper.unusable(exec_helper.default_path())}")
+    spawner = Spawner(backend, exec_helper=helper if request.param == "helper" else False)
+    yield spawner
+    spawner.close()
+
+
 @pytest.mark.skipif(not ROOT, reason="dropping to another user needs root")
 @pytest.mark.parametrize("limits", [NO_LIMITS, JOIN_SHELL], ids=["forked-in-place", "shell"])
 async def test_no_byte_of_a_job_as_nobody_reaches_a_root_process(
-    sup: Spawner,
+    dropping: Spawner,
     backend: CgroupBackend,
     tmp_path: Path,
     shared: Path,
@@ -993,7 +1005,7 @@ async def test_no_byte_of_a_job_as_nobody_reaches_a_root_process(
         decoy.chmod(0o755)
     env = {"LD_PRELOAD": str(preload.library), "PATH": f".:{shared}:/usr/bin:/bin"}
     spec = _spec("id", "-u", env=env, working_dir=str(shared))
-    process = await sup.spawn(spec, limits, tmp_path, _key(), NOBODY)
+    process = await dropping.spawn(spec, limits, tmp_path, _key(), NOBODY)
     info = await process.wait()
     assert (info.exit_code, (tmp_path / "stdout").read_text()) == (0, f"{_nobody().pw_uid}\n")
     assert (tmp_path / "stderr").read_text() == ""
@@ -1007,17 +1019,17 @@ async def test_no_byte_of_a_job_as_nobody_reaches_a_root_process(
 @pytest.mark.skipif(not ROOT, reason="dropping to another user needs root")
 @pytest.mark.parametrize("limits", [NO_LIMITS, JOIN_SHELL], ids=["forked-in-place", "shell"])
 async def test_a_job_as_nobody_gets_its_env_dir_and_argv_exactly(
-    sup: Spawner, backend: CgroupBackend, tmp_path: Path, shared: Path, limits: Limits
+    dropping: Spawner, backend: CgroupBackend, tmp_path: Path, shared: Path, limits: Limits
 ) -> None:
     _needs_cgroup(backend)
     (shared / "-tool").symlink_to("/usr/bin/cat")  # argv[0] starting with "-"
     env = {"-x": "1", "FOO": "a b=c", "PATH": f"{shared}:/usr/bin:/bin", "EMPTY": ""}
     (shared / "A=B").touch()  # cat reads it, relative to the working directory
     spec = _spec("-tool", "/proc/self/cmdline", "--", "A=B", env=env, working_dir=str(shared))
-    _, info = await _run(sup, spec, tmp_path / "argv", limits, NOBODY)
+    _, info = await _run(dropping, spec, tmp_path / "argv", limits, NOBODY)
     assert info.exit_code == 0
     assert (tmp_path / "argv" / "stdout").read_bytes() == b"-tool\0/proc/self/cmdline\0--\0A=B\0"
-    process = await sup.spawn(_spec("env", env=env), limits, tmp_path / "env", _key(), NOBODY)
+    process = await dropping.spawn(_spec("env", env=env), limits, tmp_path / "env", _key(), NOBODY)
     assert (await process.wait()).exit_code == 0
     lines = (tmp_path / "env" / "stdout").read_text().splitlines()
     assert dict(line.split("=", 1) for line in lines) == {
@@ -1029,7 +1041,7 @@ async def test_a_job_as_nobody_gets_its_env_dir_and_argv_exactly(
     }
     script = "id -u; id -g; pwd"
     spec = _spec("sh", "-c", script, working_dir=str(shared))
-    process = await sup.spawn(spec, limits, tmp_path / "who", _key(), NOBODY)
+    process = await dropping.spawn(spec, limits, tmp_path / "who", _key(), NOBODY)
     assert (await process.wait()).exit_code == 0
     who = _nobody()
     expected = f"{who.pw_uid}\n{who.pw_gid}\n{shared}\n"
@@ -1038,7 +1050,7 @@ async def test_a_job_as_nobody_gets_its_env_dir_and_argv_exactly(
 
 @pytest.mark.skipif(not ROOT, reason="dropping to another user needs root")
 async def test_what_the_user_cannot_reach_fails_with_a_message_naming_it(
-    sup: Spawner, backend: CgroupBackend, tmp_path: Path, shared: Path
+    dropping: Spawner, backend: CgroupBackend, tmp_path: Path, shared: Path
 ) -> None:
     private = shared / "priv"
     (private / "pub").mkdir(parents=True)
@@ -1047,7 +1059,7 @@ async def test_what_the_user_cannot_reach_fails_with_a_message_naming_it(
     tool = private / "pub" / "tool"
     tool.write_text("#!/bin/sh\necho ran\n")
     tool.chmod(0o755)
-    sup.default_working_dir = str(shared)
+    dropping.default_working_dir = str(shared)
     (shared / "a=b").symlink_to("/usr/bin/true")
     cases = [
         (
@@ -1059,18 +1071,53 @@ async def test_what_the_user_cannot_reach_fails_with_a_message_naming_it(
             _spec("tool", env={"PATH": str(private / "pub")}),
             f"permission denied for Unix user nobody: {tool}",
         ),
-        (_spec("a=b", env={"PATH": str(shared)}), "argv[0] 'a=b' contains '='"),
     ]
+    if dropping.exec_helper is None:  # env(1) would read it as a variable
+        cases.append((_spec("a=b", env={"PATH": str(shared)}), "argv[0] 'a=b' contains '='"))
     for spec, message in cases:
         key = _key()
         with pytest.raises(SpawnError) as caught:
-            await sup.spawn(spec, NO_LIMITS, tmp_path, key, NOBODY)
+            await dropping.spawn(spec, NO_LIMITS, tmp_path, key, NOBODY)
         assert message in caught.value.message
         assert backend.open(key) is None
     assert not (tmp_path / "stdout").exists()  # nothing started
     # The same job as the server's own user (root) runs.
-    _, info = await _run(sup, _spec(str(tool), working_dir="priv/pub"), tmp_path)
+    _, info = await _run(dropping, _spec(str(tool), working_dir="priv/pub"), tmp_path)
     assert (info.exit_code, (tmp_path / "stdout").read_text()) == (0, "ran\n")
+    if dropping.exec_helper is not None:  # the helper takes any argv[0]
+        spec = _spec("a=b", env={"PATH": str(shared)})
+        _, info = await _run(dropping, spec, tmp_path / "eq", NO_LIMITS, NOBODY)
+        assert info.exit_code == 0
+
+
+@pytest.mark.skipif(not ROOT, reason="dropping to another user needs root")
+def test_the_helper_takes_the_jobs_environment_by_fd_never_in_its_command_line(
+    dropping: Spawner, tmp_path: Path
+) -> None:
+    env = {"SECRET": "hunter2-token", "PATH": "/usr/bin:/bin"}
+    who = dropping.account(NOBODY)
+    assert who is not None
+    last, block = last_link(_spec("true", env=env), "/", env, who, dropping.exec_helper)
+    if dropping.exec_helper is None:  # setpriv and env(1) take it as arguments
+        assert block is None and "SECRET=hunter2-token" in last
+        return
+    assert block == b"SECRET=hunter2-token\0PATH=/usr/bin:/bin\0"
+    assert not [arg for arg in last if "hunter2" in arg]
+    assert last[0] == dropping.exec_helper
+
+
+@pytest.mark.skipif(not ROOT, reason="only root runs the helper")
+def test_a_helper_others_could_have_written_is_not_used(tmp_path: Path) -> None:
+    helper = exec_helper.build(tmp_path / "bin" / "jobworker-exec")
+    assert exec_helper.unusable(helper) == ""
+    (tmp_path / "bin").chmod(0o777)
+    assert exec_helper.unusable(helper) == f"{tmp_path / 'bin'}: writable by others than root"
+    (tmp_path / "bin").chmod(0o755)
+    os.chown(helper, 65534, 65534)
+    assert exec_helper.unusable(helper) == f"{helper}: owned by uid 65534, not root"
+    assert (
+        exec_helper.unusable(tmp_path / "none") == f"{tmp_path / 'none'}: No such file or directory"
+    )
 
 
 @pytest.mark.skipif(not ROOT, reason="needs root")
