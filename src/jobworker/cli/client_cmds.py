@@ -137,7 +137,7 @@ def _print_stream(
 def _line_printer(
     names: Iterable[str], no_prefix: bool, follow: bool, timestamps: bool = False
 ) -> _Printer:
-    from jobworker.cli.render import LinePrefixer, LogPrinter
+    from jobworker.cli.loglines import LinePrefixer, LogPrinter
 
     prefixer = LinePrefixer(names, color=_use_color(), prefix=not no_prefix, timestamps=timestamps)
     return LogPrinter(sys.stdout, prefixer, states=follow and not no_prefix, live=follow)
@@ -382,7 +382,7 @@ def submit(
 def _end_followed(batch: pb.Batch, quiet: bool) -> None:
     """After --follow: the job table on stderr (with --quiet, only when one failed); exit
     with the batch's result."""
-    from jobworker.cli.render import print_batch
+    from jobworker.cli.tables import print_batch
 
     succeeded = _selected_succeeded(batch, ())
     if not quiet or not succeeded:
@@ -527,7 +527,7 @@ def status(
     Exit code: 0 the batch succeeded; 1 it failed, was cancelled or is still running
     (`jobworker wait` waits for it); 3 not found; 4 cannot connect; 5 not allowed.
     """
-    from jobworker.cli.render import print_batch
+    from jobworker.cli.tables import print_batch
 
     log_tail_bytes = tail if tail is not None or show_logs or as_json else 0
     with conn.client() as client:
@@ -611,7 +611,7 @@ def logs(
     --raw needs exactly one job (--job NAME, or a batch of one job).
     --json prints each chunk and state change as one JSON object a line.
     """
-    from jobworker.cli.render import RawPrinter
+    from jobworker.cli.loglines import RawPrinter
 
     if raw and (no_prefix or as_json or timestamps):
         raise click.UsageError("--raw does not go with --no-prefix, --timestamps or --json")
@@ -674,7 +674,7 @@ def cancel(
 
     Waits until they have ended, then prints the batch.
     """
-    from jobworker.cli.render import print_batch
+    from jobworker.cli.tables import print_batch
 
     with conn.client() as client:
         batch = client.cancel(cid, jobs, grace)
@@ -729,7 +729,7 @@ def list_(
     """List the batches you may see, newest first."""
     from itertools import islice
 
-    from jobworker.cli.render import batches_table
+    from jobworker.cli.tables import batches_table
     from jobworker.client import convert, types
 
     wanted = [convert.batch_state_pb(name.lower()) for name in states]

@@ -34,7 +34,7 @@ def wait(
     Exit code as `status`: 0 every batch succeeded, 1 one did not; 3 one was not found,
     4 cannot connect, 5 not allowed. --json prints {"batches": [...]}.
     """
-    from jobworker.cli.render import print_batch
+    from jobworker.cli.tables import print_batch
     from jobworker.client import convert, types
 
     ended = []
