@@ -7,8 +7,8 @@ import io
 from google.protobuf.timestamp_pb2 import Timestamp
 from rich.console import Console
 
-from jobworker.cli import render
-from jobworker.cli.render import LinePrefixer, LogPrinter, RawPrinter
+from jobworker.cli import formatting, loglines, tables
+from jobworker.cli.loglines import LinePrefixer, LogPrinter, RawPrinter
 from jobworker.v1 import jobworker_pb2 as pb
 
 OUT = pb.LOG_STREAM_STDOUT
@@ -115,7 +115,7 @@ def test_raw_printer_is_binary_safe() -> None:
 
 
 def test_state_change_words() -> None:
-    text = render.state_change_text
+    text = loglines.state_change_text
     assert text(pb.JobStateChange(state=pb.JOB_STATE_QUEUED)) == "-- queued"
     assert text(pb.JobStateChange(state=pb.JOB_STATE_FAILED, exit_code=3)) == (
         "-- exited 3 (FAILED)"
@@ -133,15 +133,15 @@ def test_state_change_words() -> None:
 
 
 def test_exit_column_and_durations() -> None:
-    assert render.format_exit(pb.Job(exit_code=0)) == "0"
-    assert render.format_exit(pb.Job(signal=9)) == "SIGKILL"
-    assert render.format_exit(pb.Job(signal=99)) == "signal 99"
-    assert render.format_exit(pb.Job()) == ""
-    assert render.human_duration(0.25) == "0.25s"
-    assert render.human_duration(4.24) == "4.2s"
-    assert render.human_duration(187) == "3m07s"
-    assert render.human_duration(7500) == "2h05m"
-    assert render.human_duration(3 * 86400 + 4 * 3600) == "3d04h"
+    assert formatting.format_exit(pb.Job(exit_code=0)) == "0"
+    assert formatting.format_exit(pb.Job(signal=9)) == "SIGKILL"
+    assert formatting.format_exit(pb.Job(signal=99)) == "signal 99"
+    assert formatting.format_exit(pb.Job()) == ""
+    assert formatting.human_duration(0.25) == "0.25s"
+    assert formatting.human_duration(4.24) == "4.2s"
+    assert formatting.human_duration(187) == "3m07s"
+    assert formatting.human_duration(7500) == "2h05m"
+    assert formatting.human_duration(3 * 86400 + 4 * 3600) == "3d04h"
 
 
 def _ts(seconds: int) -> Timestamp:
@@ -189,7 +189,7 @@ def _render(*things: object) -> str:
 
 
 def test_job_table_shows_each_job() -> None:
-    text = _render(render.batch_header(_batch()), render.job_table(_batch()))
+    text = _render(tables.batch_header(_batch()), tables.job_table(_batch()))
     lines = text.splitlines()
     assert "batch b-123" in lines[0]
     assert "failed" in lines[0]
@@ -207,7 +207,7 @@ def test_job_table_shows_each_job() -> None:
 
 def test_print_batch_with_logs_shows_tails_without_markup() -> None:
     console = Console(record=True, width=100, file=io.StringIO())
-    render.print_batch(console, _batch(), logs=True)
+    tables.print_batch(console, _batch(), logs=True)
     text = console.export_text()
     assert "build stdout (11 bytes)" in text
     assert "built [ok]" in text
@@ -217,8 +217,8 @@ def test_print_batch_with_logs_shows_tails_without_markup() -> None:
 
 def test_running_job_duration_counts_to_now() -> None:
     job = pb.Job(start_time=_ts(100))
-    assert render.elapsed(job, "start_time", "end_time", now=110.0) == "10.0s+"
-    assert render.elapsed(pb.Job(), "start_time", "end_time") == ""
+    assert formatting.elapsed(job, "start_time", "end_time", now=110.0) == "10.0s+"
+    assert formatting.elapsed(pb.Job(), "start_time", "end_time") == ""
 
 
 def test_batches_table_and_summary() -> None:
@@ -231,8 +231,8 @@ def test_batches_table_and_summary() -> None:
         job_count=5,
         jobs_by_state={"JOB_STATE_SUCCEEDED": 3, "JOB_STATE_FAILED": 1, "JOB_STATE_RUNNING": 1},
     )
-    assert render.jobs_summary(summary) == "3/5 ok, 1 failed, 1 running"
-    text = _render(render.batches_table([summary], now=1_700_000_030.0))
+    assert formatting.jobs_summary(summary) == "3/5 ok, 1 failed, 1 running"
+    text = _render(tables.batches_table([summary], now=1_700_000_030.0))
     header, row = text.splitlines()[:2]
     assert header.split()[:2] == ["id", "owner"]
     assert row.split()[:8] == ["b-9", "bob", "running", "3/5", "ok,", "1", "failed,", "1"]
@@ -241,7 +241,7 @@ def test_batches_table_and_summary() -> None:
 
 
 def test_the_node_column_shows_for_a_cluster_batch_and_with_wide() -> None:
-    from jobworker.cli.render import plain_job_table
+    from jobworker.cli.tables import plain_job_table
     from jobworker.v1 import jobworker_pb2 as pb
 
     job = pb.Job(index=0, spec=pb.JobSpec(name="a", argv=["true"]), node="10.0.0.7")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from jobworker.cli import render
+from jobworker.cli import formatting, loglines, tables
 from jobworker.cli.batchfile import BatchFileError, load_batch_file
 from jobworker.cli.options import exit_code_of
 from jobworker.cli.progress import ProgressPrinter
@@ -20,16 +20,16 @@ from jobworker.v1 import jobworker_pb2 as pb
 
 def test_short_ids_and_commands() -> None:
     cid = "5c9f9eea-1234-4bcd-8000-000000000000"
-    assert render.short_id(cid) == "5c9f9eea"
-    assert render.short_id(cid, wide=True) == cid
-    assert render.command_text(["sh", "-c", "make  test\n"]) == "make test"
-    assert render.command_text(["echo", "a b"]) == "echo 'a b'"
+    assert formatting.short_id(cid) == "5c9f9eea"
+    assert formatting.short_id(cid, wide=True) == cid
+    assert formatting.command_text(["sh", "-c", "make  test\n"]) == "make test"
+    assert formatting.command_text(["echo", "a b"]) == "echo 'a b'"
     long = ["python", "-m", "pytest", "-k", "x" * 60]
-    assert len(render.command_text(long)) == render.COMMAND_WIDTH
-    assert render.command_text(long).endswith("…")
-    assert render.command_text(long, wide=True).endswith("x" * 60)
-    assert render.compact_size(512) == "512B"
-    assert render.compact_size(3 * 2**20 + 2**19) == "3.5M"
+    assert len(formatting.command_text(long)) == formatting.COMMAND_WIDTH
+    assert formatting.command_text(long).endswith("…")
+    assert formatting.command_text(long, wide=True).endswith("x" * 60)
+    assert formatting.compact_size(512) == "512B"
+    assert formatting.compact_size(3 * 2**20 + 2**19) == "3.5M"
 
 
 def test_a_queued_job_says_what_it_waits_for() -> None:
@@ -44,8 +44,8 @@ def test_a_queued_job_says_what_it_waits_for() -> None:
         ]
     )
     states = {job.spec.name: job.state for job in batch.jobs}
-    assert render.waiting_for(batch.jobs[2], states) == "after build"
-    assert render.waiting_for(batch.jobs[0], states) == ""
+    assert formatting.waiting_for(batch.jobs[2], states) == "after build"
+    assert formatting.waiting_for(batch.jobs[0], states) == ""
 
 
 def _ts(seconds: int, millis: int) -> Timestamp:
@@ -53,7 +53,7 @@ def _ts(seconds: int, millis: int) -> Timestamp:
 
 
 def test_timestamps_are_those_of_the_chunk_that_began_the_line() -> None:
-    prefixer = render.LinePrefixer(["a"], timestamps=True)
+    prefixer = loglines.LinePrefixer(["a"], timestamps=True)
     assert prefixer.feed("a", pb.LOG_STREAM_STDOUT, b"one\ntw", _ts(0, 5)) == [
         "1970-01-01T00:00:00.005Z a | one\n"
     ]
@@ -202,14 +202,14 @@ def test_a_big_batch_gets_the_same_columns_laid_out_by_hand() -> None:
             spec=pb.JobSpec(name=f"j{i}", argv=["true"], depends_on=["gate"]),
             state=pb.JOB_STATE_QUEUED,
         )
-        for i in range(1, render.PLAIN_TABLE_JOBS + 1)
+        for i in range(1, tables.PLAIN_TABLE_JOBS + 1)
     ]
     out = io.StringIO()
     from rich.console import Console
 
-    render.print_batch(Console(file=out, width=80), pb.Batch(correlation_id="b", jobs=jobs))
+    tables.print_batch(Console(file=out, width=80), pb.Batch(correlation_id="b", jobs=jobs))
     lines = out.getvalue().splitlines()
-    assert lines[2].split() == list(render._JOB_COLUMNS)
+    assert lines[2].split() == list(tables._JOB_COLUMNS)
     assert len(lines) == 3 + len(jobs)
-    assert lines[-1].split() == [str(render.PLAIN_TABLE_JOBS), f"j{render.PLAIN_TABLE_JOBS}",
+    assert lines[-1].split() == [str(tables.PLAIN_TABLE_JOBS), f"j{tables.PLAIN_TABLE_JOBS}",
                                  "queued", "true", "after", "gate"]  # fmt: skip

@@ -15,12 +15,12 @@ def main() -> None:
 
 def _register() -> None:
     # Each subcommand lives in its own module; they are added here in one place.
-    from jobworker.cli import certs, client_cmds, serve, verbs
+    from jobworker.cli import certs, client_cmds, logs, serve, submit, verbs
 
     main.add_command(serve.serve)
     main.add_command(serve.supervise)
     main.add_command(certs.certs)
-    for command in [*client_cmds.COMMANDS, *verbs.COMMANDS]:
+    for command in [*submit.COMMANDS, *client_cmds.COMMANDS, *logs.COMMANDS, *verbs.COMMANDS]:
         main.add_command(command)
 
 

@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TextIO
 
-from jobworker.cli.render import LinePrefixer, state_change_text
+from jobworker.cli.loglines import LinePrefixer, state_change_text
 from jobworker.v1 import jobworker_pb2 as pb
 
 # Output kept per running job for --failures-only: the tail printed if the job fails.

@@ -7,7 +7,6 @@ import sys
 
 import click
 
-from jobworker.cli.client_cmds import _print_json, _stdout_console
 from jobworker.cli.options import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -17,6 +16,7 @@ from jobworker.cli.options import (
     json_option,
     wide_option,
 )
+from jobworker.cli.output import print_json, stdout_console
 
 
 @click.command()
@@ -34,7 +34,7 @@ def wait(
     Exit code as `status`: 0 every batch succeeded, 1 one did not; 3 one was not found,
     4 cannot connect, 5 not allowed. --json prints {"batches": [...]}.
     """
-    from jobworker.cli.render import print_batch
+    from jobworker.cli.tables import print_batch
     from jobworker.client import convert, types
 
     ended = []
@@ -48,9 +48,9 @@ def wait(
                 raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
             ended.append(client.get(cid, log_tail_bytes=0))
     if as_json:
-        _print_json(types.BatchResults([convert.batch(batch) for batch in ended]))
+        print_json(types.BatchResults([convert.batch(batch) for batch in ended]))
     elif not quiet:
-        console = _stdout_console()
+        console = stdout_console()
         for batch in ended:
             print_batch(console, batch, wide=wide)
     succeeded = all(convert.batch_state(batch.state) == "succeeded" for batch in ended)
@@ -81,7 +81,7 @@ def retry(*, conn: Connection, cid: str, failed_only: bool, as_json: bool) -> No
             raise click.exceptions.Exit(EXIT_OK)
         response = client.schedule(jobs, options)
     if as_json:
-        _print_json(convert.submitted(response))
+        print_json(convert.submitted(response))
     else:
         click.echo(response.correlation_id)
 
@@ -108,7 +108,7 @@ def delete(*, conn: Connection, cids: tuple[str, ...], as_json: bool) -> None:
                     click.echo(f"deleted {cid}")
     finally:
         if as_json:
-            _print_json(types.Deleted(deleted))
+            print_json(types.Deleted(deleted))
 
 
 @click.command()
