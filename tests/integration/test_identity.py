@@ -22,7 +22,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from jobworker import certs
 from jobworker.cli import main
-from jobworker.client.rpc import CHANNEL_OPTIONS
+from jobworker.client.channel import CHANNEL_OPTIONS
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
 

@@ -12,13 +12,13 @@ from jobworker.config import (
     Config,
     DefaultLimits,
     JobsConfig,
-    _key_lines,
     changed_keys,
     is_reloadable,
     load_config,
     parse_config,
     restart_needed,
 )
+from jobworker.config.messages import key_lines
 from jobworker.errors import ConfigError
 from jobworker.model import Limits
 
@@ -109,7 +109,7 @@ def test_committed_file_is_the_defaults_with_an_admin() -> None:
     """config/jobworker.toml names every key, each with its default (the models are the
     one source), but for the CLI's admin role."""
     path = REPO / "config" / "jobworker.toml"
-    named = _key_lines(path.read_text())
+    named = key_lines(path.read_text())
 
     def keys(model: type[BaseModel], loc: tuple[str, ...]) -> Iterator[tuple[str, ...]]:
         for name, info in model.model_fields.items():

@@ -21,13 +21,9 @@ from jobworker.client.config import (
     profile_path,
     write_profile,
 )
-from jobworker.client.rpc import (
-    AsyncRpcClient,
-    Backoff,
-    ClientError,
-    RpcClient,
-    is_broken_stream,
-)
+from jobworker.client.errors import ClientError, is_broken_stream
+from jobworker.client.retry import Backoff
+from jobworker.client.rpc import AsyncRpcClient, RpcClient
 from jobworker.client.types import (
     Batch,
     BatchOptions,

@@ -8,7 +8,8 @@ from itertools import islice
 from jobworker.client import convert
 from jobworker.client import types as t
 from jobworker.client.config import ClientConfig
-from jobworker.client.rpc import AsyncRpcClient, OnReconnect, RpcClient
+from jobworker.client.retry import OnReconnect
+from jobworker.client.rpc import AsyncRpcClient, RpcClient
 
 JobLike = t.JobSpec | Sequence[str]
 
