@@ -79,7 +79,7 @@ class CgroupBackend:
             backend = cls._probe(root_name, rlimits)
         except CgroupRootInUse:
             raise
-        except Exception as exc:  # noqa: BLE001 - a failed probe must not stop the server
+        except Exception as exc:  # noqa: BLE001 - a failed probe must not stop the supervisor
             _log.warning("cgroup_probe_failed", error=repr(exc))
             backend = None
         return backend or cls("none", rlimits=rlimits)
