@@ -83,10 +83,9 @@ def setup(level: str = "info", fmt: str = "json") -> None:
 
 
 def line(level: str, event: str, fields: dict[str, Any]) -> None:
-    """Log `event` with `fields` (taken over: it becomes the line) through the processors
-    setup() configured, as a structlog logger would, but without one: the line every job
-    makes (job_ended) is written at a thousand a second, and binding a logger per job and
-    its method wrappers cost about as much as the processors. Same output (tested)."""
+    """Log `event` with `fields` (taken over: it becomes the line) through setup()'s
+    processors, with the same output as a logger: every job's end makes a line, and binding
+    a logger per job costs about as much as the processors."""
     if _LEVELS[level] < _state["level"]:
         return
     processors: tuple[Any, ...] = _state.get("processors", ())
@@ -118,17 +117,9 @@ _HOLD_LINES = 2000  # or fewer lines: a burst is written at the end of its turn
 
 
 class _Sink:
-    """Where log lines go: stderr, in few writes.
-
-    Every job's end is a line (its start too, at debug); written one by one, at a thousand
-    jobs a second the writes, and above all the wake-ups of whatever reads stderr
-    (journald, a pipe), cost the machine more than making the lines. So info and debug
-    lines logged on a thread running an event loop are held for up to HOLD_SECONDS and
-    written together; a warning or an error is written at the end of its loop turn, with
-    everything held before it (so is a burst of _HOLD_LINES); lines from any other thread
-    are written at once, after whatever is held, so the order stays. A crash loses at
-    most the info lines of the last HOLD_SECONDS; flush() writes what is held now (the
-    audit line before an RPC's answer, shutdown).
+    """Where log lines go: stderr, in few writes, since each write wakes whatever reads
+    stderr. Info and debug lines logged on an event loop wait up to HOLD_SECONDS; a warning
+    or an error goes at the end of its loop turn, other threads' lines at once, all in order.
 
     Also structlog's logger (msg() and the level methods) and the stdlib handler's stream.
     """

@@ -3,7 +3,7 @@
 They run before anything is made or forked, so that a job that cannot start fails with a
 message that names the path and why (not a bare exit status 127 or 126), and, for a job
 that drops to another Unix user, judge as that user would be judged (mode bits), never as
-the root server. The kernel decides in the end; these only make the message clear.
+root. The kernel decides in the end; these only make the message clear.
 """
 
 from __future__ import annotations
@@ -53,10 +53,8 @@ def check_dir(path: str, who: Account | None = None) -> None:
 
 def _blocked(path: str, who: Account, *, is_dir: bool) -> bool:
     """True when `who` may not search one of the folders on the way to `path` (symlinks
-    resolved), nor `path` itself when `is_dir`. Mode bits only, as the kernel reads them
-    for a user (owner, else group, else other): a check before the start, so that the
-    message is clear; the kernel decides in the end. A folder that is not there, or is
-    not a folder, blocks nothing here (the caller's stat says what is wrong)."""
+    resolved), nor `path` itself when `is_dir`, by mode bits. A folder that is not there
+    blocks nothing: the caller's stat says what is wrong."""
     real = os.path.realpath(path)
     folders = [real] if is_dir else []
     parent = os.path.dirname(real)

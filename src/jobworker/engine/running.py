@@ -1,19 +1,8 @@
 """A running job: watch its main process, reap it, stop or kill its tree, release its groups.
 
-Reaping uses a pidfd watched by the event loop (no threads, no asyncio child watcher);
-os.wait4 gives the status and rusage. The job's result does not wait for its cgroups to be
-removed: a v1 group is often busy for a moment after its last process exited, so removal is
-retried from loop callbacks (Process.released() waits for it). Nothing here sleeps on the
-event loop.
-
-Max RSS: wait4's ru_maxrss of a child started from the server begins at the server's own
-peak RSS (at exec the kernel folds the old mm's high-water mark, here the vfork parent's,
-into the child's). Where the job's memory is accounted by a cgroup (it has a memory limit,
-or cgroup v2 with the memory controller) the figure is capped by the group's peak;
-otherwise it is an upper bound that can be the server's RSS.
-
-A job's pid is recorded with its start time (process_start_ticks), so that after a
-restart kill_stale never signals another process that reused the pid.
+Reaped through a pidfd on the event loop, since os.wait4 gives the rusage asyncio's child
+watchers do not. Nothing here sleeps on the loop: a v1 group is often busy a moment after
+its last process exited, so its removal is retried from loop callbacks, after the result.
 """
 
 from __future__ import annotations
@@ -117,8 +106,8 @@ class Process:
         open.
 
         `start_ticks`: the process's start time as /proc/<pid>/stat gives it, when the
-        caller knows it (chain.popen, from the clock around the fork: a /proc read costs
-        ~40 us on the loop, while the child is still in its exec); else it is read here.
+        caller knows it (chain.popen, from the clock around the fork: cheaper than a /proc
+        read while the child is still in its exec); else it is read here.
         `releases`: a set that holds the future of released() until it resolves (the
         Spawner's, which drain() waits for). `popen` None: a child this process did not
         Popen (the supervisor's, kept across its re-exec), given by `pid`.
@@ -148,7 +137,7 @@ class Process:
             self._released.add_done_callback(releases.discard)
         if popen is not None:
             # Reaped here from now on, by wait4 on the pidfd: the Popen must never wait for
-            # (or, from its finalizer, reap) that pid again, and is not kept (~1.5 KiB a job).
+            # (or, from its finalizer, reap) that pid again, and is not kept (memory per job).
             popen.returncode = 0
 
     @property
@@ -227,7 +216,7 @@ class Process:
         if tree is not None:  # the cgroup also counts processes wait4 never saw
             user, system = max(user, tree[0]), max(system, tree[1])
         peak = self.cgroup.memory_peak()
-        if peak is not None:  # wait4's max RSS starts at the server's (module doc)
+        if peak is not None:  # wait4's max RSS starts at the parent's peak (ARCHITECTURE.md)
             rss = min(rss, peak)
         oom = self.cgroup.oom_killed()
         # Read above, so the result never waits for the rmdir (retried from callbacks).

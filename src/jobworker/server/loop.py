@@ -20,8 +20,8 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 def serve(config_path: Path | None) -> None:
     """Run a server in the foreground until SIGTERM or SIGINT.
 
-    The loop runs on "jobworker-loop", not the main thread: it forks jobs from inside their
-    cgroup v1 groups, and v1 charges the process's memory to its main thread's group."""
+    The loop runs on "jobworker-loop" and the main thread only hands it signals, the shape
+    of the job supervisor's (supervisor/run.py), which forks jobs on its loop's thread."""
     config = load_config(config_path)
     jwlogging.setup(config.logging.level, config.logging.format)
     app = App(config)

@@ -27,7 +27,6 @@ log = structlog.get_logger()
 
 _CONNECT_TIMEOUT = 10.0  # seconds for a supervisor to start listening
 _CONNECT_POLL = 0.01
-_RECONNECT_TIMEOUT = 10.0  # a live supervisor that re-execs is back within this
 _DIED = "the job supervisor died while it ran; its processes were killed"
 _HOST = socket.gethostname()
 

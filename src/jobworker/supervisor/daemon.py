@@ -1,12 +1,8 @@
 """`jobworker supervise`: the job supervisor, the parent of every local job.
 
-Jobs belong to the host, not to one server process (contract 6.3): the server hands each
-job to this small process (no gRPC, no store, one event loop), which starts it in its
-cgroups, reaps it, and records every step in its ledger (supervisor/ledger.py) until the
-server says the job's end is journaled. A server that stops or dies leaves it running;
-the next server connects and takes the jobs back. It leaves once no server is connected
-and no job runs. SIGHUP re-execs it (an upgrade): the children stay its children, the
-lock and the listening socket are inherited, and the new program adopts the jobs.
+Jobs belong to the host, not to one server process (contract 6.3): this small process (no
+gRPC, no store) starts, reaps and records them until the server has journaled each end,
+and outlives a server that stops or dies (docs/ARCHITECTURE.md, "The job supervisor").
 """
 
 from __future__ import annotations

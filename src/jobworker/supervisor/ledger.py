@@ -1,12 +1,8 @@
 """supervisor.ledger: the supervisor's durable record of every job it took on.
 
-One JSON line per step, appended before the step takes effect: "begin" before the fork
-(a crash at any moment after it leaves a line saying the job may have run, so it is
-never started again), "started" with its pid, "ended" with how it ended (kept even while
-no server is connected, and across the supervisor's own death), "ack" once the server
-has journaled the end. A write() reaches the page cache at once: a killed supervisor
-loses nothing; a host that loses power loses its jobs too. Replayed at start; rewritten
-with only the live records when it has grown (compact).
+One JSON line per step ("begin", "started", "ended", "ack"), appended before the step
+takes effect, so that whatever dies when, no job starts twice and no end is lost
+(docs/ARCHITECTURE.md, "The ledger"). Replayed at start; compacted once it has grown.
 """
 
 from __future__ import annotations

@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_loop(daemon: Daemon, resume: bool) -> bool:
-    """The loop on a thread of its own, as the server's (cgroup v1 charges memory to the
-    main thread's group, and the spawner forks on the loop's thread: server/app.py)."""
+    """The loop on a thread of its own: the spawner forks jobs on the loop's thread from
+    inside their v1 groups, and v1 charges the process's memory to its main thread's."""
     loop = asyncio.new_event_loop()
     result: list[bool] = []
     failure: list[BaseException] = []

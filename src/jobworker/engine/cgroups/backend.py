@@ -41,7 +41,7 @@ PRLIMIT = "/usr/bin/prlimit"
 
 
 class CgroupBackend:
-    """Makes each job's cgroups and puts its limits on them; one per server."""
+    """Makes each job's cgroups and puts its limits on them; one per job supervisor."""
 
     def __init__(
         self,
@@ -56,9 +56,9 @@ class CgroupBackend:
         self.hierarchies = hierarchies
         self.rlimits = rlimits  # prlimit is there to approximate what cgroups cannot enforce
         self.devices = devices
-        # Names of the groups this server made and has not removed yet: never "stale".
+        # Names of the groups this backend made and has not removed yet: never "stale".
         self._live: set[str] = set()
-        self._lock: int | None = None  # an flock on a parent group: one server per root
+        self._lock: int | None = None  # an flock on a parent group: one owner per root
         self.homes = Homes()  # where a thread that forked a job goes back to (by_thread)
         self._pool = Pool()
         self._chosen: dict[frozenset[str], list[Hierarchy]] = {}  # _choose, by wanted limits
@@ -79,7 +79,7 @@ class CgroupBackend:
             backend = cls._probe(root_name, rlimits)
         except CgroupRootInUse:
             raise
-        except Exception as exc:  # noqa: BLE001 - a failed probe must not stop the server
+        except Exception as exc:  # noqa: BLE001 - a failed probe must not stop the supervisor
             _log.warning("cgroup_probe_failed", error=repr(exc))
             backend = None
         return backend or cls("none", rlimits=rlimits)
@@ -176,11 +176,8 @@ class CgroupBackend:
 
         groups, enforced_names = self._made(key, chosen, apply)
         enforced = only_limits(limits, enforced_names)
-        # Forked straight into its groups only when no group can stop or throttle the forking
-        # thread: a cpu quota would throttle the event loop, and under a memory limit an OOM
-        # during the exec may (on kernels that scan threads) pick the server. pids.max counts
-        # the thread as one task for the moment it forks: no room for the job only at 1.
-        # Jobs with those limits join through the shell.
+        # Forked straight into its groups only where no limit can throttle or OOM-kill the
+        # forking thread, and pids.max leaves it room (engine/spawn.py's module doc).
         by_thread = all(not h.v2 for h, _ in groups) and not (
             enforced.cpu_millis or enforced.memory_bytes or enforced.pids_max == 1
         )
@@ -248,7 +245,7 @@ class CgroupBackend:
     ) -> tuple[tuple[tuple[Hierarchy, Path], ...], _T]:
         """Make group `name` in every hierarchy of `chosen` and hand them to `fill`; when
         either fails, remove what was made (nothing joined it: never busy, so at once) and
-        raise. The name counts as this server's (never stale) from the first mkdir."""
+        raise. The name counts as this backend's (never stale) from the first mkdir."""
         added = name not in self._live
         self._live.add(name)
         made: list[tuple[Hierarchy, Path]] = []
@@ -290,7 +287,7 @@ class CgroupBackend:
         tracker = self._tracker()
         chosen = [tracker]
         # Memory is always accounted where it can be: wait4's max RSS of a child starts at
-        # the server's own (engine/running.py), so the group's peak is the only honest one.
+        # its parent's peak (ARCHITECTURE.md), so the group's peak is the only honest one.
         for name in sorted(wanted | {"memory"}):
             if any(name in h.controllers for h in chosen):
                 continue
@@ -299,7 +296,7 @@ class CgroupBackend:
                 chosen.append(match)
         # So is CPU time (cgroup2's cpu.stat is always there): it counts the whole tree. On
         # v1 only where cpuacct is mounted on its own: co-mounted with cpu, a group of its
-        # own would also change the job's CPU weight (it would leave the server's cpu group).
+        # own would also change the job's CPU weight (it would leave its parent's cpu group).
         acct = self._v1("cpuacct")
         if not tracker.v2 and acct is not None and acct not in chosen and "cpu" not in acct.names:
             chosen.append(acct)
@@ -359,14 +356,14 @@ class CgroupBackend:
     def drop_pool(self) -> None:
         """Forget the free pooled groups: closed, and removed where they are still there
         (empty groups: never busy). For when a pooled group was found gone (removed from
-        outside the server): the others may be gone too, and new ones are made instead."""
+        outside): the others may be gone too, and new ones are made instead."""
         for slot in self._pool.drain():
             slot.close()
             if JobCgroup(slot.name, slot.groups).remove_blocking(timeout=1.0):
                 self._live.discard(slot.name)
 
     def close(self) -> None:
-        """At shutdown: remove the pooled groups, then this server's parent groups if no job
+        """At shutdown: remove the pooled groups, then the parent groups if no job
         group is left in them. Sleeps while a group is busy (run it in a thread)."""
         self.drop_pool()
         # A slot never given back (a bug) must not keep the parents: removed when empty.

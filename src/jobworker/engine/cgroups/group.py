@@ -41,18 +41,18 @@ class JobCgroup:
     _pending: list[str] | None = field(init=False, repr=False, default=None)  # not yet removed
     # The backend's keys of groups made and not yet removed (None outside a backend).
     _live: set[str] | None = field(default=None, repr=False, kw_only=True)
-    # True when every group is v1 and the job has no cpu, memory or pids limit: it can be
-    # born in its groups by forking from a thread moved into them (thread_joined).
+    # True when every group is v1 and no limit can throttle or OOM-kill the forking thread
+    # (CgroupBackend.create): the job is born in its groups (thread_joined).
     by_thread: bool = field(default=False, kw_only=True)
     # A pooled set of groups the job borrows (CgroupBackend.create); remove() gives it back.
     slot: Slot | None = field(default=None, repr=False, kw_only=True)
-    # The backend's way back to the server's own groups, for by_thread groups.
+    # The backend's way back to this process's own groups, for by_thread groups.
     homes: Homes | None = field(default=None, repr=False, kw_only=True)
     name: str = field(init=False)  # the groups' directory name: the key, or the slot's
 
     _empty: bool = field(init=False, repr=False, default=False)  # populated() said no
-    # CPU time (ns) the forking thread spent in the groups (thread_joined): the server's,
-    # not the job's, though the group's cpuacct counts it too. cpu_seconds takes it off.
+    # CPU time (ns) the forking thread spent in the groups (thread_joined): ours, not the
+    # job's, though the group's cpuacct counts it too. cpu_seconds takes it off.
     _forker_ns: int = field(init=False, repr=False, default=0)
 
     def __post_init__(self) -> None:
@@ -69,7 +69,7 @@ class JobCgroup:
         """True while a process is left in the job's tracking group (one read, at job end).
 
         Once it says no, it stays no without another read: nothing enters an empty group
-        but by the server's own writes, and those happen only before the job starts."""
+        but by our own writes, and those happen only before the job starts."""
         if self._empty:
             return False
         tracker = self._dirs.get("unified") or self._dirs.get("freezer")
@@ -105,10 +105,8 @@ class JobCgroup:
         freezer = self._dirs.get("freezer")
         me = os.getpid()
         for _ in range(10):
-            # Never the server itself: while one of its threads forks a job, that thread is
-            # in the job's groups. A group is killed only once its fork returned, but should
-            # a thread ever be stranded there (spawn_thread_not_home), freezing the group
-            # would freeze the server: then the pids are killed unfrozen.
+            # Never this process: a thread stranded in the job's groups after its fork
+            # (spawn_thread_not_home) would freeze us with them, so then none is frozen.
             freeze = freezer is not None and me not in self.pids()
             if freeze:
                 with contextlib.suppress(OSError):
@@ -182,17 +180,13 @@ class JobCgroup:
     def thread_joined(self) -> Iterator[None]:
         """Move the calling thread, and only it, into the job's (v1) groups for the block.
 
-        A process the thread forks meanwhile (subprocess's vfork+exec) is born in the
-        job's groups, so the job runs no instruction outside them and no join step is
-        needed. Only for by_thread groups (CgroupBackend.create says why). Afterwards the
-        thread goes back to the server's own group in each hierarchy (`homes`), or to the
-        hierarchy's root if that fails. OSError when the thread cannot join (it is back
-        home then), or when the group has no `homes`. The thread's CPU time in the block
-        is kept (_forker_ns): the group's cpuacct counts it, and cpu_seconds() takes it
-        off the job's figure.
+        A child forked meanwhile is born in the job's groups: no join step. Afterwards the
+        thread goes back home (`homes`), else to the hierarchy's root. OSError when it
+        cannot join (it is back home then) or has no `homes`. Its CPU time in the block
+        goes to _forker_ns, which cpu_seconds() takes off the job's figure.
         """
-        # "0" is the writing thread itself. For it the kernel skips the global lock that
-        # a write of a tid takes, which every fork and exit on the host also takes (read).
+        # "0" is the writing thread itself: the kernel then skips the global lock a write
+        # of a tid takes, which every fork and exit on the host takes too.
         me = b"0"
         slot, way_home = self.slot, self.homes
         if way_home is None:
@@ -228,16 +222,10 @@ class JobCgroup:
     def remove(self) -> tuple[str, ...]:
         """Try once to remove every group not removed yet; the paths still busy (EBUSY).
 
-        Never sleeps and never raises: it runs on the event loop at every job's end, where
-        a v1 group is often still busy for a moment after its last process exited; the
-        caller retries the busy ones later (Process) or uses remove_blocking (in a thread).
-        A failure other than EBUSY is logged and not retried.
-
-        A pooled slot goes back to its pool instead (emptied, its counters reset), unless
-        a process is left in it or too much memory stays charged to it: then its groups
-        are removed like any job's. Either way this JobCgroup is done with them: kill(),
-        pids() and the figures see nothing from then on, since the slot may serve another
-        job.
+        Never sleeps nor raises, since it runs on the event loop at every job's end: the
+        caller retries busy groups (Process) or uses remove_blocking; other errors are
+        logged. A reusable pooled slot goes back to its pool instead; either way this
+        JobCgroup sees nothing of the groups afterwards (another job may hold them).
         """
         if self.slot is not None:
             slot, self.slot = self.slot, None

@@ -1,7 +1,7 @@
-"""The host's cgroup hierarchies: where they are mounted, the server's own groups in them,
+"""The host's cgroup hierarchies: where they are mounted, this process's own groups in them,
 the parent groups job groups are made in, and the lock that keeps that parent one server's.
 
-Found once at startup (find_hierarchies); a Homes keeps open the server's own `tasks`
+Found once at startup (find_hierarchies); a Homes keeps open this process's own `tasks`
 files, where a thread that forked a job goes back to.
 """
 
@@ -50,8 +50,8 @@ class CgroupRootInUse(OSError):
 
 
 def lock_root(parent: Path) -> int:
-    """An flock on a parent group, held while the server runs: two servers on one
-    cgroup_root would take each other's groups for stale ones and remove them."""
+    """An flock on a parent group, held by the job supervisor while it runs: two servers
+    on one cgroup_root would take each other's groups for stale ones and remove them."""
     fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -70,13 +70,11 @@ def mount_of(hierarchy: Hierarchy) -> Path:
 
 
 class Homes:
-    """Open `tasks` files of the server's own group in each v1 hierarchy, where a thread
+    """Open `tasks` files of this process's own group in each v1 hierarchy, where a thread
     that forked a job goes back to (JobCgroup.thread_joined).
 
-    Kept open, so that going home needs no new file descriptor (EMFILE cannot strand a
-    thread in a job's group) and no path walk; /proc/self/cgroup (the main thread's
-    groups: ~35 us to read) is read again at most once a second, so a server moved to
-    other groups (by an administrator, systemd) sends its threads home there soon after.
+    Kept open, so that EMFILE cannot strand a thread in a job's group; /proc/self/cgroup is
+    read again at most once a second, so a process moved to other groups follows soon.
     """
 
     REFRESH = 1.0  # seconds
@@ -86,7 +84,7 @@ class Homes:
         self._own: dict[str, str] = {}
         self._read_at = float("-inf")
         self._fds: dict[Path, tuple[str, int]] = {}  # mount -> (the group, an fd of its tasks)
-        self._replaced: list[int] = []  # fds of groups the server was moved out of
+        self._replaced: list[int] = []  # fds of groups this process was moved out of
         # The last answer per list of hierarchies (homes_key), good until the next read of
         # /proc.
         self._answers: dict[tuple[tuple[frozenset[str], Path], ...], list[int]] = {}
@@ -139,8 +137,7 @@ class Homes:
 
 def homes_key(hierarchies: list[Hierarchy]) -> tuple[tuple[frozenset[str], Path], ...]:
     """What a thread's way home in each of `hierarchies` depends on: the controllers there
-    and the mount. (Not the Hierarchy values: hashing those dataclasses costs ~2 us each,
-    and this is looked up at every job's fork.)"""
+    and the mount: cheaper to hash than the Hierarchy values, at every job's fork."""
     return tuple((h.names, mount_of(h)) for h in hierarchies)
 
 

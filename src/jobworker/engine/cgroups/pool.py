@@ -22,14 +22,8 @@ _POOL_MAX_LEFTOVER = 2 * 1024 * 1024
 
 
 class Slot:
-    """A set of job groups (one per hierarchy) kept for reuse by jobs whose only limit is
-    pids_max: made once, with the files a job's start and end touch held open
-    (CgroupBackend.create).
-
-    A job then costs no mkdir, no rmdir and no path walk: its forking thread writes "0"
-    (itself) to the open `tasks` files, and the end reads the counters with pread. Between
-    jobs put() resets the counters (cpuacct.usage, memory.max_usage_in_bytes); pids.max is
-    written only when a job wants another value than the last one's (limit_pids).
+    """A set of job groups (one per hierarchy) lent to one job after another, with the
+    files a job's start and end touch held open: joining is a write, the figures a pread.
     """
 
     def __init__(self, pool: Pool, name: str, groups: tuple[tuple[Hierarchy, Path], ...]):
