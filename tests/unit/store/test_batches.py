@@ -15,7 +15,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from jobworker.model import BatchOptions, JobEvent, JobSpec, JobState, Usage
-from jobworker.store.batches import JOURNAL, BatchStore, _event_from_line, _event_to_line
+from jobworker.store.batches import JOURNAL, BatchStore
+from jobworker.store.codec import event_from_line, event_to_line
 
 SPECS = (JobSpec("a", ("true",)), JobSpec("b", ("true",)))
 
@@ -248,10 +249,10 @@ def test_journal_lines_are_the_json_they_say(
         cgroup,
         node=cgroup[::-1],  # any text, as a cluster's node names are
     )
-    line = _event_to_line(event)
+    line = event_to_line(event)
     assert line.endswith(b"\n") and line.count(b"\n") == 1
     json.loads(line)  # valid JSON on its own
-    assert _event_from_line(line) == event
+    assert event_from_line(line) == event
 
 
 def test_job_folders_and_a_snapshot_stay_right_after_the_end(tmp_path: Path) -> None:

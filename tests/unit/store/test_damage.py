@@ -20,8 +20,8 @@ from jobworker.store.batches import (
     META,
     BatchRecord,
     BatchStore,
-    _event_to_line,
 )
+from jobworker.store.codec import event_to_line
 from jobworker.store.damage import NotRegular, open_regular, start_traces
 from jobworker.store.logs import log_size, read_tail, seal_times, tail_offset
 
@@ -447,7 +447,7 @@ def test_a_garbage_first_line_keeps_the_events_after_it(tmp_path: Path) -> None:
     """Damage repair writes the lines the store writes: the same format, read back."""
     store, batch = _stored(tmp_path)
     event = JobEvent(3, 0, JobState.RUNNING, 1.0, pid=9, pid_start=10, message="x\ny")
-    (batch.path / JOURNAL).write_bytes(b"junk\n" + _event_to_line(event))
+    (batch.path / JOURNAL).write_bytes(b"junk\n" + event_to_line(event))
     store.close()
     loaded, _ = _reload(tmp_path)
     assert loaded.statuses[0].state is JobState.RUNNING
