@@ -15,8 +15,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from jobworker.model import BatchOptions, JobEvent, JobSpec, JobState, Usage
-from jobworker.store.batches import JOURNAL, BatchStore
+from jobworker.store.batches import BatchStore
 from jobworker.store.codec import event_from_line, event_to_line
+from jobworker.store.files import JOURNAL
 
 SPECS = (JobSpec("a", ("true",)), JobSpec("b", ("true",)))
 

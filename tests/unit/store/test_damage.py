@@ -14,16 +14,12 @@ import structlog
 from structlog.testing import capture_logs
 
 from jobworker.model import BatchOptions, JobEvent, JobSpec, JobState, RetryPolicy
-from jobworker.store.batches import (
-    DAMAGED_LABEL,
-    JOURNAL,
-    META,
-    BatchRecord,
-    BatchStore,
-)
+from jobworker.store.batches import BatchRecord, BatchStore
 from jobworker.store.codec import event_to_line
 from jobworker.store.damage import NotRegular, open_regular, start_traces
+from jobworker.store.files import JOURNAL, META
 from jobworker.store.logs import log_size, read_tail, seal_times, tail_offset
+from jobworker.store.recovery import DAMAGED_LABEL
 
 SPECS = (
     JobSpec("a", ("echo", "a")),
