@@ -130,12 +130,6 @@ class BatchStore:
 
     # -- writes
 
-    def create(self, owner: str, options: BatchOptions, specs: tuple[JobSpec, ...]) -> BatchRecord:
-        """Persist a new batch and keep it; ResourceExhausted when the disk is full."""
-        batch = self.persist(owner, options, specs)
-        self.register(batch)
-        return batch
-
     def persist(self, owner: str, options: BatchOptions, specs: tuple[JobSpec, ...]) -> BatchRecord:
         """Write a new batch to disk, crash-safe, touching nothing in memory: safe to run in
         a worker thread. register() then makes it known."""

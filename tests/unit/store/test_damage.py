@@ -20,6 +20,7 @@ from jobworker.store.damage import NotRegular, open_regular, start_traces
 from jobworker.store.files import JOURNAL, META
 from jobworker.store.logs import log_size, read_tail, seal_times, tail_offset
 from jobworker.store.recovery import DAMAGED_LABEL
+from tests.unit.store.new_batch import new_batch
 
 SPECS = (
     JobSpec("a", ("echo", "a")),
@@ -55,7 +56,7 @@ def _folders(batch: BatchRecord) -> None:
 
 def _stored(tmp_path: Path, specs: tuple[JobSpec, ...] = SPECS) -> tuple[BatchStore, BatchRecord]:
     store = BatchStore(tmp_path)
-    batch = store.create("alice", BatchOptions(), specs)
+    batch = new_batch(store, "alice", BatchOptions(), specs)
     _folders(batch)
     return store, batch
 
