@@ -13,6 +13,7 @@ from jobworker.model import BatchOptions, JobSpec, frozen_map
 from jobworker.store import batches as store_module
 from jobworker.store.batches import BatchStore
 from jobworker.validate import BatchBuilder, argv_cost, spec_cost
+from tests.unit.store.new_batch import new_batch
 
 
 def _limits(max_batch_bytes: int = 1 << 20) -> JobsConfig:
@@ -56,7 +57,7 @@ def test_listing_order_survives_a_clock_step_and_deletes(
     monkeypatch.setattr(store_module.time, "time", lambda: next(clock))
     store = BatchStore(tmp_path)
     made = [
-        store.create(owner, BatchOptions(), (JobSpec("j", ("true",)),))
+        new_batch(store, owner, BatchOptions(), (JobSpec("j", ("true",)),))
         for owner in ("alice", "bob", "alice", "bob", "alice")
     ]
     by_time = sorted(made, key=lambda b: b.create_time, reverse=True)

@@ -1,4 +1,5 @@
-"""Batches on disk: crash-safe metadata, an append-only journal of job events, recovery."""
+"""The batch store: every batch in memory and on disk, its batch.json written crash-safe,
+its job events appended to its journal, its folder renamed away when it is deleted."""
 
 from __future__ import annotations
 
@@ -6,422 +7,31 @@ import bisect
 import contextlib
 import dataclasses
 import errno
-import json
 import os
 import shutil
 import stat
 import threading
 import time
 import uuid
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import structlog
 
 from jobworker.errors import NotFound, ResourceExhausted
 from jobworker.fsutil import fsync_dir
-from jobworker.model import (
-    BatchOptions,
-    BatchState,
-    JobEvent,
-    JobSpec,
-    JobState,
-    JobStatus,
-    Limits,
-    RetryPolicy,
-    Usage,
-    batch_state,
-    frozen_map,
-)
-from jobworker.store.damage import (
-    NotRegular,
-    Quarantine,
-    kind_of,
-    open_regular,
-    read_regular,
-    start_traces,
-)
-from jobworker.store.notify import Notifier
+from jobworker.model import BatchOptions, JobEvent, JobSpec, JobState
+from jobworker.store.codec import event_to_line, meta_to_bytes
+from jobworker.store.damage import open_regular
+from jobworker.store.files import JOURNAL, META, STDIN, TRASH, write_atomic, write_synced
+from jobworker.store.records import BatchRecord, BatchView
+from jobworker.store.recovery import load_batches
+
+# BatchRecord and BatchView are imported from here by the rest of the code.
+__all__ = ["BatchRecord", "BatchStore", "BatchView"]
 
 log = structlog.get_logger("jobworker.store")
-
-META = "batch.json"
-STDIN = "stdin"  # in a job's folder: what the job reads; written when the batch is stored
-TRASH = ".trash-"  # a batch folder being deleted: renamed first, so a crash never revives it
-JOURNAL = "journal"
-FORMAT_VERSION = 1
-
-
-@dataclass(eq=False)
-class BatchRecord:
-    """One batch in memory: its specs, every job's status and the ordered event list."""
-
-    cid: str
-    owner: str
-    create_time: float
-    options: BatchOptions
-    specs: tuple[JobSpec, ...]
-    path: Path
-    statuses: list[JobStatus] = field(default_factory=list)
-    events: list[JobEvent] = field(default_factory=list)
-    counts: Counter[JobState] = field(default_factory=Counter)
-    end_time: float | None = None
-    names: dict[str, int] = field(default_factory=dict)
-    changed: Notifier = field(default_factory=Notifier)
-    stdin_sizes: list[int] = field(default_factory=list)  # bytes in jobs/<i>/stdin
-    journal_fd: int = -1
-    _job_dirs: list[Path] = field(default_factory=list, repr=False)
-    journal_size: int = 0  # bytes of whole lines in the journal
-    pending: list[bytes] = field(default_factory=list)  # lines not written yet (disk full)
-    # After load: QUEUED jobs whose folder shows they started (what it shows), and why
-    # the journal may not say so. The scheduler asks their executor first (BatchStore.record_lost).
-    traced: dict[int, str] = field(default_factory=dict)
-    damage: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.names = {spec.name: i for i, spec in enumerate(self.specs)}
-        if not self.stdin_sizes:
-            self.stdin_sizes = [0] * len(self.specs)
-        if not self.statuses:
-            self.statuses = [JobStatus() for _ in self.specs]
-            self.events = [
-                JobEvent(seq=i, index=i, state=JobState.QUEUED, time=self.create_time)
-                for i in range(len(self.specs))
-            ]
-        self.counts = Counter(s.state for s in self.statuses)
-
-    @property
-    def order(self) -> tuple[float, str]:
-        """Creation order, the same after a restart: what ListBatches pages by."""
-        return (self.create_time, self.cid)
-
-    @property
-    def state(self) -> BatchState:
-        """The batch's state, from its jobs' states."""
-        return batch_state(self.counts.keys())
-
-    @property
-    def ended(self) -> bool:
-        """True once every job has ended."""
-        return self.end_time is not None
-
-    def job_dir(self, index: int) -> Path:
-        """The folder of job `index`: its stdout and stderr live there."""
-        if not self._job_dirs:
-            if self.end_time is not None:  # ended: rarely read, not worth a list
-                return self.path / "jobs" / str(index)
-            # Made once while the batch runs: it is asked for several times a job.
-            jobs = self.path / "jobs"
-            self._job_dirs = [jobs / str(i) for i in range(len(self.specs))]
-        return self._job_dirs[index]
-
-    def view(self) -> BatchView:
-        """The batch as it stands now, to read on another thread (event loop only)."""
-        return BatchView(
-            cid=self.cid,
-            owner=self.owner,
-            create_time=self.create_time,
-            options=self.options,
-            specs=self.specs,
-            path=self.path,
-            statuses=tuple(self.statuses),
-            stdin_sizes=tuple(self.stdin_sizes),
-            state=self.state,
-            end_time=self.end_time,
-        )
-
-    def select(self, names: Iterable[str]) -> list[int]:
-        """Job indexes for `names` (every job when empty); NotFound names the unknown one."""
-        wanted = list(names)
-        if not wanted:
-            return list(range(len(self.specs)))
-        out = []
-        for name in wanted:
-            if name not in self.names:
-                raise NotFound(f"batch {self.cid} has no job named {name!r}")
-            out.append(self.names[name])
-        return sorted(set(out))
-
-    def _apply(self, event: JobEvent) -> None:
-        old = self.statuses[event.index]
-        self.counts[old.state] -= 1
-        if not self.counts[old.state]:
-            del self.counts[old.state]
-        self.statuses[event.index] = old.apply(event)
-        self.counts[event.state] += 1
-        self.events.append(event)
-        if JobState.QUEUED not in self.counts and JobState.RUNNING not in self.counts:
-            self.end_time = event.time
-            self._job_dirs = []  # an ended batch is rarely read: keep its memory small
-        else:
-            self.end_time = None
-
-
-@dataclass(frozen=True, eq=False)
-class BatchView:
-    """A batch as it stood at one moment (BatchRecord.view): immutable, so any thread may
-    read it while the event loop changes the batch (GetBatch builds big answers so)."""
-
-    cid: str
-    owner: str
-    create_time: float
-    options: BatchOptions
-    specs: tuple[JobSpec, ...]
-    path: Path
-    statuses: tuple[JobStatus, ...]
-    stdin_sizes: tuple[int, ...]
-    state: BatchState
-    end_time: float | None
-
-    def job_dir(self, index: int) -> Path:
-        """The folder of job `index`: its stdout and stderr live there."""
-        return self.path / "jobs" / str(index)
-
-
-# --- encoding -------------------------------------------------------------------------
-
-
-def _spec_to_json(spec: JobSpec) -> dict[str, Any]:
-    out: dict[str, Any] = {"name": spec.name, "argv": list(spec.argv)}
-    if spec.env:
-        out["env"] = dict(spec.env)
-    if spec.working_dir:
-        out["working_dir"] = spec.working_dir
-    if spec.stdin:  # the bytes are in jobs/<i>/stdin; memory keeps only their size
-        out["stdin_bytes"] = len(spec.stdin)
-    if spec.timeout is not None:
-        out["timeout"] = spec.timeout
-    if spec.limits.any:
-        out["limits"] = {k: getattr(spec.limits, k) for k in Limits.__slots__}
-    if spec.depends_on:
-        out["depends_on"] = list(spec.depends_on)
-    if spec.retry is not None:
-        r = spec.retry
-        out["retry"] = {
-            "max_attempts": r.max_attempts,
-            "initial_backoff": r.initial_backoff,
-            "max_backoff": r.max_backoff,
-            "retry_on": sorted(s.name for s in r.retry_on),
-        }
-    return out
-
-
-# Everything read back from disk is checked as if a stranger wrote it: a wrong type or an
-# out-of-range number would otherwise fail later, far from the file (in the scheduler, or
-# when a reply is encoded), and take the server down. Each check raises ValueError.
-
-_INT32 = (1 << 31) - 1
-_MAX_TIME = 1e11  # seconds since the epoch: far past any real time, inside a Timestamp
-_MAX_SECONDS = 366 * 86400.0  # a timeout or a backoff
-_MAX_ATTEMPTS = 100
-
-
-def _int(value: object, lo: int = 0, hi: int = (1 << 63) - 1) -> int:
-    if type(value) is not int or not lo <= value <= hi:
-        raise ValueError(f"{value!r:.40} is not an integer from {lo} to {hi}")
-    return value
-
-
-def _num(value: object, lo: float = 0.0, hi: float = _MAX_TIME) -> float:
-    if type(value) is not float and type(value) is not int:
-        raise ValueError(f"{value!r:.40} is not a number")
-    if not lo <= value <= hi:  # NaN fails too
-        raise ValueError(f"{value!r:.40} is not from {lo} to {hi}")
-    return value
-
-
-def _str(value: object) -> str:
-    if type(value) is not str:
-        raise ValueError(f"{value!r:.40} is not a string")
-    if not value.isascii():
-        value.encode()  # a lone surrogate (JSON allows "\ud800") cannot go on the wire
-    return value
-
-
-def _obj(value: object) -> dict[str, Any]:
-    if type(value) is not dict:
-        raise ValueError(f"{value!r:.40} is not an object")
-    return value
-
-
-def _strings(value: object) -> list[str]:
-    if type(value) is not list:
-        raise ValueError(f"{value!r:.40} is not a list")
-    return [_str(v) for v in value]
-
-
-def _str_map(value: object) -> Mapping[str, str]:
-    return frozen_map({_str(k): _str(v) for k, v in _obj(value).items()})
-
-
-def _retry_from_json(value: object) -> RetryPolicy | None:
-    if value is None:
-        return None
-    d = _obj(value)
-    return RetryPolicy(
-        max_attempts=_int(d["max_attempts"], 1, _MAX_ATTEMPTS),
-        initial_backoff=_num(d["initial_backoff"], 0.0, _MAX_SECONDS),
-        max_backoff=_num(d["max_backoff"], 0.0, _MAX_SECONDS),
-        retry_on=frozenset(JobState[name] for name in _strings(d["retry_on"])),
-    )
-
-
-def _limits_from_json(value: object) -> Limits:
-    d = _obj(value)
-    unknown = set(d) - set(Limits.__slots__)
-    if unknown:
-        raise ValueError(f"unknown limits {sorted(unknown)!r:.80}")
-    return Limits(**{k: _int(v) for k, v in d.items()})
-
-
-def _spec_from_json(value: object) -> JobSpec:
-    d = _obj(value)
-    argv = tuple(_strings(d["argv"]))
-    if not argv:
-        raise ValueError("empty argv")
-    timeout = d.get("timeout")
-    return JobSpec(
-        name=_str(d["name"]),
-        argv=argv,
-        env=_str_map(d.get("env", {})),
-        working_dir=_str(d.get("working_dir", "")),
-        timeout=None if timeout is None else _num(timeout, 0.0, _MAX_SECONDS),
-        limits=_limits_from_json(d["limits"]) if "limits" in d else Limits(),
-        depends_on=tuple(_strings(d.get("depends_on", []))),
-        retry=_retry_from_json(d.get("retry")),
-    )
-
-
-def _check_graph(specs: tuple[JobSpec, ...]) -> None:
-    """ValueError unless names are unique and dependencies name other jobs, without a cycle
-    (the scheduler trusts both); a worklist, not recursion: a long chain is a valid batch."""
-    names = {spec.name: i for i, spec in enumerate(specs)}
-    if len(names) != len(specs):
-        raise ValueError("two jobs have the same name")
-    waiting = [0] * len(specs)
-    dependents: dict[int, list[int]] = {}
-    for i, spec in enumerate(specs):
-        for dep in spec.depends_on:
-            j = names.get(dep)
-            if j is None or j == i:
-                raise ValueError(f"job {i} depends on {dep!r:.80}, not another job")
-            waiting[i] += 1
-            dependents.setdefault(j, []).append(i)
-    ready = [i for i, n in enumerate(waiting) if not n]
-    done = 0
-    while ready:
-        j = ready.pop()
-        done += 1
-        for i in dependents.get(j, ()):
-            waiting[i] -= 1
-            if not waiting[i]:
-                ready.append(i)
-    if done != len(specs):
-        raise ValueError("the jobs' dependencies make a cycle")
-
-
-def _options_to_json(o: BatchOptions) -> dict[str, Any]:
-    return {
-        "labels": dict(o.labels),
-        "max_parallel": o.max_parallel,
-        "fail_fast": o.fail_fast,
-        "idempotency_key": o.idempotency_key,
-        "executor": o.executor,
-    }
-
-
-def _options_from_json(value: object) -> BatchOptions:
-    d = _obj(value)
-    fail_fast = d.get("fail_fast", False)
-    if type(fail_fast) is not bool:
-        raise ValueError(f"fail_fast {fail_fast!r:.40} is not a boolean")
-    return BatchOptions(
-        labels=_str_map(d.get("labels", {})),
-        max_parallel=_int(d.get("max_parallel", 0), 0, _INT32),
-        fail_fast=fail_fast,
-        idempotency_key=_str(d.get("idempotency_key", "")),
-        executor=_str(d.get("executor", "")),
-    )
-
-
-def _event_to_line(e: JobEvent) -> bytes:
-    """One journal line: the JSON object json.dumps(..., separators=(",", ":")) would
-    write, formatted by hand (it is written for every state change of every job)."""
-    parts = [f'{{"q":{e.seq},"i":{e.index},"s":"{_STATE_NAMES[e.state]}","t":{e.time!r}']
-    if e.exit_code is not None:
-        parts.append(f',"x":{e.exit_code}')
-    if e.signal:
-        parts.append(f',"g":{e.signal}')
-    if e.message:
-        parts.append(f',"m":{_json_string(e.message)}')
-    if e.pid:
-        parts.append(f',"p":{e.pid},"ps":{e.pid_start}')
-    if e.cgroup:
-        parts.append(f',"c":{_json_string(e.cgroup)}')
-    if e.usage is not None:
-        u = e.usage
-        parts.append(f',"u":[{u.user_cpu!r},{u.system_cpu!r},{u.max_rss_bytes}]')
-    if e.attempt != 1:
-        parts.append(f',"a":{e.attempt}')
-    if e.retry_at:
-        parts.append(f',"r":{e.retry_at!r}')
-    if e.offsets != (0, 0):
-        parts.append(f',"o":[{e.offsets[0]},{e.offsets[1]}]')
-    if e.node:
-        parts.append(f',"n":{_json_string(e.node)}')
-    parts.append("}\n")
-    return "".join(parts).encode()
-
-
-_json_string: Callable[[str], str] = json.encoder.encode_basestring_ascii
-_STATE_NAMES = {s: s.name for s in JobState}  # Enum.name is a descriptor: slow per call
-
-
-def _event_from_line(line: bytes) -> JobEvent:
-    """A journal line's event; ValueError (or KeyError, TypeError) when it is not one.
-
-    Read for every event at every start: the checks of the fields every line has are
-    written out, and the others checked only when present."""
-    d = json.loads(line)
-    if type(d) is not dict:
-        raise ValueError("not an object")
-    seq, index, when = d["q"], d["i"], d["t"]
-    if type(seq) is not int or type(index) is not int or seq < 0 or index < 0:
-        raise ValueError("q and i are not counts")
-    if (type(when) is not float and type(when) is not int) or not 0 <= when <= _MAX_TIME:
-        raise ValueError("t is not a time")
-    state = _STATE_BY_NAME[d["s"]]
-    if len(d) == 4:
-        return JobEvent(seq, index, state, when)
-    x, u, o = d.get("x"), d.get("u"), d.get("o")
-    if u is not None and (type(u) is not list or len(u) != 3):
-        raise ValueError("usage is not [user, system, rss]")
-    if o is not None and (type(o) is not list or len(o) != 2):
-        raise ValueError("offsets are not [stdout, stderr]")
-    return JobEvent(
-        seq=seq,
-        index=index,
-        state=state,
-        time=when,
-        exit_code=None if x is None else _int(x, -_INT32 - 1, _INT32),
-        signal=_int(d["g"], 0, _INT32) if "g" in d else 0,
-        message=_str(d["m"]) if "m" in d else "",
-        pid=_int(d["p"], 0, _INT32) if "p" in d else 0,
-        pid_start=_int(d["ps"]) if "ps" in d else 0,
-        usage=Usage(_num(u[0], 0.0, 1e10), _num(u[1], 0.0, 1e10), _int(u[2])) if u else None,
-        cgroup=_str(d["c"]) if "c" in d else "",
-        node=_str(d["n"]) if "n" in d else "",
-        attempt=_int(d["a"], 1, (1 << 32) - 1) if "a" in d else 1,
-        retry_at=_num(d["r"]) if "r" in d else 0.0,
-        offsets=(_int(o[0]), _int(o[1])) if o else (0, 0),
-    )
-
-
-_STATE_BY_NAME = {s.name: s for s in JobState}
 
 
 def _make_folders(jobs: Path, count: int, stop: threading.Event) -> None:
@@ -445,28 +55,6 @@ def _make_folders(jobs: Path, count: int, stop: threading.Event) -> None:
                     os.mknod(f"{folder}/{name}", regular)
     except OSError as exc:  # gone (deleted), or a full disk: the job's start reports it
         log.debug("job_folders_stopped", path=str(jobs), error=str(exc))
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    """Write `data` to a new file `path` and fsync it."""
-    with contextlib.suppress(FileNotFoundError):  # a leftover: never opened (a FIFO blocks)
-        os.unlink(path)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that a crash leaves either the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    _write_synced(tmp, data)
-    tmp.replace(path)
-    fsync_dir(path.parent)
 
 
 def _order(batch: BatchRecord) -> tuple[float, str]:
@@ -542,12 +130,6 @@ class BatchStore:
 
     # -- writes
 
-    def create(self, owner: str, options: BatchOptions, specs: tuple[JobSpec, ...]) -> BatchRecord:
-        """Persist a new batch and keep it; ResourceExhausted when the disk is full."""
-        batch = self.persist(owner, options, specs)
-        self.register(batch)
-        return batch
-
     def persist(self, owner: str, options: BatchOptions, specs: tuple[JobSpec, ...]) -> BatchRecord:
         """Write a new batch to disk, crash-safe, touching nothing in memory: safe to run in
         a worker thread. register() then makes it known."""
@@ -556,25 +138,17 @@ class BatchStore:
         cid = str(uuid.uuid4())
         path = self.root / cid
         now = time.time()
-        meta = {
-            "version": FORMAT_VERSION,
-            "correlation_id": cid,
-            "owner": owner,
-            "create_time": now,
-            "options": _options_to_json(options),
-            "jobs": [_spec_to_json(s) for s in specs],
-        }
         try:
             path.mkdir(0o700)
             for i, spec in enumerate(specs):  # before the metadata: its rename commits all
                 if spec.stdin:
                     (path / "jobs").mkdir(0o700, exist_ok=True)
                     (path / "jobs" / str(i)).mkdir(0o700)
-                    _write_synced(path / "jobs" / str(i) / STDIN, spec.stdin)
+                    write_synced(path / "jobs" / str(i) / STDIN, spec.stdin)
                     fsync_dir(path / "jobs" / str(i))
             if any(spec.stdin for spec in specs):
                 fsync_dir(path / "jobs")
-            _write_atomic(path / META, json.dumps(meta, separators=(",", ":")).encode())
+            write_atomic(path / META, meta_to_bytes(cid, owner, now, options, specs))
         except OSError as exc:
             shutil.rmtree(path, ignore_errors=True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -622,7 +196,7 @@ class BatchStore:
     def append(self, batch: BatchRecord, event: JobEvent) -> None:
         """Apply `event` to `batch` and append it to the batch's journal."""
         batch._apply(event)
-        batch.pending.append(_event_to_line(event))
+        batch.pending.append(event_to_line(event))
         self._write_pending(batch)
         batch.changed.notify()
 
@@ -741,111 +315,10 @@ class BatchStore:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         # Jobs may run as several Unix users: none of them reads another's logs here.
         os.chmod(self.root, 0o700)
-        quarantine = Quarantine(self.root.parent)
-        with os.scandir(self.root) as found:
-            entries = list(found)
-        loaded: list[BatchRecord] = []
-        for entry in entries:
-            path = self.root / entry.name
-            try:
-                mode = entry.stat(follow_symlinks=False).st_mode
-            except OSError:
-                continue  # gone since the listing
-            if entry.name.startswith(TRASH) and stat.S_ISDIR(mode):
-                shutil.rmtree(path, ignore_errors=True)  # a delete the last run did not finish
-                continue
-            if not stat.S_ISDIR(mode) or not _is_cid(entry.name):
-                # Not a batch the server made: left as it is, never followed or opened.
-                log.warning("stray_entry_skipped", path=str(path), kind=kind_of(mode))
-                continue
-            batch: BatchRecord | None
-            try:
-                batch = self._load_one(path, quarantine)
-            except Exception as exc:  # a bug must neither lose the batch nor stop the start
-                log.exception("batch_load_failed", path=str(path))
-                try:
-                    batch = self._damaged(path, f"it could not be loaded ({exc})", quarantine)
-                except Exception:
-                    log.exception("batch_skipped", path=str(path))
-                    batch = None
-            if batch is not None:
-                loaded.append(batch)
-        loaded.sort(key=lambda b: b.order)
+        loaded = load_batches(self.root)
         for batch in loaded:
             self.register(batch)
         return loaded
-
-    def _load_one(self, path: Path, quarantine: Quarantine) -> BatchRecord | None:
-        cid = path.name
-        try:
-            batch = _read_meta(path)
-        except FileNotFoundError:
-            if _never_committed(path):
-                # Crashed between mkdir and the metadata's rename: nothing was scheduled.
-                log.warning("incomplete_batch_removed", path=str(path))
-                shutil.rmtree(path, ignore_errors=True)
-                return None
-            earlier = quarantine.earlier(cid, META)
-            why = f"{META} is missing"
-            if earlier is not None:
-                why += f" (an earlier start moved it to {self._shown(earlier)})"
-            return self._damaged(path, why, quarantine)
-        except _Unusable as exc:
-            moved = quarantine.move(path / META, cid, META, exc.why) if exc.move else None
-            return self._damaged(path, exc.why, quarantine, moved)
-        journal = _read_journal(path / JOURNAL, cid, quarantine)
-        problems = list(journal.problems)
-        for event in _in_order(journal.events, len(batch.specs), problems):
-            seq = len(batch.events)  # numbered again after a lost or a skipped line
-            batch._apply(event if event.seq == seq else dataclasses.replace(event, seq=seq))
-        if problems[len(journal.problems) :] or journal.bad_lines:
-            _repair_journal(path / JOURNAL, batch, journal, problems, quarantine)
-        elif journal.torn:
-            log.warning("journal_tail_dropped", path=str(path / JOURNAL), bytes=journal.torn)
-            with contextlib.suppress(OSError):
-                os.truncate(path / JOURNAL, journal.good)
-        self._check_folders(batch, quarantine, problems)
-        return batch
-
-    def _check_folders(
-        self, batch: BatchRecord, quarantine: Quarantine, problems: list[str]
-    ) -> None:
-        """Look at the job folders: move aside what is not a folder or a regular file where
-        one should be, log the folders of jobs that ran and are gone, and record LOST the
-        queued jobs whose folder shows they had started (their start never recorded)."""
-        jobs = batch.path / "jobs"
-        names = _list_jobs(jobs, batch.cid, quarantine)
-        traced: dict[int, str] = {}
-        for i, status in enumerate(batch.statuses):
-            folder = jobs / str(i)
-            is_dir = names.get(str(i))
-            if is_dir is None:
-                if status.start_time is not None:  # it ran: its logs are gone
-                    log.error(
-                        "job_folder_missing",
-                        path=str(folder),
-                        correlation_id=batch.cid,
-                        job_index=i,
-                        state=status.state.name,
-                    )
-                continue
-            if not is_dir:
-                try:
-                    why = f"a {kind_of(os.lstat(folder).st_mode)}, not a folder"
-                except OSError:
-                    continue
-                quarantine.move(folder, batch.cid, f"jobs.{i}", why)
-                continue
-            if status.state.ended:
-                # Its files are read safely when asked for (store/logs.py): looking into
-                # every ended job's folder would cost every start.
-                continue
-            _check_job_files(folder, batch.cid, i, quarantine)
-            if status.state is JobState.QUEUED:
-                traces = start_traces(folder, status.log_sizes)
-                if traces:
-                    traced[i] = traces
-        batch.traced, batch.damage = traced, problems
 
     def record_lost(self, batch: BatchRecord, traced: dict[int, str]) -> None:
         """Record LOST the queued jobs that `traced` shows had started (and no executor
@@ -884,278 +357,3 @@ class BatchStore:
                 attempt=attempt,
             )
             self.append(batch, event)
-
-    def _damaged(
-        self, path: Path, why: str, quarantine: Quarantine, moved: Path | None = None
-    ) -> BatchRecord:
-        """A batch whose batch.json cannot be used: what its journal and folders tell,
-        every job LOST with a message naming the damage, labelled DAMAGED_LABEL. Memory
-        only: its files stay as they are (but for what is moved to quarantine)."""
-        cid = path.name
-        if moved is not None:
-            why += f"; moved to {self._shown(moved)}"
-        journal = _read_journal(path / JOURNAL, cid, quarantine)
-        count = 0
-        for event in journal.events:
-            if event.index < MAX_DAMAGED_JOBS:
-                count = max(count, event.index + 1)
-        with contextlib.suppress(OSError), os.scandir(path / "jobs") as found:
-            for entry in found:
-                if entry.name.isdigit() and str(int(entry.name)) == entry.name:
-                    count = max(count, min(int(entry.name) + 1, MAX_DAMAGED_JOBS))
-        count = max(count, 1)
-        times = [e.time for e in journal.events]
-        try:
-            created = min(times) if times else _num(os.lstat(path).st_mtime)
-        except (OSError, ValueError):
-            created = 0.0
-        batch = BatchRecord(
-            cid=cid,
-            owner="",  # unknown: only those who may see every batch see it
-            create_time=created,
-            options=BatchOptions(labels=frozen_map({DAMAGED_LABEL: META})),
-            specs=tuple(JobSpec(f"job-{i}", ()) for i in range(count)),
-            path=path,
-        )
-        for event in _in_order(journal.events, count, []):
-            batch._apply(dataclasses.replace(event, seq=len(batch.events)))
-        now = time.time()
-        for i, status in enumerate(list(batch.statuses)):
-            message = f"record damaged: {why}"
-            if status.state is not JobState.QUEUED:
-                message += f"; last recorded {status.state.name}"
-                if status.message:
-                    message += f" ({status.message})"
-            event = JobEvent(
-                seq=len(batch.events),
-                index=i,
-                state=JobState.LOST,
-                time=now,
-                exit_code=status.exit_code,
-                signal=status.signal,
-                message=message,
-                usage=status.usage,
-                attempt=max(1, status.attempt),
-            )
-            batch._apply(event)
-        log.error("batch_damaged", path=str(path), correlation_id=cid, why=why, jobs=count)
-        self._check_folders(batch, quarantine, [])
-        return batch
-
-    def _shown(self, path: Path) -> str:
-        """`path` relative to data_dir: what a job's message names."""
-        try:
-            return str(path.relative_to(self.root.parent))
-        except ValueError:
-            return str(path)
-
-
-DAMAGED_LABEL = "jobworker/damaged"  # on a batch whose batch.json was unusable: which file
-MAX_DAMAGED_JOBS = 100_000  # jobs shown at most for a batch whose batch.json is gone
-_JOB_FILES = (STDIN, "stdout", "stderr", "stdout.times", "stderr.times")
-
-
-class _Unusable(Exception):
-    """batch.json cannot be used: why, and whether to move it to quarantine."""
-
-    def __init__(self, why: str, move: bool = True) -> None:
-        super().__init__(why)
-        self.why = why
-        self.move = move
-
-
-def _read_meta(path: Path) -> BatchRecord:
-    """The batch whose folder is `path`, from its batch.json, every field checked (no job
-    event applied yet); FileNotFoundError when there is none, else _Unusable."""
-    try:
-        raw = read_regular(path / META)
-    except FileNotFoundError:
-        raise
-    except OSError as exc:
-        move = isinstance(exc, NotRegular) or exc.errno == errno.EFBIG  # not an I/O error
-        raise _Unusable(f"{META} is unusable: {exc.strerror}", move) from exc
-    try:
-        meta = _obj(json.loads(raw))
-    except (ValueError, RecursionError) as exc:
-        raise _Unusable(f"{META} is not a JSON object ({_short(exc)})") from exc
-    version = meta.get("version")
-    if version != FORMAT_VERSION:  # another version's: left in place for it
-        why = f"{META} has format version {version!r:.40}, this server reads {FORMAT_VERSION}"
-        raise _Unusable(why, move=False)
-    try:
-        if meta["correlation_id"] != path.name:
-            raise ValueError(f"it names batch {meta['correlation_id']!r:.60}")
-        jobs = meta["jobs"]
-        if type(jobs) is not list or not jobs:
-            raise ValueError("jobs is not a list of jobs")
-        specs = tuple(_spec_from_json(j) for j in jobs)
-        _check_graph(specs)
-        owner = _str(meta["owner"])
-        if not owner:
-            raise ValueError("no owner")
-        return BatchRecord(
-            cid=path.name,
-            owner=owner,
-            create_time=_num(meta["create_time"]),
-            options=_options_from_json(meta["options"]),
-            specs=specs,
-            path=path,
-            stdin_sizes=[_int(j.get("stdin_bytes", 0)) for j in jobs],
-        )
-    except (ValueError, KeyError, TypeError, IndexError, RecursionError) as exc:
-        raise _Unusable(f"{META} is damaged ({_short(exc)})") from exc
-
-
-def _is_cid(name: str) -> bool:
-    """True for a name the server gives a batch folder: a UUID's canonical text."""
-    try:
-        return str(uuid.UUID(name)) == name
-    except ValueError:
-        return False
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text if len(text) <= 200 else text[:200] + "..."
-
-
-def _never_committed(path: Path) -> bool:
-    """True when the batch folder `path` holds only what a crash before batch.json's rename
-    leaves (batch.json.tmp, jobs/<i>/stdin): no batch was scheduled, no job ran."""
-    try:
-        with os.scandir(path) as top:
-            for entry in top:
-                if entry.name == META + ".tmp" and entry.is_file(follow_symlinks=False):
-                    continue
-                if entry.name != "jobs" or not entry.is_dir(follow_symlinks=False):
-                    return False
-                with os.scandir(entry.path) as jobs:
-                    for job in jobs:
-                        if not job.is_dir(follow_symlinks=False):
-                            return False
-                        with os.scandir(job.path) as files:
-                            for f in files:
-                                if f.name != STDIN or not f.is_file(follow_symlinks=False):
-                                    return False
-    except OSError:
-        return False
-    return True
-
-
-def _list_jobs(jobs: Path, cid: str, quarantine: Quarantine) -> dict[str, bool]:
-    """The entries of a batch's jobs/ folder, each with whether it is a folder (empty when
-    there is none; anything else there is moved to quarantine)."""
-    try:
-        mode = os.lstat(jobs).st_mode
-        if not stat.S_ISDIR(mode):
-            quarantine.move(jobs, cid, "jobs", f"a {kind_of(mode)}, not a folder")
-            return {}
-        with os.scandir(jobs) as found:
-            return {e.name: e.is_dir(follow_symlinks=False) for e in found}
-    except FileNotFoundError:
-        return {}
-    except OSError as exc:
-        log.error("job_folders_unreadable", path=str(jobs), error=str(exc))
-        return {}
-
-
-def _check_job_files(folder: Path, cid: str, index: int, quarantine: Quarantine) -> None:
-    """Move aside whatever stands in a job's folder where a regular file belongs (a FIFO
-    would block the job's start, a symlink would send its output elsewhere)."""
-    for name in _JOB_FILES:
-        try:
-            mode = os.lstat(folder / name).st_mode
-        except OSError:
-            continue
-        if not stat.S_ISREG(mode):
-            why = f"a {kind_of(mode)}, not a regular file"
-            quarantine.move(folder / name, cid, f"jobs.{index}.{name}", why)
-
-
-@dataclass
-class _Journal:
-    """A journal as read: its events, and what was wrong with it."""
-
-    events: list[JobEvent] = field(default_factory=list)
-    good: int = 0  # bytes of whole, readable lines before a torn last one
-    torn: int = 0  # bytes of a torn last line (a crash mid-append)
-    bad_lines: int = 0
-    problems: list[str] = field(default_factory=list)
-    regular: bool = True  # False once a non-regular file was moved away
-
-
-def _read_journal(path: Path, cid: str, quarantine: Quarantine) -> _Journal:
-    """The journal's events, in file order; reads only a regular file (anything else is
-    moved to quarantine). A torn last line (a crash mid-append) is dropped; a damaged
-    line elsewhere is skipped and counted: the lines after it are still good."""
-    out = _Journal()
-    try:
-        data = read_regular(path)
-    except FileNotFoundError:
-        return out
-    except OSError as exc:
-        why = f"the journal is unusable: {exc.strerror}"
-        out.problems.append(why)
-        if isinstance(exc, NotRegular) or exc.errno == errno.EFBIG:
-            out.regular = False
-            quarantine.move(path, cid, JOURNAL, why)
-        else:
-            log.error("journal_unreadable", path=str(path), error=str(exc))
-        return out
-    if not data:
-        out.problems.append("the journal is empty")
-        log.warning("journal_empty", path=str(path))
-        return out
-    lines = data.splitlines(keepends=True)
-    for n, line in enumerate(lines, 1):
-        if n == len(lines) and not line.endswith(b"\n"):
-            out.torn = len(line)
-            break
-        try:
-            out.events.append(_event_from_line(line))
-        except (ValueError, KeyError, TypeError, IndexError, RecursionError):
-            out.bad_lines += 1
-            if out.bad_lines <= 3:
-                out.problems.append(f"line {n} of the journal is damaged")
-        out.good += len(line)
-    return out
-
-
-def _in_order(events: list[JobEvent], jobs: int, problems: list[str]) -> Iterator[JobEvent]:
-    """The events that can be applied to a batch of `jobs` jobs: each names one of its
-    jobs and comes after the one before (QUEUED events 0..jobs-1 are implicit). A gap (a
-    lost line) is noted in `problems`, and the events after it are kept."""
-    last = jobs - 1
-    for event in events:
-        if event.index >= jobs:
-            problems.append(f"event {event.seq} names job {event.index}, of {jobs}")
-        elif event.seq <= last:
-            problems.append(f"event {event.seq} out of order")
-        else:
-            if event.seq != last + 1:
-                problems.append(f"events {last + 1} to {event.seq - 1} missing")
-            last = event.seq
-            yield event
-
-
-def _repair_journal(
-    path: Path, batch: BatchRecord, journal: _Journal, problems: list[str], quarantine: Quarantine
-) -> None:
-    """Keep the damaged journal in quarantine and put in its place the events it held that
-    could be used (numbered again from the batch's jobs' count), so that what is appended
-    from now on reads back at the next start."""
-    why = "; ".join(problems[:5])
-    kept = quarantine.keep(path, batch.cid, JOURNAL, why) if journal.regular else None
-    lines = b"".join(_event_to_line(e) for e in batch.events[len(batch.specs) :])
-    try:
-        _write_atomic(path, lines)
-    except OSError as exc:
-        log.error("journal_repair_failed", path=str(path), why=why, error=str(exc))
-        return
-    log.error(
-        "journal_damaged",
-        path=str(path),
-        why=why,
-        moved_to=str(kept) if kept else None,
-        events_kept=len(batch.events) - len(batch.specs),
-    )

@@ -20,6 +20,7 @@ from jobworker.errors import ResourceExhausted
 from jobworker.model import BatchOptions, JobEvent, JobSpec, JobState, Usage
 from jobworker.store.batches import BatchRecord, BatchStore
 from tests.unit.engine.direct import DirectExecutor
+from tests.unit.store.new_batch import new_batch
 
 
 async def test_a_job_that_exits_in_its_deadlines_loop_turn_keeps_its_own_result(
@@ -38,7 +39,7 @@ async def test_a_job_that_exits_in_its_deadlines_loop_turn_keeps_its_own_result(
 
     engine = Scheduler(store, {"local": executor}, JobsConfig(), listeners=[hold_the_loop])
     spec = JobSpec("quick", ("true",), timeout=0.2)
-    batch = store.create("alice", BatchOptions(), (spec,))
+    batch = new_batch(store, "alice", BatchOptions(), (spec,))
     engine.submit(batch)
     deadline = time.monotonic() + 10
     while not batch.statuses[0].state.ended:
@@ -145,7 +146,7 @@ def _engine(tmp_path: Path, **settings: object) -> tuple[BatchStore, FakeExecuto
 
 def _batch(store: BatchStore, owner: str, *names: str, **options: object) -> BatchRecord:
     specs = tuple(JobSpec(n, ("true",)) for n in names)
-    return store.create(owner, BatchOptions(**options), specs)  # type: ignore[arg-type]
+    return new_batch(store, owner, BatchOptions(**options), specs)  # type: ignore[arg-type]
 
 
 async def _run_out(supervisor: FakeExecutor, batches: list[BatchRecord]) -> None:
@@ -240,7 +241,7 @@ async def test_max_queued_jobs_per_identity(tmp_path: Path) -> None:
 def _chain(store: BatchStore, n: int, **options: object) -> BatchRecord:
     specs = [JobSpec("j0", ("false",))]
     specs += [JobSpec(f"j{i}", ("true",), depends_on=(f"j{i - 1}",)) for i in range(1, n)]
-    return store.create("alice", BatchOptions(**options), tuple(specs))  # type: ignore[arg-type]
+    return new_batch(store, "alice", BatchOptions(**options), tuple(specs))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("fail_fast", [False, True])

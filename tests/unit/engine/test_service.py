@@ -14,6 +14,7 @@ from jobworker.model import BatchOptions, Caller, JobSpec, frozen_map
 from jobworker.server.convert import summary_to_pb
 from jobworker.store.batches import BatchStore
 from jobworker.v1 import jobworker_pb2 as pb
+from tests.unit.store.new_batch import new_batch
 
 ALICE = Caller("alice", "user")
 
@@ -27,7 +28,7 @@ def test_pages_end_early_rather_than_pass_the_message_limit(tmp_path: Path) -> N
     core, store = _core(tmp_path)
     labels = frozen_map({f"key{i:02d}": "v" * 256 for i in range(64)})  # the most labels allow
     for _ in range(200):
-        store.create("alice", BatchOptions(labels=labels), (JobSpec("j", ("true",)),))
+        new_batch(store, "alice", BatchOptions(labels=labels), (JobSpec("j", ("true",)),))
     seen: list[str] = []
     token = ""
     while True:
@@ -46,8 +47,8 @@ def test_pages_end_early_rather_than_pass_the_message_limit(tmp_path: Path) -> N
 
 def test_other_identities_batches_are_not_listed(tmp_path: Path) -> None:
     core, store = _core(tmp_path)
-    mine = store.create("alice", BatchOptions(), (JobSpec("j", ("true",)),))
-    store.create("bob", BatchOptions(), (JobSpec("j", ("true",)),))
+    mine = new_batch(store, "alice", BatchOptions(), (JobSpec("j", ("true",)),))
+    new_batch(store, "bob", BatchOptions(), (JobSpec("j", ("true",)),))
     page = core.list(ALICE, page_size=0, page_token="", labels={}, states=())
     assert [b.cid for b in page.batches] == [mine.cid]
     admin = core.list(Caller("root", "admin"), page_size=0, page_token="", labels={}, states=())

@@ -15,7 +15,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from jobworker.model import BatchOptions, JobEvent, JobSpec, JobState, Usage
-from jobworker.store.batches import JOURNAL, BatchStore, _event_from_line, _event_to_line
+from jobworker.store.batches import BatchStore
+from jobworker.store.codec import event_from_line, event_to_line
+from jobworker.store.files import JOURNAL
+from tests.unit.store.new_batch import new_batch
 
 SPECS = (JobSpec("a", ("true",)), JobSpec("b", ("true",)))
 
@@ -38,7 +41,7 @@ def _run_all(store: BatchStore, batch: object) -> None:
 
 def test_a_restart_sees_every_event(tmp_path: Path) -> None:
     store = BatchStore(tmp_path)
-    batch = store.create("alice", BatchOptions(labels={"k": "v"}), SPECS)
+    batch = new_batch(store, "alice", BatchOptions(labels={"k": "v"}), SPECS)
     _run_all(store, batch)
     store.close()
     again = BatchStore(tmp_path)
@@ -51,7 +54,7 @@ def test_a_restart_sees_every_event(tmp_path: Path) -> None:
 
 def test_a_torn_last_line_is_dropped_and_cut_off(tmp_path: Path) -> None:
     store = BatchStore(tmp_path)
-    batch = store.create("alice", BatchOptions(), SPECS)
+    batch = new_batch(store, "alice", BatchOptions(), SPECS)
     store.append(batch, _event(store, batch, 0, JobState.RUNNING))
     store.close()
     journal = batch.path / JOURNAL
@@ -65,7 +68,7 @@ def test_a_torn_last_line_is_dropped_and_cut_off(tmp_path: Path) -> None:
 
 def test_a_damaged_line_is_kept_aside_and_later_events_survive(tmp_path: Path) -> None:
     store = BatchStore(tmp_path)
-    batch = store.create("alice", BatchOptions(), SPECS)
+    batch = new_batch(store, "alice", BatchOptions(), SPECS)
     _run_all(store, batch)
     store.close()
     journal = batch.path / JOURNAL
@@ -90,7 +93,7 @@ def test_a_damaged_line_is_kept_aside_and_later_events_survive(tmp_path: Path) -
 def test_stdin_is_kept_in_the_jobs_folder_not_in_memory(tmp_path: Path) -> None:
     store = BatchStore(tmp_path)
     specs = (JobSpec("a", ("cat",), stdin=b"in\0put"), JobSpec("b", ("true",)))
-    batch = store.create("alice", BatchOptions(), specs)
+    batch = new_batch(store, "alice", BatchOptions(), specs)
     assert [s.stdin for s in batch.specs] == [b"", b""]
     assert batch.stdin_sizes == [6, 0]
     assert (batch.job_dir(0) / "stdin").read_bytes() == b"in\0put"
@@ -101,7 +104,7 @@ def test_stdin_is_kept_in_the_jobs_folder_not_in_memory(tmp_path: Path) -> None:
 
 def test_a_deleted_batch_never_comes_back(tmp_path: Path) -> None:
     store = BatchStore(tmp_path)
-    batch = store.create("alice", BatchOptions(idempotency_key="k"), SPECS)
+    batch = new_batch(store, "alice", BatchOptions(idempotency_key="k"), SPECS)
     _run_all(store, batch)
     trash = store.delete(batch)
     assert not batch.path.exists()
@@ -115,7 +118,7 @@ def test_a_deleted_batch_never_comes_back(tmp_path: Path) -> None:
 def test_job_folders_and_empty_logs_are_made_ahead_of_the_jobs(tmp_path: Path) -> None:
     store = BatchStore(tmp_path)
     specs = tuple(JobSpec(f"j{i}", ("true",)) for i in range(50))
-    batch = store.create("alice", BatchOptions(), specs)
+    batch = new_batch(store, "alice", BatchOptions(), specs)
     store.make_folders(batch).result(timeout=30)
     for i in range(len(specs)):
         for name in ("stdout", "stderr"):
@@ -126,7 +129,7 @@ def test_job_folders_and_empty_logs_are_made_ahead_of_the_jobs(tmp_path: Path) -
 
 def test_job_folders_never_bring_a_deleted_batch_back(tmp_path: Path) -> None:
     store = BatchStore(tmp_path)
-    batch = store.create("alice", BatchOptions(), SPECS)
+    batch = new_batch(store, "alice", BatchOptions(), SPECS)
     trash = store.delete(batch)
     store.make_folders(batch).result(timeout=30)
     assert not batch.path.exists()
@@ -170,7 +173,7 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
 
 def test_a_full_disk_holds_journal_lines_back_and_loses_none(tiny_disk: Path) -> None:
     store = BatchStore(tiny_disk)
-    batch = store.create("alice", BatchOptions(), SPECS)
+    batch = new_batch(store, "alice", BatchOptions(), SPECS)
     filler = tiny_disk / "filler"
     fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
     try:  # fill the disk to the last byte
@@ -196,7 +199,7 @@ def test_a_full_disk_refuses_a_new_batch_with_the_limit_named(tiny_disk: Path) -
 
     store = BatchStore(tiny_disk, min_free_disk=64 << 20)
     with pytest.raises(ResourceExhausted, match="min_free_disk"):
-        store.create("alice", BatchOptions(), SPECS)
+        new_batch(store, "alice", BatchOptions(), SPECS)
     assert store.load() == []
 
 
@@ -248,10 +251,10 @@ def test_journal_lines_are_the_json_they_say(
         cgroup,
         node=cgroup[::-1],  # any text, as a cluster's node names are
     )
-    line = _event_to_line(event)
+    line = event_to_line(event)
     assert line.endswith(b"\n") and line.count(b"\n") == 1
     json.loads(line)  # valid JSON on its own
-    assert _event_from_line(line) == event
+    assert event_from_line(line) == event
 
 
 def test_job_folders_and_a_snapshot_stay_right_after_the_end(tmp_path: Path) -> None:
@@ -259,7 +262,7 @@ def test_job_folders_and_a_snapshot_stay_right_after_the_end(tmp_path: Path) -> 
     ended (then without keeping a list of every job's path: ended batches are many); a
     view() taken before the end does not change with the batch."""
     store = BatchStore(tmp_path)
-    batch = store.create("alice", BatchOptions(), SPECS)
+    batch = new_batch(store, "alice", BatchOptions(), SPECS)
     assert batch.job_dir(1) == batch.path / "jobs" / "1"
     before = batch.view()
     _run_all(store, batch)

@@ -14,16 +14,13 @@ import structlog
 from structlog.testing import capture_logs
 
 from jobworker.model import BatchOptions, JobEvent, JobSpec, JobState, RetryPolicy
-from jobworker.store.batches import (
-    DAMAGED_LABEL,
-    JOURNAL,
-    META,
-    BatchRecord,
-    BatchStore,
-    _event_to_line,
-)
+from jobworker.store.batches import BatchRecord, BatchStore
+from jobworker.store.codec import event_to_line
 from jobworker.store.damage import NotRegular, open_regular, start_traces
+from jobworker.store.files import JOURNAL, META
 from jobworker.store.logs import log_size, read_tail, seal_times, tail_offset
+from jobworker.store.recovery import DAMAGED_LABEL
+from tests.unit.store.new_batch import new_batch
 
 SPECS = (
     JobSpec("a", ("echo", "a")),
@@ -59,7 +56,7 @@ def _folders(batch: BatchRecord) -> None:
 
 def _stored(tmp_path: Path, specs: tuple[JobSpec, ...] = SPECS) -> tuple[BatchStore, BatchRecord]:
     store = BatchStore(tmp_path)
-    batch = store.create("alice", BatchOptions(), specs)
+    batch = new_batch(store, "alice", BatchOptions(), specs)
     _folders(batch)
     return store, batch
 
@@ -447,7 +444,7 @@ def test_a_garbage_first_line_keeps_the_events_after_it(tmp_path: Path) -> None:
     """Damage repair writes the lines the store writes: the same format, read back."""
     store, batch = _stored(tmp_path)
     event = JobEvent(3, 0, JobState.RUNNING, 1.0, pid=9, pid_start=10, message="x\ny")
-    (batch.path / JOURNAL).write_bytes(b"junk\n" + _event_to_line(event))
+    (batch.path / JOURNAL).write_bytes(b"junk\n" + event_to_line(event))
     store.close()
     loaded, _ = _reload(tmp_path)
     assert loaded.statuses[0].state is JobState.RUNNING

@@ -14,6 +14,7 @@ from jobworker.errors import InvalidArgument
 from jobworker.model import BatchOptions, JobEvent, JobSpec, JobState
 from jobworker.store.batches import BatchRecord, BatchStore
 from jobworker.store.logs import Chunk, Cursor, Follower, append_time, times_path
+from tests.unit.store.new_batch import new_batch
 
 SPECS = (JobSpec("a", ("true",)), JobSpec("b", ("true",)))
 
@@ -26,7 +27,7 @@ def store(tmp_path: Path) -> Iterator[BatchStore]:
 
 
 def _batch(store: BatchStore) -> BatchRecord:
-    batch = store.create("alice", BatchOptions(), SPECS)
+    batch = new_batch(store, "alice", BatchOptions(), SPECS)
     for i in range(len(SPECS)):
         batch.job_dir(i).mkdir(parents=True, exist_ok=True)
     return batch

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from jobworker.model import BatchOptions, JobEvent, JobSpec, JobState, RetryPolicy
-from jobworker.store.batches import BatchStore, _event_from_line, _event_to_line
+from jobworker.store.batches import BatchStore
+from jobworker.store.codec import event_from_line, event_to_line
+from tests.unit.store.new_batch import new_batch
 
 
 def test_retry_fields_round_trip_through_a_journal_line() -> None:
@@ -20,17 +22,17 @@ def test_retry_fields_round_trip_through_a_journal_line() -> None:
         retry_at=3.5,
         offsets=(10, 20),
     )
-    assert _event_from_line(_event_to_line(event)) == event
+    assert event_from_line(event_to_line(event)) == event
     plain = JobEvent(seq=0, index=0, state=JobState.RUNNING, time=1.0, pid=5, pid_start=6)
-    line = _event_to_line(plain)
+    line = event_to_line(plain)
     assert b'"a"' not in line and b'"o"' not in line and b'"r"' not in line
-    assert _event_from_line(line) == plain
+    assert event_from_line(line) == plain
 
 
 def test_a_restart_sees_the_policy_and_the_waiting_retry(tmp_path: Path) -> None:
     policy = RetryPolicy(3, 0.5, 4.0, frozenset({JobState.FAILED, JobState.LOST}))
     store = BatchStore(tmp_path)
-    batch = store.create("alice", BatchOptions(), (JobSpec("a", ("false",), retry=policy),))
+    batch = new_batch(store, "alice", BatchOptions(), (JobSpec("a", ("false",), retry=policy),))
     store.append(batch, JobEvent(seq=1, index=0, state=JobState.RUNNING, time=1.0, pid=9))
     store.append(
         batch,
