@@ -11,6 +11,7 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 
 from jobworker.v1 import jobworker_pb2 as pb
+from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
 from tests.integration.conftest import (
     PY,
     Server,
@@ -100,6 +101,11 @@ def _pid_job(pidfile: Path, name: str, then: str = "exec sleep 1000") -> pb.Sche
     return job(
         "sh", "-c", f"echo $$ > {pidfile}.tmp; mv {pidfile}.tmp {pidfile}; {then}", name=name
     )
+
+
+def _stdout(stub: pb_grpc.JobWorkerServiceStub, cid: str) -> bytes:
+    """The first job's stdout as GetBatch has it."""
+    return bytes(stub.GetBatch(pb.GetBatchRequest(correlation_id=cid)).batch.jobs[0].stdout.data)
 
 
 def _wait_pid(pidfile: Path) -> int:
@@ -376,6 +382,8 @@ def test_cancel_answers_once_jobs_ended(server: Server, tmp_path: Path) -> None:
     cid = reply.correlation_id
     pid = _wait_pid(pidfile)
     wait_job(stub, cid, "sleeper", pb.JOB_STATE_RUNNING)
+    # The pid is written before the printf: cancel only once the output is there.
+    wait_until(lambda: _stdout(stub, cid) == b"hello", what="the sleeper's output")
     answer = stub.CancelBatch(pb.CancelBatchRequest(correlation_id=cid)).batch
     alive_after = alive(pid)
     kill_pids([pid])
