@@ -16,13 +16,12 @@ thread counts as one task for the moment it forks (only pids_max = 1 leaves no r
 Through a join shell (cgroup v2; cpu or memory limits): engine/chain.py.
 
 Where a job is forked: on the event loop's own thread when that is not the process's main
-thread (`jobworker serve` runs its loop on a thread of its own, server/app.py), since cgroup
-v1 charges the process's memory to the memory group of its main thread, which must never
-move. The checks, file opens, cgroup mkdirs and the vfork cost less there than handing them
-to a thread (each GIL handover is a futex wake and two context switches; figures in
-docs/ARCHITECTURE.md, "A batch's life", step 4, "Where the fork happens"). A loop on the
-main thread (tests, embedders), a job with stdin bytes to write first, and a job of a Unix
-user not looked up in the last _ACCOUNT_TTL seconds (NSS may be slow) use the spawn threads.
+thread (the supervisor runs its loop on a thread of its own, supervisor/run.py), since
+cgroup v1 charges the process's memory to the memory group of its main thread, which must
+never move; handing the fork to another thread costs more than it saves (ARCHITECTURE.md,
+"Where the fork happens"). A loop on the main thread (tests, embedders), a job with stdin
+bytes to write first, and a job of a Unix user not looked up in the last _ACCOUNT_TTL
+seconds (NSS may be slow) use the spawn threads.
 """
 
 from __future__ import annotations
