@@ -364,10 +364,12 @@ class Follower:
             await asyncio.sleep(COALESCE)
 
     def _done(self) -> bool:
-        seq = self.cursor.seq
-        return seq == len(self.batch.events) and all(
-            self.batch.statuses[i].state.ended for i in self.selected
-        )
+        batch = self.batch
+        if self.cursor.seq != len(batch.events):
+            return False
+        if len(self.selected) == len(batch.statuses):  # every job: the batch's own count
+            return batch.ended
+        return all(batch.statuses[i].state.ended for i in self.selected)
 
     async def _events(self) -> AsyncIterator[Item]:
         events = self.batch.events
