@@ -170,7 +170,7 @@ def _popen_job(
         cwd, env = "/", dict(FIXED_ENV)
     else:
         command = [*prefix, argv0, *spec.argv[1:]]
-    if not cgroup.procs_files or cgroup.by_thread:  # no join step
+    if cgroup.by_thread or not cgroup.groups:  # no join step
         executable = command[0] if prefix or last else resolved
         if cgroup.by_thread:
             try:

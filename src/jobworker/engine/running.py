@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 
 import structlog
 
@@ -148,6 +149,10 @@ class Process:
     async def wait(self) -> ExitInfo:
         """The job's end, once it has ended and nothing of it is left; same result for all."""
         return await asyncio.shield(self._done)
+
+    def on_end(self, callback: Callable[[ExitInfo], None]) -> None:
+        """Call `callback` with what wait() returns, once the job has ended."""
+        self._done.add_done_callback(lambda done: callback(done.result()))
 
     async def released(self) -> None:
         """Once the job has ended and its cgroups are removed (or given up on, logged)."""

@@ -47,7 +47,6 @@ class _Entry:
     process: Process | None = None
     started: p.Message | None = None
     ended: ExitInfo | None = None
-    task: asyncio.Task[None] | None = None
 
 
 class Daemon:
@@ -164,7 +163,7 @@ class Daemon:
             if group is None:  # no cgroups here (or removed from outside)
                 group = JobCgroup(entry.key)
             entry.process = self.spawner.adopt(pid, ticks, float(started["start_time"]), group)
-            entry.task = asyncio.get_running_loop().create_task(self._await_end(entry))
+            self._watch(entry, entry.process)
             return
         # A running job of a supervisor that died: nobody could reap it.
         cgroup = str(started.get("cgroup") or entry.key)
@@ -331,12 +330,16 @@ class Daemon:
         }
         self._write(entry.started)
         self._send(entry.started)
-        entry.task = asyncio.get_running_loop().create_task(self._await_end(entry))
+        self._watch(entry, process)
 
-    async def _await_end(self, entry: _Entry) -> None:
-        assert entry.process is not None
-        self._end(entry, await entry.process.wait())
-        self._check_idle()
+    def _watch(self, entry: _Entry, process: Process) -> None:
+        """Record the job's end when it comes (a callback: no task held per running job)."""
+
+        def ended(info: ExitInfo) -> None:
+            self._end(entry, info)
+            self._check_idle()
+
+        process.on_end(ended)
 
     async def _reap(self, m: p.Message) -> None:
         """Kill what is left of jobs a server knows of and this supervisor does not."""

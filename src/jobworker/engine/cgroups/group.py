@@ -35,7 +35,6 @@ class JobCgroup:
     enforced: Limits = field(default_factory=Limits)
     rlimit_args: tuple[str, ...] = ()
     unenforced: tuple[str, ...] = ()  # Limits field names of requested limits not enforced
-    procs_files: tuple[Path, ...] = field(init=False)  # one per hierarchy, for a new pid
     _dirs: dict[str, str] = field(init=False, repr=False)  # kind -> group directory
     _memory_v2: bool = field(init=False, repr=False)
     _pending: list[str] | None = field(init=False, repr=False, default=None)  # not yet removed
@@ -57,13 +56,18 @@ class JobCgroup:
 
     def __post_init__(self) -> None:
         if self.slot is not None:  # worked out once for the slot, not per job
-            self.procs_files, self._dirs = self.slot.procs_files, self.slot.dirs  # read-only
+            self._dirs = self.slot.dirs  # read-only
             self._memory_v2, self.name = False, self.slot.name
             return
-        self.procs_files = tuple(path / "cgroup.procs" for _, path in self.groups)
         self._dirs = {h.kind: str(path) for h, path in self.groups}
         self._memory_v2 = any(h.v2 and "memory" in h.controllers for h, _ in self.groups)
         self.name = self.key
+
+    @property
+    def procs_files(self) -> tuple[Path, ...]:
+        """One cgroup.procs file per hierarchy, for a new pid (made when asked: a running
+        job keeps no copy)."""
+        return tuple(path / "cgroup.procs" for _, path in self.groups)
 
     def populated(self) -> bool:
         """True while a process is left in the job's tracking group (one read, at job end).

@@ -32,7 +32,6 @@ class Slot:
         self.groups = groups
         self.hierarchies = [h for h, _ in groups]
         self.homes_key = homes_key(self.hierarchies)
-        self.procs_files = tuple(path / "cgroup.procs" for _, path in groups)
         self.dirs = {h.kind: str(path) for h, path in groups}
         self.tasks: list[int] = []
         self.acct_all = self.acct_reset = self.peak = self.usage = self.pids = -1
