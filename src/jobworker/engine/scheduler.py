@@ -13,13 +13,14 @@ import contextlib
 import os
 import signal as signals
 import time
-from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
+from collections.abc import Coroutine, Iterable, Iterator, Mapping
 from typing import Any
 
 import structlog
 
 from jobworker import logging as jwlogging
 from jobworker.config import JobsConfig
+from jobworker.engine.events import EventListener, Recorder
 from jobworker.engine.executor import (
     Executor,
     ExecutorUnavailable,
@@ -32,14 +33,12 @@ from jobworker.engine.executor import (
 from jobworker.engine.logwatch import LogWatch, log_sizes, sample_now
 from jobworker.engine.queues import BatchRun, Owner, Queues, Run
 from jobworker.errors import InvalidArgument, Unavailable
-from jobworker.model import JobEvent, JobState, Limits, Usage
+from jobworker.model import JobState, Limits, Usage
 from jobworker.store.batches import BatchRecord, BatchStore
 from jobworker.store.logs import seal_times
 from jobworker.units import format_duration, format_size
 
 log = structlog.get_logger("jobworker.engine")
-
-EventListener = Callable[[BatchRecord, JobEvent], None]
 
 
 _FAILURES = frozenset({JobState.FAILED, JobState.TIMED_OUT, JobState.LOST})
@@ -64,6 +63,7 @@ class Scheduler:
         self.default_executor = default_executor
         self.settings = settings
         self.listeners = list(listeners)
+        self._record = Recorder(store, self.listeners)
         self._queues = Queues()
         self._logs = LogWatch(lambda: self.settings.max_log_bytes, self._stop_for_logs)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -246,7 +246,7 @@ class Scheduler:
                 if attempt != st.attempt + 1 or isinstance(item, ExitInfo):
                     continue
                 del found[_key(batch, i)]
-                self._emit_running(batch, i, item, attempt, log_sizes(batch.job_dir(i)))
+                self._record.running(batch, i, item, attempt, log_sizes(batch.job_dir(i)))
                 adopted[i] = item
         return adopted
 
@@ -343,7 +343,7 @@ class Scheduler:
                 process = await self._start_job(br, run, executor, limits)
                 if process is None:
                     return
-                self._emit_running(batch, i, process, run.attempt, run.base)
+                self._record.running(batch, i, process, run.attempt, run.base)
             else:
                 process = adopted
             run.process = process
@@ -383,22 +383,6 @@ class Scheduler:
             jwlogging.line("info", "job_spawn_failed", {**ids, "message": exc.message})
             self._finish_run(br, run, JobState.FAILED, message=exc.message)
             return None
-
-    def _emit_running(
-        self, batch: BatchRecord, i: int, process: Handle, attempt: int, base: tuple[int, int]
-    ) -> None:
-        self._emit(
-            batch,
-            i,
-            JobState.RUNNING,
-            time_=process.start_time,
-            pid=process.pid,
-            pid_start=process.pid_start,
-            cgroup=process.cgroup,
-            attempt=attempt,
-            offsets=base,
-            node=process.node,
-        )
 
     async def _supervise(self, br: BatchRun, run: Run, process: Handle, limits: Limits) -> None:
         """From the job's start (recorded) to its recorded end: timeout, log sizes, outcome."""
@@ -495,50 +479,17 @@ class Scheduler:
         self._queues.count(owner, running=-1)
         usage = info.usage if info else None
         ending: dict[str, Any] = {"exit_code": exit_code, "signal": signal, "time_": time_}
-        if self._emit_retry(br.batch, run.index, run.attempt, state, message, usage, **ending):
+        if self._record.retry(br.batch, run.index, run.attempt, state, message, usage, **ending):
             self._queues.count(owner, queued=1)
             delay = br.batch.statuses[run.index].retry_at - time.time()
             self._wait_retry(br, run.index, delay)
             self._dispatch()
             return
-        self._emit(
+        self._record.emit(
             br.batch, run.index, state, message=message, usage=usage, attempt=run.attempt, **ending
         )
         self._after_end(br, run.index, state)
         self._queues.forget_if_idle(owner)
-
-    def _emit_retry(
-        self,
-        batch: BatchRecord,
-        i: int,
-        attempt: int,
-        state: JobState,
-        message: str,
-        usage: Usage | None = None,
-        **ending: Any,
-    ) -> bool:
-        """Record that attempt `attempt`, ended in `state`, is followed by another after its
-        backoff, when the job's policy says so (a QUEUED event saying when); else False."""
-        policy = batch.specs[i].retry
-        if policy is None or not policy.retries(state, attempt):
-            return False
-        delay = policy.backoff(attempt + 1)
-        said = (
-            f"{message}; retrying in {format_duration(delay)}, "
-            f"attempt {attempt + 1} of {policy.max_attempts}"
-        )
-        self._emit(
-            batch,
-            i,
-            JobState.QUEUED,
-            message=said,
-            attempt=attempt + 1,
-            retry_at=time.time() + delay,
-            offsets=log_sizes(batch.job_dir(i)),
-            usage=usage,
-            **ending,
-        )
-        return True
 
     def _wait_retry(self, br: BatchRun, i: int, delay: float) -> None:
         """Hold job `i` back until its backoff is over, then make it ready."""
@@ -574,7 +525,7 @@ class Scheduler:
             with contextlib.suppress(ValueError):
                 br.ready.remove(i)
         self._queues.count(self._queues.owners[br.batch.owner], queued=-1)
-        self._emit(br.batch, i, state, message=message, attempt=br.batch.statuses[i].attempt)
+        self._record.emit(br.batch, i, state, message=message, attempt=br.batch.statuses[i].attempt)
 
     def _after_end(self, br: BatchRun, i: int, state: JobState) -> None:
         batch = br.batch
@@ -626,46 +577,6 @@ class Scheduler:
     def _finish_if_done(self, br: BatchRun) -> None:
         if br.idle:
             self._queues.active.pop(br.batch.cid, None)
-
-    def _emit(
-        self,
-        batch: BatchRecord,
-        index: int,
-        state: JobState,
-        *,
-        message: str = "",
-        exit_code: int | None = None,
-        signal: int = 0,
-        time_: float | None = None,
-        pid: int = 0,
-        pid_start: int = 0,
-        usage: Usage | None = None,
-        cgroup: str = "",
-        attempt: int = 1,
-        retry_at: float = 0.0,
-        offsets: tuple[int, int] = (0, 0),
-        node: str = "",
-    ) -> None:
-        event = JobEvent(
-            seq=self.store.next_seq(batch),
-            index=index,
-            state=state,
-            time=time.time() if time_ is None else time_,
-            exit_code=exit_code,
-            signal=signal,
-            message=message,
-            pid=pid,
-            pid_start=pid_start,
-            usage=usage,
-            cgroup=cgroup,
-            attempt=attempt,
-            retry_at=retry_at,
-            offsets=offsets,
-            node=node,
-        )
-        self.store.append(batch, event)
-        for listener in self.listeners:
-            listener(batch, event)
 
 
 def _ids(batch: BatchRecord, index: int) -> dict[str, Any]:
