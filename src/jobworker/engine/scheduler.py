@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal as signals
 import time
-from collections.abc import Coroutine, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import structlog
 
-from jobworker import logging as jwlogging
 from jobworker.config import JobsConfig
 from jobworker.engine.events import EventListener, Recorder
 from jobworker.engine.executor import (
@@ -27,16 +24,13 @@ from jobworker.engine.executor import (
     ExitInfo,
     Handle,
     Known,
-    Launch,
-    SpawnError,
 )
+from jobworker.engine.jobrun import JobRunner, job_key
 from jobworker.engine.logwatch import LogWatch, log_sizes, sample_now
 from jobworker.engine.queues import BatchRun, Owner, Queues, Run
 from jobworker.errors import InvalidArgument, Unavailable
-from jobworker.model import JobState, Limits, Usage
+from jobworker.model import JobState, Usage
 from jobworker.store.batches import BatchRecord, BatchStore
-from jobworker.store.logs import seal_times
-from jobworker.units import format_duration, format_size
 
 log = structlog.get_logger("jobworker.engine")
 
@@ -66,7 +60,9 @@ class Scheduler:
         self._record = Recorder(store, self.listeners)
         self._queues = Queues()
         self._logs = LogWatch(lambda: self.settings.max_log_bytes, self._stop_for_logs)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._jobs = JobRunner(
+            lambda: self.settings, self._executor, self._record, self._logs, self._finish_run
+        )
         self._closing = False
         self._held = False  # while a cancel sweeps a batch, nothing new starts
 
@@ -191,7 +187,7 @@ class Scheduler:
                 if run is not None:
                     if run.task is not None:
                         waits.append(run.task)
-                    self._stop(run, JobState.CANCELED, message, grace)
+                    self._jobs.stop(run, JobState.CANCELED, message, grace)
                 elif not batch.statuses[i].state.ended:
                     self._end_unstarted(br, i, JobState.CANCELED, message)
             br.canceling = set()
@@ -206,7 +202,7 @@ class Scheduler:
         for batch in batches:
             for i, st in enumerate(batch.statuses):
                 if st.state is JobState.RUNNING:
-                    item = Known(_key(batch, i), st.attempt, st.pid, st.pid_start, st.cgroup)
+                    item = Known(job_key(batch, i), st.attempt, st.pid, st.pid_start, st.cgroup)
                     known.setdefault(self._executor_name(batch), []).append(item)
         found: dict[str, tuple[int, Handle | ExitInfo]] = {}
         reported_by: dict[str, Executor] = {}
@@ -239,13 +235,13 @@ class Scheduler:
         adopted: dict[int, Handle | ExitInfo] = {}
         for i, st in enumerate(batch.statuses):
             if st.state is JobState.RUNNING:
-                attempt, item = found.pop(_key(batch, i), (st.attempt, _UNANSWERED))
+                attempt, item = found.pop(job_key(batch, i), (st.attempt, _UNANSWERED))
                 adopted[i] = item
-            elif st.state is JobState.QUEUED and _key(batch, i) in found:
-                attempt, item = found[_key(batch, i)]
+            elif st.state is JobState.QUEUED and job_key(batch, i) in found:
+                attempt, item = found[job_key(batch, i)]
                 if attempt != st.attempt + 1 or isinstance(item, ExitInfo):
                     continue
-                del found[_key(batch, i)]
+                del found[job_key(batch, i)]
                 self._record.running(batch, i, item, attempt, log_sizes(batch.job_dir(i)))
                 adopted[i] = item
         return adopted
@@ -255,8 +251,7 @@ class Scheduler:
         run = Run(i, attempt=status.attempt, base=status.log_sizes)
         br.runs[i] = run
         self._queues.count(owner, running=1)
-        name = f"job {br.batch.cid}/{i}"
-        run.task = self._spawn_task(self._run_job(br, run, found), name)
+        self._jobs.run(br, run, found)
 
     async def shutdown(self, grace: float | None = None, *, stop_jobs: bool = True) -> None:
         """Stop dispatching, then either stop running jobs (TERM, grace, KILL), recorded
@@ -267,11 +262,10 @@ class Scheduler:
         for br in list(self._queues.active.values()):
             for run in list(br.runs.values()):
                 if stop_jobs:
-                    self._stop(run, JobState.LOST, "server shut down while it ran", grace)
+                    self._jobs.stop(run, JobState.LOST, "server shut down while it ran", grace)
                 elif run.task is not None:
                     run.task.cancel()  # nothing recorded: the next server takes it back
-        while self._tasks:
-            await asyncio.wait(list(self._tasks))
+        await self._jobs.wait()
         for executor in self.executors.values():
             await executor.close(stop_jobs=stop_jobs)
 
@@ -315,151 +309,10 @@ class Scheduler:
         owner = self._queues.owners[br.batch.owner]
         self._queues.count(owner, queued=-1, running=1)
         self._queues.served(owner)
-        run.task = self._spawn_task(self._run_job(br, run), f"job {br.batch.cid}/{index}")
-
-    def _spawn_task(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
-    async def _run_job(
-        self, br: BatchRun, run: Run, adopted: Handle | ExitInfo | None = None
-    ) -> None:
-        """Start the job (or take back `adopted`, after a restart) and see it to its end."""
-        batch, i = br.batch, run.index
-        spec = batch.specs[i]
-        limits = spec.limits.over(self.settings.default_limits.to_limits())
-        run.timeout = spec.timeout or self.settings.default_timeout
-        run.user = self.settings.unix_user_for(batch.owner)
-        executor = self._executor(batch)
-        try:
-            if isinstance(adopted, ExitInfo):  # its tree is gone, nothing says how it ended
-                # Its output since the last sample before the restart: first seen now.
-                await asyncio.to_thread(seal_times, batch.job_dir(i), time.time())
-                self._finish_run(br, run, JobState.LOST, message=adopted.lost)
-                return
-            if adopted is None:
-                process = await self._start_job(br, run, executor, limits)
-                if process is None:
-                    return
-                self._record.running(batch, i, process, run.attempt, run.base)
-            else:
-                process = adopted
-            run.process = process
-            await self._supervise(br, run, process, limits)
-            executor.forget(_key(batch, i), run.attempt)
-        except Exception:  # one job's bug must not stop the scheduler
-            log.exception("job_supervision_failed", **_ids(batch, i))
-            if run.process is not None:  # never leave a process behind, whatever failed
-                run.process.kill()
-                await run.process.wait()
-                executor.forget(_key(batch, i), run.attempt)
-            if br.runs.get(i) is run:
-                self._finish_run(br, run, JobState.FAILED, message="internal error running the job")
-
-    async def _start_job(
-        self, br: BatchRun, run: Run, executor: Executor, limits: Limits
-    ) -> Handle | None:
-        """The started job, or None when it could not start (then recorded FAILED)."""
-        batch, i = br.batch, run.index
-        lost = _lost_stdin(batch, i)
-        if lost:
-            self._finish_run(br, run, JobState.FAILED, message=lost)
-            return None
-        launch = Launch(
-            _key(batch, i),
-            run.attempt,
-            batch.specs[i],
-            limits,
-            batch.job_dir(i),
-            run.user,
-            stdin_file=bool(batch.stdin_sizes[i]),
-        )
-        try:
-            return await executor.start(launch)
-        except SpawnError as exc:
-            ids = _ids(batch, i)
-            jwlogging.line("info", "job_spawn_failed", {**ids, "message": exc.message})
-            self._finish_run(br, run, JobState.FAILED, message=exc.message)
-            return None
-
-    async def _supervise(self, br: BatchRun, run: Run, process: Handle, limits: Limits) -> None:
-        """From the job's start (recorded) to its recorded end: timeout, log sizes, outcome."""
-        batch = br.batch
-        # One info line a job, at its end (like an access log); the start is for debugging.
-        jwlogging.line(
-            "debug",
-            "job_started",
-            {**_ids(batch, run.index), "pid": process.pid, "unix_user": run.user or None},
-        )
-        if run.reason is not None:  # cancelled while it was being spawned
-            self._stop(run, run.reason, run.message, run.grace)
-        self._logs.watch(run, batch.job_dir(run.index))
-        # A timer rather than asyncio.wait_for: one handle instead of a task's worth of
-        # futures and callbacks, on the path every job takes.
-        # (A job taken back after a restart has had part of its time.)
-        left = run.timeout - max(0.0, time.time() - process.start_time)
-        timer = asyncio.get_running_loop().call_later(left, self._time_out, run)
-        try:
-            info = await process.wait()
-        finally:
-            timer.cancel()
-        state, message = self._outcome(run, info, limits)
-        self._finish_run(
-            br,
-            run,
-            state,
-            message=message,
-            exit_code=info.exit_code,
-            signal=info.signal,
-            time_=info.end_time,
-            info=info,
-        )
-        ended = {
-            **_ids(batch, run.index),
-            "state": state.name,
-            "exit_code": info.exit_code,
-            "signal": info.signal,
-            "pid": process.pid,
-            "unix_user": run.user or None,
-            "seconds": round(max(0.0, info.end_time - process.start_time), 3),
-        }
-        jwlogging.line("info", "job_ended", ended)
-
-    @staticmethod
-    def _outcome(run: Run, info: ExitInfo, limits: Limits) -> tuple[JobState, str]:
-        if info.lost:  # nothing saw how it ended (its executor died with it)
-            return JobState.LOST, info.lost
-        if run.reason is not None:
-            return run.reason, run.message
-        if info.oom_killed:
-            return (
-                JobState.FAILED,
-                f"killed: out of memory (limit {format_size(limits.memory_bytes)})",
-            )
-        if info.exit_code == 0:
-            return JobState.SUCCEEDED, "exited with status 0"
-        if info.exit_code is not None:
-            return JobState.FAILED, f"exited with status {info.exit_code}"
-        return JobState.FAILED, f"killed by signal {_signal_name(info.signal)}"
-
-    def _time_out(self, run: Run) -> None:
-        if run.process is not None and run.process.ended:
-            return  # it ended in the same loop turn: its own result stands (as wait_for's)
-        message = f"timed out after {format_duration(run.timeout)}"
-        self._stop(run, JobState.TIMED_OUT, message, self.settings.kill_grace)
+        self._jobs.run(br, run)
 
     def _stop_for_logs(self, run: Run, message: str) -> None:
-        self._stop(run, JobState.FAILED, message, self.settings.kill_grace)
-
-    def _stop(self, run: Run, reason: JobState, message: str, grace: float) -> None:
-        """Ask a running job to stop; the first reason given is the one recorded."""
-        if run.reason is None:
-            run.reason, run.message, run.grace = reason, message, grace
-        process = run.process
-        if process is not None:
-            self._spawn_task(_stop_quietly(process, grace), f"stop pid {process.pid}")
+        self._jobs.stop(run, JobState.FAILED, message, self.settings.kill_grace)
 
     def _finish_run(
         self,
@@ -556,7 +409,7 @@ class Scheduler:
                     continue
                 run = br.runs.get(j)
                 if run is not None:
-                    self._stop(run, JobState.CANCELED, reason, self.settings.kill_grace)
+                    self._jobs.stop(run, JobState.CANCELED, reason, self.settings.kill_grace)
                 else:
                     self._end_unstarted(br, j, JobState.CANCELED, reason)
             br.canceling = set()
@@ -577,48 +430,3 @@ class Scheduler:
     def _finish_if_done(self, br: BatchRun) -> None:
         if br.idle:
             self._queues.active.pop(br.batch.cid, None)
-
-
-def _ids(batch: BatchRecord, index: int) -> dict[str, Any]:
-    """The fields of every line about a job (jwlogging.line: no logger bound per job; made
-    when a line is written, not held by each running job)."""
-    return {
-        "correlation_id": batch.cid,
-        "job_index": index,
-        "job_name": batch.specs[index].name,
-        "identity": batch.owner,
-    }
-
-
-def _key(batch: BatchRecord, index: int) -> str:
-    """The job's key at its executor (and the name of its cgroup)."""
-    return f"{batch.cid}-{index}"
-
-
-def _lost_stdin(batch: BatchRecord, index: int) -> str:
-    """Why job `index` cannot get the stdin it was scheduled with, or "" when it can."""
-    expected = batch.stdin_sizes[index]
-    if not expected:
-        return ""
-    path = batch.job_dir(index) / "stdin"
-    try:
-        size = os.stat(path).st_size
-    except FileNotFoundError:
-        size = -1
-    if size == expected:
-        return ""
-    return f"stdin lost: {path} should hold {expected} bytes (was the data_dir changed?)"
-
-
-async def _stop_quietly(process: Handle, grace: float) -> None:
-    try:
-        await process.stop(grace)
-    except Exception:
-        log.exception("job_stop_failed", pid=process.pid)
-
-
-def _signal_name(number: int) -> str:
-    try:
-        return signals.Signals(number).name
-    except ValueError:
-        return str(number)
