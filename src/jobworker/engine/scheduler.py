@@ -14,30 +14,18 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-import structlog
-
 from jobworker.config import JobsConfig
 from jobworker.engine.events import EventListener, Recorder
-from jobworker.engine.executor import (
-    Executor,
-    ExecutorUnavailable,
-    ExitInfo,
-    Handle,
-    Known,
-)
-from jobworker.engine.jobrun import JobRunner, job_key
-from jobworker.engine.logwatch import LogWatch, log_sizes, sample_now
+from jobworker.engine.executor import Executor, ExecutorUnavailable, ExitInfo, Handle
+from jobworker.engine.jobrun import JobRunner
+from jobworker.engine.logwatch import LogWatch, sample_now
 from jobworker.engine.queues import BatchRun, Owner, Queues, Run
+from jobworker.engine.recovery import Recovery
 from jobworker.errors import InvalidArgument, Unavailable
-from jobworker.model import JobState, Usage
+from jobworker.model import JobState
 from jobworker.store.batches import BatchRecord, BatchStore
 
-log = structlog.get_logger("jobworker.engine")
-
-
 _FAILURES = frozenset({JobState.FAILED, JobState.TIMED_OUT, JobState.LOST})
-# A RUNNING job its executor gave no word of (an executor must answer for each it is asked).
-_UNANSWERED = ExitInfo(None, 0, Usage(), 0.0, False, lost="its executor does not know it")
 
 
 class Scheduler:
@@ -198,20 +186,9 @@ class Scheduler:
         """After a restart: take back the jobs that still run (or ended while no server
         was there) from their executors; those whose trees are gone are LOST. Queue the rest."""
         batches = list(batches)
-        known: dict[str, list[Known]] = {name: [] for name in self.executors}
+        recovery = await Recovery.ask(self.executors, batches, self._executor_name)
         for batch in batches:
-            for i, st in enumerate(batch.statuses):
-                if st.state is JobState.RUNNING:
-                    item = Known(job_key(batch, i), st.attempt, st.pid, st.pid_start, st.cgroup)
-                    known.setdefault(self._executor_name(batch), []).append(item)
-        found: dict[str, tuple[int, Handle | ExitInfo]] = {}
-        reported_by: dict[str, Executor] = {}
-        for name, executor in self.executors.items():
-            answer = await executor.recover(known.get(name, []))
-            found.update(answer)
-            reported_by.update(dict.fromkeys(answer, executor))
-        for batch in batches:
-            adopted = self._take_back(batch, found)
+            adopted = recovery.take_back(batch, self._record)
             # Jobs whose folders show a start no executor knows of: never run again.
             traced = {i: t for i, t in batch.traced.items() if i not in adopted}
             if traced:
@@ -219,32 +196,7 @@ class Scheduler:
             batch.traced = {}
             if not batch.ended:
                 self.submit(batch, adopted)
-        for key, (attempt, left) in found.items():  # the journal says they ended (or gone)
-            if isinstance(left, ExitInfo):
-                continue
-            if not left.ended:
-                log.warning("job_unrecorded_killed", key=key, pid=left.pid)
-                left.kill()
-            reported_by[key].forget(key, attempt)
-
-    def _take_back(
-        self, batch: BatchRecord, found: dict[str, tuple[int, Handle | ExitInfo]]
-    ) -> dict[int, Handle | ExitInfo]:
-        """The jobs of `batch` its executor still knows, by index; a job it started just
-        before the server died (QUEUED in the journal) is recorded RUNNING now."""
-        adopted: dict[int, Handle | ExitInfo] = {}
-        for i, st in enumerate(batch.statuses):
-            if st.state is JobState.RUNNING:
-                attempt, item = found.pop(job_key(batch, i), (st.attempt, _UNANSWERED))
-                adopted[i] = item
-            elif st.state is JobState.QUEUED and job_key(batch, i) in found:
-                attempt, item = found[job_key(batch, i)]
-                if attempt != st.attempt + 1 or isinstance(item, ExitInfo):
-                    continue
-                del found[job_key(batch, i)]
-                self._record.running(batch, i, item, attempt, log_sizes(batch.job_dir(i)))
-                adopted[i] = item
-        return adopted
+        recovery.release_rest()
 
     def _adopt(self, br: BatchRun, owner: Owner, i: int, found: Handle | ExitInfo) -> None:
         status = br.batch.statuses[i]
