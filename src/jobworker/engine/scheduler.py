@@ -1,9 +1,10 @@
-"""The scheduler: fair share between identities, limits, dependencies, timeouts, cancel.
+"""The scheduler: fair share between identities, limits, dependencies, retries, cancel.
 
 Free slots go to the identity (batch owner) served least recently among those with a job
 that may start (round-robin, a newcomer first), FIFO across that identity's batches; with
-jobs.fair_share false, FIFO across all batches (engine/queues.py picks the batch). Every
-walk over dependencies uses a worklist: a 10,000-job chain is valid.
+jobs.fair_share false, FIFO across all batches (engine/queues.py picks the batch; each job
+then runs in engine/jobrun.py). Every walk over dependencies uses a worklist: a 10,000-job
+chain is valid.
 """
 
 from __future__ import annotations
