@@ -29,7 +29,7 @@ from pathlib import Path
 import grpc
 from grpc import aio
 
-from jobworker.store.logs import CHUNK  # jobworker's read size: the same message size
+from jobworker.store.follow import CHUNK  # jobworker's read size: the same message size
 from jobworker.v1 import jobworker_pb2 as pb
 
 METHOD = "/bench.Baseline/StreamFile"

@@ -30,7 +30,7 @@ from bench.harness import (
 )
 from bench.load import Pacer
 from bench.result import Result
-from jobworker.store.logs import CHUNK
+from jobworker.store.follow import CHUNK
 from jobworker.v1 import jobworker_pb2 as pb
 
 MB = 1_000_000  # throughput is in MB/s (10^6 bytes a second)

@@ -10,7 +10,8 @@ from jobworker.config import JobsConfig
 from jobworker.errors import InvalidArgument
 from jobworker.model import BatchState, JobEvent, JobSpec, JobState, Limits, RetryPolicy
 from jobworker.server import convert
-from jobworker.store.logs import Chunk, Tail
+from jobworker.store.follow import Chunk
+from jobworker.store.logs import Tail
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.validate import BatchBuilder
 

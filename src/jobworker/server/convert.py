@@ -24,7 +24,8 @@ from jobworker.model import (
     frozen_map,
 )
 from jobworker.store.batches import BatchRecord, BatchView
-from jobworker.store.logs import Chunk, Tail
+from jobworker.store.follow import Chunk
+from jobworker.store.logs import Tail
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.validate import BatchBuilder, default_name
 

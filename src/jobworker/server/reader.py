@@ -17,8 +17,9 @@ from jobworker.server import convert
 from jobworker.server.identity import PerIdentity
 from jobworker.store.batches import BatchRecord, BatchView
 from jobworker.store.damage import STREAMS
+from jobworker.store.follow import Cursor, Follower
 from jobworker.store.inotify import Inotify
-from jobworker.store.logs import Cursor, Follower, log_size, read_tail, tail_offsets
+from jobworker.store.logs import log_size, read_tail, tail_offsets
 from jobworker.v1 import jobworker_pb2 as pb
 
 MESSAGE_LIMIT = 4 * 1024 * 1024  # gRPC's default for a message a client receives

@@ -13,7 +13,8 @@ import pytest
 from jobworker.errors import InvalidArgument
 from jobworker.model import BatchOptions, JobEvent, JobSpec, JobState
 from jobworker.store.batches import BatchRecord, BatchStore
-from jobworker.store.logs import Chunk, Cursor, Follower, append_time, times_path
+from jobworker.store.follow import Chunk, Cursor, Follower
+from jobworker.store.logs import append_time, times_path
 from tests.unit.store.new_batch import new_batch
 
 SPECS = (JobSpec("a", ("true",)), JobSpec("b", ("true",)))
