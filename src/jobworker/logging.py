@@ -143,7 +143,10 @@ class _Sink:
     warning = warn = error = err = exception = critical = fatal = urgent
 
     def write(self, text: str, *, urgent: bool = False) -> None:
-        loop = asyncio._get_running_loop()
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:  # another thread's line
+            loop = None
         with self._lock:
             self._held.append(text)
             if loop is not None:
@@ -276,18 +279,12 @@ def _fit(fields: dict[str, Any], text: str) -> str:
     return text
 
 
-# The current second, formatted once: [(seconds since the epoch, "YYYY-MM-DDTHH:MM:SS")].
-_second: list[tuple[int, str]] = [(0, "")]
-
-
 def _timestamp(_logger: Any, _method: str, event: EventDict) -> EventDict:
     """timestamp: UTC ISO 8601 with microseconds, as "2026-11-28T03:02:15.730676Z"."""
     now = time.time()
     whole = int(now)
-    second = _second[0]  # one tuple, replaced whole: any thread sees a consistent pair
-    if second[0] != whole:
-        second = _second[0] = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
-    event["timestamp"] = f"{second[1]}.{int((now - whole) * 1_000_000):06d}Z"
+    second = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+    event["timestamp"] = f"{second}.{int((now - whole) * 1_000_000):06d}Z"
     return event
 
 

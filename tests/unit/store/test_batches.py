@@ -235,8 +235,8 @@ def test_journal_lines_are_the_json_they_say(
     cgroup: str,
     usage: Usage | None,
 ) -> None:
-    """A journal line is formatted by hand (it is written for every state change): it must
-    be one line of valid JSON that reads back as the same event, whatever the message."""
+    """A journal line must be one line of valid JSON that reads back as the same event,
+    whatever the message."""
     event = JobEvent(
         seq,
         index,
