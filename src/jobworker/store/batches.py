@@ -9,7 +9,6 @@ import dataclasses
 import errno
 import os
 import shutil
-import stat
 import threading
 import time
 import uuid
@@ -36,11 +35,9 @@ log = structlog.get_logger("jobworker.store")
 
 def _make_folders(jobs: Path, count: int, stop: threading.Event) -> None:
     """BatchStore.make_folders, on its thread: stops at the first failure or at `stop`."""
-    # mknod makes an empty file in one system call (open and close are two): each one lets
-    # the event loop's thread take the GIL, and hands it back, a context switch each way.
     # The server's alone (it hands the open files to the job): no job, whatever its Unix
     # user, reads another's output here.
-    regular = stat.S_IFREG | 0o600
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
     try:
         with contextlib.suppress(FileExistsError):
             os.mkdir(jobs, 0o700)
@@ -52,7 +49,7 @@ def _make_folders(jobs: Path, count: int, stop: threading.Event) -> None:
                 os.mkdir(folder, 0o700)
             for name in ("stdout", "stderr"):  # the contract's log files
                 with contextlib.suppress(FileExistsError):
-                    os.mknod(f"{folder}/{name}", regular)
+                    os.close(os.open(f"{folder}/{name}", flags, 0o600))
     except OSError as exc:  # gone (deleted), or a full disk: the job's start reports it
         log.debug("job_folders_stopped", path=str(jobs), error=str(exc))
 
