@@ -163,9 +163,9 @@ class App:
         stack.enter_context(jwlogging.enriched(_owner_lookup(store)))
         stack.callback(store.close)
         batches = store.load()
-        scheduler = await build_scheduler(cfg, lambda: self.config, store, self.metrics)
-        inotify = Inotify()
+        inotify = Inotify()  # before the scheduler: nothing between it and its drain fails
         stack.callback(inotify.close)
+        scheduler = await build_scheduler(cfg, lambda: self.config, store, self.metrics)
         stack.push_async_callback(self._drain, server, health_servicer, store, scheduler)
         self.metrics.watch(
             queued=lambda: scheduler.queued,
