@@ -374,7 +374,7 @@ class AsyncRpcClient:
         on_reconnect: OnReconnect | None = None,
         tail_lines: int | None = None,
     ) -> AsyncIterator[pb.StreamBatchLogsResponse]:
-        """Like Client.follow: live until OK, resuming broken streams from the cursor."""
+        """Like RpcClient.follow: live until OK, resuming broken streams from the cursor."""
         retry = Retry(self.backoff, self.clock)
         while True:
             try:

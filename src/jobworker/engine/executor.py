@@ -2,7 +2,8 @@
 
 Two executors stand behind this interface: the local one (jobs on this host, through the
 job supervisor process, jobworker/supervisor/) and the Ray one (jobs as tasks on a Ray
-cluster). The scheduler (engine/scheduler.py) knows only these types.
+cluster). The scheduler and its parts (engine/scheduler.py, jobrun.py, recovery.py) know
+only these types.
 """
 
 from __future__ import annotations
