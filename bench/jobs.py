@@ -103,7 +103,9 @@ async def schedule_once(
     async with aio_channel(server.address, ctx.pki) as channel:
         client = stub(channel)
         await channel.channel_ready()
-        cpu0, children0 = cpu_seconds(server.pid)
+        supervisor = server.supervisor_pid()
+        cpu0, _ = cpu_seconds(server.pid)
+        sup0, children0 = cpu_seconds(supervisor) if supervisor else (0.0, 0.0)
         ticks0, me0 = _machine_ticks(), os.times()
         start, wall = time.perf_counter(), time.time()
         cid = await send_batch(client, requests)
@@ -117,13 +119,15 @@ async def schedule_once(
         else:
             await follow_to_end(client, cid, timeout=600)
             elapsed = time.perf_counter() - start
-        cpu1, children1 = cpu_seconds(server.pid)
+        cpu1, _ = cpu_seconds(server.pid)
+        sup1, children1 = cpu_seconds(supervisor) if supervisor else (0.0, 0.0)
         ticks1, me1 = _machine_ticks(), os.times()
     total, idle = ticks1[0] - ticks0[0], ticks1[1] - ticks0[1]
     figures = {
         "jobs_per_s": n / elapsed,
         "schedule_rpc_s": scheduled - start,
         "server_cpu_ms_per_job": (cpu1 - cpu0) / n * 1000,
+        "supervisor_cpu_ms_per_job": (sup1 - sup0) / n * 1000,
         "jobs_cpu_ms_per_job": (children1 - children0) / n * 1000,
         "bench_cpu_ms_per_job": (me1.user + me1.system - me0.user - me0.system) / n * 1000,
         "machine_busy": (total - idle) / total if total else float("nan"),
@@ -131,7 +135,8 @@ async def schedule_once(
     label = f" ({tag})" if tag else "         " if poll else " (follow)"
     ctx.log(
         f"jobworker{label:9}: {figures['jobs_per_s']:7.1f} jobs/s  "
-        f"(CPU per job: server {figures['server_cpu_ms_per_job']:.2f} ms, job processes "
+        f"(CPU per job: server {figures['server_cpu_ms_per_job']:.2f} ms, supervisor "
+        f"{figures['supervisor_cpu_ms_per_job']:.2f} ms, job processes "
         f"{figures['jobs_cpu_ms_per_job']:.2f} ms, bench {figures['bench_cpu_ms_per_job']:.2f}"
         f" ms; machine {figures['machine_busy']:.0%} busy)"
     )
