@@ -39,8 +39,10 @@ lock:
 	rm -rf .lock-venv
 
 # The small static program that drops a job to its user in one exec (engine/exec_helper.py).
+# Without a C compiler the server still runs (through setpriv and env(1), slower): a warning.
 $(EXEC_HELPER): src/jobworker/engine/jobworker-exec.c | $(STAMP)
-	$(BIN)/python -m jobworker.engine.exec_helper $@
+	$(BIN)/python -m jobworker.engine.exec_helper $@ || \
+		echo "warning: jobworker-exec not built; jobs as other users start slower" >&2
 
 # Certificates are made once and never overwritten.
 $(CERTS)/ca.pem: | $(STAMP)
