@@ -13,7 +13,13 @@ from dataclasses import dataclass
 import structlog
 
 from jobworker.engine.scheduler import Scheduler
-from jobworker.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from jobworker.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
 from jobworker.model import BatchOptions, BatchState, Caller, JobSpec
 from jobworker.store.batches import BatchRecord, BatchStore
 
@@ -129,7 +135,11 @@ class BatchService:
                 f"batch {batch.cid} has {left} jobs queued or running: cancel it first"
             )
         log.info("batch_delete", correlation_id=batch.cid, identity=caller.identity)
-        trash = self.store.delete(batch)
+        try:
+            trash = self.store.delete(batch)
+        except OSError as exc:  # the batch is kept: a retry may succeed
+            log.error("batch_delete_failed", correlation_id=batch.cid, error=str(exc))
+            raise Unavailable(f"batch {batch.cid} was not deleted: {exc}") from exc
         await asyncio.to_thread(shutil.rmtree, trash, True)
         return batch.cid
 
@@ -197,7 +207,7 @@ class BatchService:
             log.info("batch_expired", correlation_id=batch.cid, identity=batch.owner)
             try:
                 trash.append(self.store.delete(batch))
-            except OSError as exc:  # removed by hand, say: forgotten all the same
+            except OSError as exc:  # kept: the next sweep tries again
                 log.warning("batch_delete_failed", correlation_id=batch.cid, error=str(exc))
         for path in trash:  # thousands of files for a big batch: not on the event loop
             await asyncio.to_thread(shutil.rmtree, path, True)

@@ -252,7 +252,12 @@ class BatchStore:
 
     def delete(self, batch: BatchRecord) -> Path:
         """Forget `batch`; its folder is renamed away at once (a crash never brings it
-        back) and the returned path is for the caller to remove, off the event loop."""
+        back) and the returned path is for the caller to remove, off the event loop.
+        OSError, with the batch kept, when the folder cannot be moved."""
+        trash = self.root / f"{TRASH}{batch.cid}"
+        with contextlib.suppress(FileNotFoundError):  # removed by hand: forgetting is all
+            batch.path.rename(trash)
+            fsync_dir(self.root)
         self._close_journal(batch)
         self._retry.discard(batch)
         if self._batches.pop(batch.cid, None) is not None:
@@ -264,9 +269,6 @@ class BatchStore:
         key = (batch.owner, batch.options.idempotency_key)
         if self._idempotency.get(key) == batch.cid:
             del self._idempotency[key]
-        trash = self.root / f"{TRASH}{batch.cid}"
-        batch.path.rename(trash)
-        fsync_dir(self.root)
         return trash
 
     def close(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
 import uuid
@@ -14,10 +15,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from jobworker.errors import NotFound
 from jobworker.model import BatchOptions, JobEvent, JobSpec, JobState, Usage
 from jobworker.store.batches import BatchStore
 from jobworker.store.codec import event_from_line, event_to_line
-from jobworker.store.files import JOURNAL
+from jobworker.store.files import JOURNAL, TRASH
 from tests.unit.store.new_batch import new_batch
 
 SPECS = (JobSpec("a", ("true",)), JobSpec("b", ("true",)))
@@ -113,6 +115,24 @@ def test_a_deleted_batch_never_comes_back(tmp_path: Path) -> None:
     assert again.load() == []
     assert not trash.exists()
     assert again.find_idempotent("alice", "k") is None
+
+
+def test_a_batch_whose_folder_cannot_be_moved_is_kept_and_one_removed_by_hand_forgotten(
+    tmp_path: Path,
+) -> None:
+    store = BatchStore(tmp_path)
+    batch = new_batch(store, "alice", BatchOptions(), SPECS)
+    _run_all(store, batch)
+    blocker = tmp_path / "batches" / f"{TRASH}{batch.cid}" / "x"
+    blocker.mkdir(parents=True)  # a non-empty folder where the trash goes: rename fails
+    with pytest.raises(OSError):
+        store.delete(batch)
+    assert store.get(batch.cid) is batch and batch.path.exists()
+    shutil.rmtree(blocker.parent)
+    shutil.rmtree(batch.path)  # removed by hand while the server runs
+    store.delete(batch)
+    with pytest.raises(NotFound):
+        store.get(batch.cid)
 
 
 def test_job_folders_and_empty_logs_are_made_ahead_of_the_jobs(tmp_path: Path) -> None:
