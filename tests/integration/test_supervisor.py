@@ -9,6 +9,8 @@ import signal
 import time
 from pathlib import Path
 
+from google.protobuf.duration_pb2 import Duration
+
 from jobworker.v1 import jobworker_pb2 as pb
 from tests.integration.conftest import (
     PY,
@@ -203,6 +205,51 @@ def test_a_supervisor_re_exec_keeps_its_jobs(make_server: ServerFactory, tmp_pat
         assert done.jobs[0].exit_code == 3
     finally:
         kill_pids([pid])
+
+
+# Ignores SIGTERM, so only the KILL at the end of the grace ends it.
+STUBBORN = r"""
+import os, signal, sys, time
+signal.signal(signal.SIGTERM, lambda *_: print("term", flush=True))
+with open(sys.argv[1] + ".tmp", "w") as f:
+    f.write(f"{os.getpid()}\n")
+os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+while True:
+    time.sleep(0.05)
+"""
+
+
+def test_a_stop_under_way_when_the_supervisor_re_execs_still_ends_in_its_kill(
+    make_server: ServerFactory, tmp_path: Path
+) -> None:
+    """Before: the re-exec'd supervisor had forgotten the stop, the job never got its KILL,
+    and the cancel never answered."""
+    srv = make_server(jobs=KEEP)
+    stub = srv.stub("alice")
+    pidfile = tmp_path / "stubborn.pid"
+    cid = schedule(stub, job(PY, "-c", STUBBORN, str(pidfile), name="stubborn")).correlation_id
+    (pid,) = wait_until(lambda: read_pids(pidfile), what="the job's pid")  # type: ignore[misc]
+    supervisor = _supervisor_pid(srv)
+    log = data_dir_of(srv) / "supervisor.log"
+    try:
+        grace = Duration(seconds=3)
+        cancel = stub.CancelBatch.future(
+            pb.CancelBatchRequest(correlation_id=cid, grace_period=grace), timeout=60
+        )
+        wait_until(lambda: _stdout(stub, cid) == b"term\n", what="the job's TERM")
+        os.kill(supervisor, signal.SIGHUP)  # within the grace
+        wait_until(lambda: b'"resumed": true' in log.read_bytes(), 15, "the re-exec'd supervisor")
+        (ended,) = cancel.result(timeout=30).batch.jobs
+        assert ended.state == pb.JOB_STATE_CANCELED
+        assert ended.signal == signal.SIGKILL
+        wait_until(lambda: not alive(pid), 5, "the job's end")
+    finally:
+        kill_pids([pid])
+
+
+def _stdout(stub: object, cid: str) -> bytes:
+    request = pb.GetBatchRequest(correlation_id=cid)
+    return bytes(stub.GetBatch(request).batch.jobs[0].stdout.data)  # type: ignore[attr-defined]
 
 
 def test_ten_kill_9_rounds_under_load_lose_no_job_and_run_none_twice(

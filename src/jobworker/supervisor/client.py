@@ -34,7 +34,17 @@ _HOST = socket.gethostname()
 class LocalJob:
     """A job the supervisor started (a Handle)."""
 
-    __slots__ = ("_done", "_executor", "attempt", "cgroup", "key", "pid", "pid_start", "start_time")
+    __slots__ = (
+        "_done",
+        "_executor",
+        "_kill_at",
+        "attempt",
+        "cgroup",
+        "key",
+        "pid",
+        "pid_start",
+        "start_time",
+    )
 
     def __init__(self, executor: LocalExecutor, started: p.Message) -> None:
         self._executor = executor
@@ -45,6 +55,7 @@ class LocalJob:
         self.start_time = float(started["start_time"])
         self.cgroup = str(started.get("cgroup", ""))
         self._done: asyncio.Future[ExitInfo] = asyncio.get_running_loop().create_future()
+        self._kill_at = 0.0  # once stopped: when its KILL is due (monotonic), else 0
 
     @property
     def node(self) -> str:
@@ -58,8 +69,17 @@ class LocalJob:
         return await asyncio.shield(self._done)
 
     async def stop(self, grace: float) -> ExitInfo:
+        kill_at = time.monotonic() + grace
+        self._kill_at = min(self._kill_at or kill_at, kill_at)
         self._executor.send({"op": "stop", "key": self.key, "grace": grace})
         return await asyncio.shield(self._done)
+
+    def restop(self) -> None:
+        """Ask again for a stop asked before a reconnect: a re-exec'd supervisor has no
+        memory of it, and the job would never get its KILL."""
+        if self._kill_at and not self.ended:
+            grace = max(0.0, self._kill_at - time.monotonic())
+            self._executor.send({"op": "stop", "key": self.key, "grace": grace})
 
     def kill(self) -> None:
         self._executor.send({"op": "kill", "key": self.key})
@@ -236,6 +256,7 @@ class LocalExecutor:
             if item is not None and int(item["attempt"]) == job.attempt:
                 if item.get("ended") is not None:
                     job._end(p.exit_from(item["ended"]))
+                job.restop()
             else:
                 lost.append(job)
         if lost:
