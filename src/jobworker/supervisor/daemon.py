@@ -292,9 +292,15 @@ class Daemon:
             if entry.ended is None:
                 self._send({"op": "failed", "key": key, "attempt": attempt, "message": "busy"})
                 return
-        entry = self.jobs[key] = _Entry(key, attempt, time.time())
+        entry = _Entry(key, attempt, time.time())
         # On disk before the job can run a line: a crash from here on never starts it twice.
-        self._write(_begin(entry))
+        try:
+            self.ledger.write(_begin(entry))
+        except OSError as exc:  # a full disk: a start not recorded is a start not made
+            message = f"cannot record the job's start in {self.ledger.path}: {exc.strerror}"
+            self._send({"op": "failed", "key": key, "attempt": attempt, "message": message})
+            return
+        self.jobs[key] = entry
         task = asyncio.get_running_loop().create_task(self._start(entry, m))
         self._starting.add(task)
         task.add_done_callback(self._starting.discard)
