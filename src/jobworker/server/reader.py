@@ -84,11 +84,11 @@ class BatchReader:
         refusal = (
             f"{caller.identity!r} has {mine} streams open, server.max_streams_per_identity ({mine})"
         )
-        floors = None
-        if request.HasField("tail_lines") and not request.cursor:
-            folders = {i: batch.job_dir(i) for i in selected if batch.statuses[i].start_time}
-            floors = await asyncio.to_thread(tail_offsets, folders, request.tail_lines)
         with self.streams_of.hold(caller.identity, mine, refusal), self._counted():
+            floors = None  # counted first: a refused stream costs no reading of tails
+            if request.HasField("tail_lines") and not request.cursor:
+                folders = {i: batch.job_dir(i) for i in selected if batch.statuses[i].start_time}
+                floors = await asyncio.to_thread(tail_offsets, folders, request.tail_lines)
             sample = functools.partial(self.core.scheduler.sample_logs, batch.cid)
             follower = Follower(batch, selected, cursor, self.inotify, self.closing, floors, sample)
             # aclosing: a client that goes away closes the follower at once, files and all.
