@@ -68,7 +68,8 @@ def test_a_damaged_journal_reruns_no_job_and_keeps_every_log(
     journals = [data / "batches" / cid / "journal" for cid, _ in batches]
     os.truncate(journals[0], 0)  # emptied
     whole = journals[1].read_bytes()
-    journals[1].write_bytes(whole[: len(whole) // 2])  # cut mid-line
+    # Cut mid-line: a few bytes into the line after the middle (never at a line's end).
+    journals[1].write_bytes(whole[: whole.index(b"\n", len(whole) // 2) + 6])
     lines = journals[2].read_bytes().splitlines(keepends=True)
     journals[2].write_bytes(b"".join(lines[:3]) + b"\x00garbage\xff\n" + b"".join(lines[3:]))
 
