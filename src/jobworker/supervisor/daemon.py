@@ -60,6 +60,7 @@ class Daemon:
         self.listener = listener
         self.jobs: dict[str, _Entry] = {}
         self._conn: asyncio.StreamWriter | None = None
+        self._outbox: list[bytes] = []  # messages of this loop turn, written at its end
         self._starting: set[asyncio.Task[None]] = set()
         self._tasks: set[asyncio.Task[object]] = set()
         self._serving: set[asyncio.Task[Any]] = set()  # connection handlers
@@ -80,6 +81,7 @@ class Daemon:
         async with server:
             asyncio.get_running_loop().call_later(_FIRST_CONNECT_WAIT, self._first_wait_over)
             await self._leave.wait()
+            self._flush()
             if self._conn is not None:
                 self._conn.close()
             if self._serving:
@@ -222,15 +224,16 @@ class Daemon:
             pass
         finally:
             if self._conn is writer:
-                self._conn = None
+                self._use(None)
                 log.info("server_disconnected", running=self._running())
             writer.close()
             self._check_idle()
 
     async def _take_connection(self, writer: asyncio.StreamWriter) -> None:
-        if self._conn is not None:  # a new server: the old one is gone or going
-            self._conn.close()
-        self._conn = writer
+        old = self._conn
+        self._use(writer)
+        if old is not None:  # a new server: the old one is gone or going
+            old.close()
         self._waiting_for_server = False
         if self._starting:  # the new server's view must include every job started
             await asyncio.wait(list(self._starting))
@@ -246,7 +249,23 @@ class Daemon:
 
     def _send(self, message: p.Message) -> None:
         if self._conn is not None and not self._conn.is_closing():
-            self._conn.write(p.encode(message))
+            if not self._outbox:  # one write (and one wake-up of the server) a turn
+                asyncio.get_running_loop().call_soon(self._flush, self._conn)
+            self._outbox.append(p.encode(message))
+
+    def _flush(self, conn: asyncio.StreamWriter | None = None) -> None:
+        """Write what this turn sent; nothing when the connection it was sent on has been
+        replaced (_use flushed it then): a new server learns of the jobs from its hello."""
+        conn = conn or self._conn
+        if conn is not self._conn:
+            return
+        out, self._outbox = self._outbox, []
+        if out and conn is not None and not conn.is_closing():
+            conn.write(b"".join(out))
+
+    def _use(self, conn: asyncio.StreamWriter | None) -> None:
+        self._flush()  # the old server's messages to the old server, if it still listens
+        self._conn = conn
 
     def _dispatch(self, m: p.Message) -> None:
         op = m["op"]
