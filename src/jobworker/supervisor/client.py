@@ -113,7 +113,7 @@ class LocalExecutor:
         self._reader_task: asyncio.Task[None] | None = None
         self._jobs: dict[str, LocalJob] = {}
         self._pending: dict[str, tuple[p.Message, asyncio.Future[p.Message]]] = {}
-        self._outbox: list[bytes] = []  # messages of this loop turn, written at its end
+        self._outbox = p.Outbox()
         self._reaps: dict[int, asyncio.Future[p.Message]] = {}
         self._reap_ids = 0
         self._hello: p.Message = {}
@@ -191,25 +191,10 @@ class LocalExecutor:
         return f" (its log, {self.data_dir / p.LOG_FILE}, ends: {' | '.join(tail)})" if tail else ""
 
     def send(self, message: p.Message) -> None:
-        if self._writer is not None and not self._writer.is_closing():
-            if not self._outbox:  # one write (and one wake-up of the supervisor) a turn
-                asyncio.get_running_loop().call_soon(self._flush, self._writer)
-            self._outbox.append(p.encode(message))
-
-    def _flush(self, writer: asyncio.StreamWriter | None = None) -> None:
-        """Write what this turn sent; nothing when the connection it was sent on has been
-        replaced (its messages went with it, _use)."""
-        writer = writer or self._writer
-        if writer is not self._writer:
-            return
-        out, self._outbox = self._outbox, []
-        if out and writer is not None and not writer.is_closing():
-            writer.write(b"".join(out))
+        self._outbox.send(message)
 
     def _use(self, writer: asyncio.StreamWriter | None) -> None:
-        """Send on `writer` from now on; what was not yet written to the old one is lost,
-        as it would have been on a broken connection."""
-        self._outbox = []
+        self._outbox.use(writer)
         self._writer = writer
 
     async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -371,7 +356,7 @@ class LocalExecutor:
         self._closing = True
         if stop_jobs:
             self.send({"op": "exit"})
-        self._flush()
+        self._outbox.flush()
         if self._writer is not None:
             self._writer.close()
             with contextlib.suppress(OSError):

@@ -60,7 +60,7 @@ class Daemon:
         self.listener = listener
         self.jobs: dict[str, _Entry] = {}
         self._conn: asyncio.StreamWriter | None = None
-        self._outbox: list[bytes] = []  # messages of this loop turn, written at its end
+        self._outbox = p.Outbox()
         self._starting: set[asyncio.Task[None]] = set()
         self._tasks: set[asyncio.Task[object]] = set()
         self._serving: set[asyncio.Task[Any]] = set()  # connection handlers
@@ -81,7 +81,7 @@ class Daemon:
         async with server:
             asyncio.get_running_loop().call_later(_FIRST_CONNECT_WAIT, self._first_wait_over)
             await self._leave.wait()
-            self._flush()
+            self._outbox.flush()
             if self._conn is not None:
                 self._conn.close()
             if self._serving:
@@ -248,23 +248,10 @@ class Daemon:
         log.info("server_connected", jobs=len(jobs))
 
     def _send(self, message: p.Message) -> None:
-        if self._conn is not None and not self._conn.is_closing():
-            if not self._outbox:  # one write (and one wake-up of the server) a turn
-                asyncio.get_running_loop().call_soon(self._flush, self._conn)
-            self._outbox.append(p.encode(message))
-
-    def _flush(self, conn: asyncio.StreamWriter | None = None) -> None:
-        """Write what this turn sent; nothing when the connection it was sent on has been
-        replaced (_use flushed it then): a new server learns of the jobs from its hello."""
-        conn = conn or self._conn
-        if conn is not self._conn:
-            return
-        out, self._outbox = self._outbox, []
-        if out and conn is not None and not conn.is_closing():
-            conn.write(b"".join(out))
+        self._outbox.send(message)
 
     def _use(self, conn: asyncio.StreamWriter | None) -> None:
-        self._flush()  # the old server's messages to the old server, if it still listens
+        self._outbox.use(conn)  # the old server's messages to the old server
         self._conn = conn
 
     def _dispatch(self, m: p.Message) -> None:

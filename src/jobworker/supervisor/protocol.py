@@ -13,6 +13,7 @@ error.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,6 +31,36 @@ LOG_FILE = "supervisor.log"
 MAX_LINE = 64 * 1024 * 1024  # a hello with every running job's record stays far below
 
 Message = dict[str, Any]
+
+
+class Outbox:
+    """Messages to the other process, written once per loop turn in one write (each write
+    wakes the other side). Bound to one connection at a time: what was meant for a
+    replaced connection goes to it (or is lost with it), never to its successor."""
+
+    def __init__(self) -> None:
+        self.writer: asyncio.StreamWriter | None = None
+        self._lines: list[bytes] = []
+
+    def use(self, writer: asyncio.StreamWriter | None) -> None:
+        self.flush()
+        self.writer = writer
+
+    def send(self, message: Message) -> None:
+        writer = self.writer
+        if writer is not None and not writer.is_closing():
+            if not self._lines:
+                asyncio.get_running_loop().call_soon(self.flush, writer)
+            self._lines.append(encode(message))
+
+    def flush(self, writer: asyncio.StreamWriter | None = None) -> None:
+        """Write what was sent; a turn's flush after its connection was replaced finds
+        nothing of its own (use() wrote it)."""
+        if writer is not None and writer is not self.writer:
+            return
+        lines, self._lines = self._lines, []
+        if lines and self.writer is not None and not self.writer.is_closing():
+            self.writer.write(b"".join(lines))
 
 
 def encode(message: Message) -> bytes:
