@@ -1,85 +1,129 @@
-"""What runs on a Ray cluster's nodes: a job's task and each node's agent.
+"""What runs on a Ray cluster's node for one job: its task (ray_agent.py: the node's agent).
 
-Only the standard library and ray: the bridge pickles this module by value
+Only the standard library and ray: the bridge pickles this module and ray_agent by value
 (cloudpickle.register_pickle_by_value), so a node needs Ray, not jobworker.
 
-A job's task starts the job's argv in its own session with pipes as stdout and stderr and
-yields, in order: ("started", info) or ("failed", message); then ("o" | "e", bytes) as the
-job writes them; then ("ended", info). Each node's agent (a detached actor, one per node)
-signals a job's process tree (stop, kill) and kills the tree of a job whose task's worker
-died under it (its owner, the bridge, went away): Ray kills the worker, not the job's
-session.
+A job's task is a plain Ray task, holding the job's CPUs and memory while the job runs. It
+starts the job's argv in its own session with pipes as stdout and stderr, hands the job's
+pid and the pipes' read ends to its node's agent (which reads them and queues the job's
+events for the bridge), waits for the job's leader to exit, kills what is left of its
+process group, reaps it, and tells the agent how it ended. The task's own result is that
+end too, or {"failed": message} when the job could not start.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fcntl
-import functools
+import json
 import os
 import pwd
-import select
-import selectors
 import signal
+import socket
 import subprocess
-import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ray
 
-BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-READ_MAX = 8 << 20  # bytes read from a pipe before yielding them
-BIG_READ = 256 << 10  # a read this large means a fast writer: wait for more (_read)
-COALESCE_SECONDS = 0.002
-PIPE_SIZE = 1 << 20  # asked of the kernel for each pipe (F_SETPIPE_SZ)
-DRAIN_SECONDS = 2.0  # after the job's end, for what is still in its pipes
-WATCH_SECONDS = 1.0  # the agent's sweep for jobs whose worker died
+from jobworker.engine.ray_agent import agent_handle, signal_tree, start_ticks
 
-Event = tuple[str, Any]
+BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+PIPE_SIZE = 1 << 20  # asked of the kernel for each pipe (F_SETPIPE_SZ)
+AGENT_TIMEOUT = 60.0  # seconds to wait for the node's agent to be up (it may be new)
 
 
 class _Failed(Exception):
     """The job could not start; the message says why, for a person."""
 
 
-def run_job(
-    argv: Sequence[str], env: Mapping[str, str], cwd: str, stdin: bytes | None, user: str
-) -> Iterator[Event]:
-    """The job's events (module doc); a Ray streaming generator task."""
+def run_job(bridge: str, job: Mapping[str, Any]) -> dict[str, Any]:
+    """The job's task (module doc): how its leader ended, or {"failed": message}. `job`:
+    id, argv, env, cwd, stdin (bytes or None), user (one argument: Ray pays per argument)."""
+    job_id, argv, env, cwd = job["id"], job["argv"], job["env"], job["cwd"]
+    stdin, user = job["stdin"], job["user"]
     try:
+        agent = _agent()
         proc, pipes = _spawn(argv, env, cwd, stdin, user)
     except _Failed as exc:
-        yield ("failed", str(exc))
-        return
-    info = {
-        "pid": proc.pid,
-        "pid_start": start_ticks(proc.pid),
-        "node": _node(),
-        "node_id": _node_id(),
-        "worker_pid": os.getpid(),
-        "worker_start": start_ticks(os.getpid()),
-    }
-    yield ("started", info)
-    yield from _pump(proc, pipes)
+        return {"failed": str(exc)}
+    pid, pid_start = proc.pid, start_ticks(proc.pid)
+    proc.returncode = 0  # reaped by _reap: keep Popen from waiting for it again
+    try:
+        info = {"pid": pid, "pid_start": pid_start, "node": _node(), "node_id": _node_id()}
+        try:
+            agent.send({"op": "job", "bridge": bridge, "id": job_id, "info": info}, pipes)
+        finally:
+            for fd in pipes:
+                os.close(fd)
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+    except BaseException as exc:  # the agent gone, or ray.cancel: the job goes too
+        signal_tree(pid, pid_start, signal.SIGKILL)
+        _reap(pid)
+        if isinstance(exc, OSError):
+            return {"failed": f"the node's jobworker agent went away (on node {_node()}): {exc}"}
+        raise
+    ended = _reap(pid)
+    with contextlib.suppress(OSError):  # the agent's loss is the bridge's to notice
+        agent.send({"op": "exit", "bridge": bridge, "id": job_id, "exit": ended}, [])
+    return ended
 
 
-@functools.cache
+class _Channel:
+    """This worker's connection to its node's agent (one per worker process)."""
+
+    def __init__(self, name: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        self.sock.connect(name)
+        self.broken = False
+
+    def send(self, message: Mapping[str, Any], fds: Sequence[int]) -> None:
+        try:
+            socket.send_fds(self.sock, [json.dumps(message).encode()], list(fds))
+        except OSError:
+            self.broken = True
+            self.sock.close()
+            raise
+
+
+_channels: dict[str, _Channel] = {}  # by node id: this worker's, kept for its next tasks
+
+
+def _agent() -> _Channel:
+    """The node's agent, connected (made first if the node has none)."""
+    channel = _channels.get(_node_id())
+    if channel is None or channel.broken:
+        try:
+            handle = agent_handle(_node_id())
+            channel = _Channel(ray.get(handle.address.remote(), timeout=AGENT_TIMEOUT))
+        except Exception as exc:  # noqa: BLE001  # any Ray or socket error: said to a person
+            raise _Failed(f"the node's jobworker agent cannot be reached ({exc})") from None
+        _channels[_node_id()] = channel
+    return channel
+
+
+# Not functools.cache: a cache wrapper pickles by reference, which a node without
+# jobworker cannot import.
+_here: dict[str, str] = {}  # a worker stays on its node: asked of Ray once per worker
+
+
 def _node() -> str:
-    """This node's IP (a worker stays on its node: asked of Ray once per worker)."""
-    return str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
+    """This node's IP."""
+    if "ip" not in _here:
+        _here["ip"] = str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
+    return _here["ip"]
 
 
-@functools.cache
 def _node_id() -> str:
-    return str(ray.get_runtime_context().get_node_id())
+    if "id" not in _here:
+        _here["id"] = str(ray.get_runtime_context().get_node_id())
+    return _here["id"]
 
 
 def _spawn(
     argv: Sequence[str], env: Mapping[str, str], cwd: str, stdin: bytes | None, user: str
-) -> tuple[subprocess.Popen[bytes], dict[int, str]]:
-    """Popen the job in its own session; its pipes' read ends, by fd, with their stream."""
+) -> tuple[subprocess.Popen[bytes], list[int]]:
+    """Popen the job in its own session; the read ends of its stdout and stderr pipes."""
     command, popen_env, popen_cwd = _command(argv, env, cwd, user)
     stdin_fd = _stdin_fd(stdin)
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
@@ -87,7 +131,7 @@ def _spawn(
     for fd in (out_r, err_r):
         with contextlib.suppress(OSError):  # a smaller pipe only costs speed
             fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-        os.set_blocking(fd, False)
+        os.set_blocking(fd, False)  # the agent's reads
     try:
         proc = subprocess.Popen(
             command,
@@ -106,7 +150,7 @@ def _spawn(
     finally:
         for fd in (out_w, err_w, stdin_fd):
             os.close(fd)
-    return proc, {out_r: "o", err_r: "e"}
+    return proc, [out_r, err_r]
 
 
 def _spawn_message(exc: Exception, argv0: str, cwd: str) -> str:
@@ -163,64 +207,6 @@ def _stdin_fd(stdin: bytes | None) -> int:
     return fd
 
 
-def _pump(proc: subprocess.Popen[bytes], pipes: dict[int, str]) -> Iterator[Event]:
-    """Yield the job's output as it comes, then its end (what is left of its group killed)."""
-    pidfd = os.pidfd_open(proc.pid)
-    sel = selectors.DefaultSelector()
-    for fd in pipes:
-        sel.register(fd, selectors.EVENT_READ)
-    sel.register(pidfd, selectors.EVENT_READ)
-    ended: dict[str, Any] | None = None
-    deadline = 0.0
-    try:
-        # Until the leader exits (a job may close its stdout and stderr long before), then
-        # until its pipes end or DRAIN_SECONDS pass.
-        while pipes or ended is None:
-            timeout = None if ended is None else deadline - time.monotonic()
-            if timeout is not None and timeout <= 0:
-                break  # a process that left the session holds a pipe: stop reading it
-            for key, _ in sel.select(timeout):
-                if key.fd == pidfd:
-                    sel.unregister(pidfd)
-                    ended = _reap(proc.pid)
-                    deadline = time.monotonic() + DRAIN_SECONDS
-                    continue
-                data = _read(key.fd)
-                if data:
-                    yield (pipes[key.fd], data)
-                else:  # end of file
-                    sel.unregister(key.fd)
-                    os.close(key.fd)
-                    del pipes[key.fd]
-    finally:
-        sel.close()
-        os.close(pidfd)
-        for fd in pipes:
-            os.close(fd)
-    proc.returncode = 0  # reaped by _reap: keep Popen from waiting again
-    assert ended is not None
-    yield ("ended", ended)
-
-
-def _read(fd: int) -> bytes:
-    """What the pipe holds now, up to READ_MAX; b"" at end of file. A fast writer (a full
-    pipe's worth read) gets a few ms more to fill the chunk: fewer, larger objects."""
-    parts: list[bytes] = []
-    size = 0
-    while size < READ_MAX:
-        try:
-            data = os.read(fd, READ_MAX - size)
-        except BlockingIOError:
-            if size < BIG_READ or not select.select([fd], [], [], COALESCE_SECONDS)[0]:
-                break
-            continue
-        if not data:
-            break
-        parts.append(data)
-        size += len(data)
-    return b"".join(parts)
-
-
 def _reap(pid: int) -> dict[str, Any]:
     """Kill what is left of the job's group (its leader is a zombie: the group id cannot be
     reused yet), then reap the leader with its usage."""
@@ -237,75 +223,3 @@ def _reap(pid: int) -> dict[str, Any]:
         # from (~100 MB); without a cgroup on the node, peak memory is not measured.
         "max_rss": 0,
     }
-
-
-def start_ticks(pid: int) -> int:
-    """Field 22 of /proc/<pid>/stat (start time in clock ticks); 0 when gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as file:
-            stat = file.read()
-    except OSError:
-        return 0
-    return int(stat[stat.rindex(b")") + 2 :].split()[19])
-
-
-def _parents() -> dict[int, int]:
-    """Every process's parent, by pid."""
-    parents: dict[int, int] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat", "rb") as file:
-                    stat = file.read()
-            except OSError:
-                continue
-            parents[int(name)] = int(stat[stat.rindex(b")") + 2 :].split()[1])
-    return parents
-
-
-def signal_tree(pid: int, pid_start: int, sig: int) -> bool:
-    """Send `sig` to the job's process group and to every descendant of its leader (those
-    that left its session too); False when the leader is gone (or its pid reused)."""
-    if start_ticks(pid) != pid_start:
-        return False
-    parents = _parents()
-    tree, frontier = set(), [pid]
-    while frontier:  # a worklist, never recursion
-        parent = frontier.pop()
-        children = [p for p, pp in parents.items() if pp == parent and p not in tree]
-        tree.update(children)
-        frontier.extend(children)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig)
-    for child in tree:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(child, sig)
-    return True
-
-
-class NodeAgent:
-    """One per node (a detached actor, no CPU): signals jobs; kills a job whose worker died."""
-
-    def __init__(self) -> None:
-        self._watched: dict[int, tuple[int, int, int]] = {}  # pid: (start, worker, its start)
-        self._sweeper: asyncio.Task[None] | None = None
-
-    async def signal(self, pid: int, pid_start: int, sig: int) -> bool:
-        """signal_tree() on this node."""
-        return signal_tree(pid, pid_start, sig)
-
-    async def watch(self, pid: int, pid_start: int, worker: int, worker_start: int) -> None:
-        """Kill the job's tree if its worker dies before it ends."""
-        self._watched[pid] = (pid_start, worker, worker_start)
-        if self._sweeper is None:
-            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
-
-    async def _sweep(self) -> None:
-        while True:
-            await asyncio.sleep(WATCH_SECONDS)
-            for pid, (start, worker, worker_start) in list(self._watched.items()):
-                if start_ticks(pid) != start:
-                    del self._watched[pid]  # ended (its task reaped it)
-                elif start_ticks(worker) != worker_start:
-                    signal_tree(pid, start, signal.SIGKILL)
-                    del self._watched[pid]
