@@ -4,8 +4,9 @@ Only the standard library and ray: the bridge pickles this module by value, as r
 
 One agent per node: a detached actor with no CPU (`jobworker-agent-v2-<node id>` in Ray
 namespace `jobworker`), made by the first bridge or job task that needs it. A job's task
-(ray_node.run_job) hands it the job's pid and the read ends of its stdout and stderr pipes
-over a Unix socket (SCM_RIGHTS) and later says how the job's leader ended. The agent reads
+(ray_node.run_job) of a job that did not end at once hands it the job's pid, what the job
+wrote so far and the read ends of its stdout and stderr pipes over a Unix socket
+(SCM_RIGHTS), and later says how the job's leader ended. The agent reads
 the pipes and queues, per bridge, the job's events in order: ("started", id, info), then
 ("o" | "e", id, bytes) as the job writes them, then ("ended", id, exit) once its pipes end
 (or DRAIN_SECONDS after its leader). A bridge pulls its queue from every node's agent, all
@@ -39,6 +40,7 @@ QUEUE_MAX = 32 << 20  # bytes queued for a bridge before the agent stops reading
 GATHER_SECONDS = 0.01  # an event waits this long for others to go with it...
 GATHER_BYTES = 1 << 20  # ...unless this much output is queued
 DRAIN_SECONDS = 2.0  # after the job's leader ended, for what is still in its pipes
+MESSAGE_MAX = 1 << 20  # a task's message: JSON and what its job wrote before (ray_node)
 QUEUE_TTL = 300.0  # seconds a bridge's queue is kept while nobody pulls it
 
 Event = tuple[str, str, Any]
@@ -225,7 +227,7 @@ class NodeAgent:
     def _message(self, conn: socket.socket) -> None:
         while True:
             try:
-                data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 2)
+                data, fds, _, _ = socket.recv_fds(conn, MESSAGE_MAX, 2)
             except BlockingIOError:
                 return
             except OSError:
@@ -233,28 +235,40 @@ class NodeAgent:
             if not data:
                 self._worker_gone(conn)
                 return
-            message = json.loads(data)
+            head, _, output = data.partition(b"\n")
+            message = json.loads(head)
             if message["op"] == "job":
-                self._job(conn, message, fds)
+                self._job(conn, message, fds, output)
             elif message["op"] == "exit":
                 self._exit(conn, message)
 
-    def _job(self, conn: socket.socket, message: dict[str, Any], fds: list[int]) -> None:
+    def _job(
+        self, conn: socket.socket, message: dict[str, Any], fds: list[int], output: bytes
+    ) -> None:
+        """A job handed over by its task: its pipes, what it wrote before, maybe its end."""
         info = message["info"]
         run = _Run(message["bridge"], message["id"], info["pid"], info["pid_start"], {})
-        run.pipes = dict(zip(fds, ("o", "e"), strict=True))
+        run.pipes = dict(zip(fds, message["pipes"], strict=True))
         self._runs[(run.bridge, run.job_id)] = run
-        self._by_conn[conn].add(run)
-        self._queue(run.bridge).put("started", run.job_id, info)
+        queue = self._queue(run.bridge)
+        queue.put("started", run.job_id, info)
+        view = memoryview(output)
+        for kind, size in message["output"]:
+            queue.put(kind, run.job_id, bytes(view[:size]))
+            view = view[size:]
         loop = asyncio.get_running_loop()
         for fd in fds:
             loop.add_reader(fd, self._read, run, fd)
+        if message["exit"] is None:
+            self._by_conn[conn].add(run)
+        else:
+            self._exit(conn, message)
 
     def _exit(self, conn: socket.socket, message: dict[str, Any]) -> None:
         run = self._runs.get((message["bridge"], message["id"]))
         if run is None:
             return
-        self._by_conn[conn].discard(run)
+        self._by_conn.get(conn, set()).discard(run)
         run.exit = message["exit"]
         if run.pipes:
             run.timer = asyncio.get_running_loop().call_later(DRAIN_SECONDS, self._end, run)

@@ -5,12 +5,13 @@ its stdin, events on its stdout. It is a process apart because a Ray driver is a
 Ray may end: a driver that loses the cluster's GCS for `gcs_rpc_server_reconnect_timeout_s`
 exits, and Ray's import, threads and logging stay out of the server.
 
-Per job it submits ray_node.run_job as a plain task. The job's output and its start and end
-come from its node's agent (ray_agent.py): the bridge pulls each alive node's agent for the
-events of its jobs there, all jobs of a node in one call, and appends output to the job's
-stdout and stderr files on this host as it comes, so followers read them as they grow,
-exactly as for local jobs. It exits when its stdin closes (the server went away); Ray then
-kills the job tasks it owned, and each node's agent kills their process trees.
+Per job it submits ray_node.run_job as a plain task. A job that ends at once comes back
+whole in the task's answer; any other's output, start and end come from its node's agent
+(ray_agent.py): the bridge pulls each alive node's agent for the events of its jobs there,
+all jobs of a node in one call, and appends output to the job's stdout and stderr files on
+this host as it comes, so followers read them as they grow, exactly as for local jobs.
+It exits when its stdin closes (the server went away); Ray then kills the job tasks it
+owned, and each node's agent kills their process trees.
 
 Commands: start (id, argv, env, cwd, stdin, user, out, err, cpus, memory), signal (id, sig),
 cancel (id), reap (id, node, pid, pid_start). Events: ready, fatal (message), started (id,
@@ -194,11 +195,16 @@ class Bridge:
             if "failed" in result:
                 self.emit({"ev": "failed", "id": cmd["id"], "message": result["failed"]})
                 return
-            # Its end comes from its agent once its output is read (a few ms later, or
-            # DRAIN_SECONDS): the task's own word only if that never comes.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(job.done.wait(), END_WAIT)
-            self._event(job, "ended", result)
+            if "info" in result:  # it ended at once: all of it came in the task's answer
+                self._started(job, result["info"])
+                for kind, data in result["output"]:
+                    job.write(kind, data)
+            else:
+                # Its end comes from its agent once its output is read (a few ms later, or
+                # DRAIN_SECONDS): the task's own word only if that never comes.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(job.done.wait(), END_WAIT)
+            self._event(job, "ended", result["exit"])
         except Exception as exc:  # noqa: BLE001  # any Ray error: reported, the job ends
             if not job.info:
                 self.emit({"ev": "failed", "id": cmd["id"], "message": _short(exc)})

@@ -4,11 +4,13 @@ Only the standard library and ray: the bridge pickles this module and ray_agent 
 (cloudpickle.register_pickle_by_value), so a node needs Ray, not jobworker.
 
 A job's task is a plain Ray task, holding the job's CPUs and memory while the job runs. It
-starts the job's argv in its own session with pipes as stdout and stderr, hands the job's
-pid and the pipes' read ends to its node's agent (which reads them and queues the job's
-events for the bridge), waits for the job's leader to exit, kills what is left of its
-process group, reaps it, and tells the agent how it ended. The task's own result is that
-end too, or {"failed": message} when the job could not start.
+starts the job's argv in its own session with pipes as stdout and stderr. A job that ends
+within FIRST_SECONDS having written little comes back whole in the task's answer: its
+start, its output and its end, {"info", "output", "exit"}. Any other is handed to its
+node's agent (ray_agent.py), which reads its pipes from then on and queues its events for
+the bridge; the task waits for the job's leader to exit, kills what is left of its process
+group, reaps it, tells the agent how it ended, and answers {"exit"}. {"failed": message}:
+the job could not start.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ import fcntl
 import json
 import os
 import pwd
+import selectors
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -31,6 +35,9 @@ from jobworker.engine.ray_agent import agent_handle, signal_tree, start_ticks
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PIPE_SIZE = 1 << 20  # asked of the kernel for each pipe (F_SETPIPE_SZ)
 AGENT_TIMEOUT = 60.0  # seconds to wait for the node's agent to be up (it may be new)
+# A job that ends this soon comes back whole in its task's answer (no agent, no pull)...
+FIRST_SECONDS = 0.05
+FIRST_BYTES = 32 << 10  # ...unless it writes more first: its agent then reads it live
 
 
 class _Failed(Exception):
@@ -38,35 +45,82 @@ class _Failed(Exception):
 
 
 def run_job(bridge: str, job: Mapping[str, Any]) -> dict[str, Any]:
-    """The job's task (module doc): how its leader ended, or {"failed": message}. `job`:
-    id, argv, env, cwd, stdin (bytes or None), user (one argument: Ray pays per argument)."""
-    job_id, argv, env, cwd = job["id"], job["argv"], job["env"], job["cwd"]
-    stdin, user = job["stdin"], job["user"]
+    """The job's task (module doc). `job`: id, argv, env, cwd, stdin (bytes or None), user
+    (one argument: Ray pays per argument)."""
     try:
         agent = _agent()
-        proc, pipes = _spawn(argv, env, cwd, stdin, user)
+        proc, pipes = _spawn(job["argv"], job["env"], job["cwd"], job["stdin"], job["user"])
     except _Failed as exc:
         return {"failed": str(exc)}
-    pid, pid_start = proc.pid, start_ticks(proc.pid)
     proc.returncode = 0  # reaped by _reap: keep Popen from waiting for it again
+    pid, pid_start = proc.pid, start_ticks(proc.pid)
+    info = {"pid": pid, "pid_start": pid_start, "node": _node(), "node_id": _node_id()}
+    output: list[tuple[str, bytes]] = []
+    ended: dict[str, Any] | None = None
     try:
-        info = {"pid": pid, "pid_start": pid_start, "node": _node(), "node_id": _node_id()}
+        output, ended = _first(pid, pipes)
+        if ended is not None and not pipes:
+            return {"info": info, "output": output, "exit": ended}  # all of it in one answer
+        message = {"op": "job", "bridge": bridge, "id": job["id"], "info": info, "exit": ended}
         try:
-            agent.send({"op": "job", "bridge": bridge, "id": job_id, "info": info}, pipes)
+            agent.send(message, pipes, output)
         finally:
             for fd in pipes:
                 os.close(fd)
-        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+        if ended is None:
+            os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
     except BaseException as exc:  # the agent gone, or ray.cancel: the job goes too
-        signal_tree(pid, pid_start, signal.SIGKILL)
-        _reap(pid)
-        if isinstance(exc, OSError):
-            return {"failed": f"the node's jobworker agent went away (on node {_node()}): {exc}"}
-        raise
-    ended = _reap(pid)
-    with contextlib.suppress(OSError):  # the agent's loss is the bridge's to notice
-        agent.send({"op": "exit", "bridge": bridge, "id": job_id, "exit": ended}, [])
-    return ended
+        if ended is None:
+            signal_tree(pid, pid_start, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):  # reaped in _first already
+                ended = _reap(pid)
+        if not isinstance(exc, OSError):
+            raise
+        if ended is not None:  # what it wrote after its first FIRST_BYTES is lost
+            return {"info": info, "output": output, "exit": ended}
+        return {"failed": f"the node's jobworker agent went away (on node {_node()}): {exc}"}
+    if ended is None:
+        ended = _reap(pid)
+        with contextlib.suppress(OSError):  # the agent's loss is the bridge's to notice
+            agent.send({"op": "exit", "bridge": bridge, "id": job["id"], "exit": ended})
+    return {"exit": ended}
+
+
+def _first(pid: int, pipes: dict[int, str]) -> tuple[list[tuple[str, bytes]], Any]:
+    """What the job writes in its first FIRST_SECONDS (until FIRST_BYTES), and how it ended
+    if it did meanwhile (else None). Pipes found at their end are closed and leave `pipes`."""
+    output: list[tuple[str, bytes]] = []
+    size, ended = 0, None
+    deadline = time.monotonic() + FIRST_SECONDS
+    pidfd = os.pidfd_open(pid)
+    sel = selectors.DefaultSelector()
+    try:
+        for fd in [*pipes, pidfd]:
+            sel.register(fd, selectors.EVENT_READ)
+        while (pipes or ended is None) and size < FIRST_BYTES:
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                break
+            for key, _ in sel.select(timeout):
+                if key.fd == pidfd:
+                    sel.unregister(pidfd)
+                    ended = _reap(pid)
+                    continue
+                try:
+                    data = os.read(key.fd, FIRST_BYTES)
+                except BlockingIOError:
+                    continue
+                if data:
+                    output.append((pipes[key.fd], data))
+                    size += len(data)
+                else:  # end of file
+                    sel.unregister(key.fd)
+                    os.close(key.fd)
+                    del pipes[key.fd]
+    finally:
+        sel.close()
+        os.close(pidfd)
+    return output, ended
 
 
 class _Channel:
@@ -77,9 +131,19 @@ class _Channel:
         self.sock.connect(name)
         self.broken = False
 
-    def send(self, message: Mapping[str, Any], fds: Sequence[int]) -> None:
+    def send(
+        self,
+        message: dict[str, Any],
+        pipes: Mapping[int, str] | None = None,
+        output: Sequence[tuple[str, bytes]] = (),
+    ) -> None:
+        """One message: JSON, a newline, the output it lists; the pipes' fds with it."""
+        fds = list(pipes or {})
+        message |= {"pipes": list((pipes or {}).values())}
+        message |= {"output": [(kind, len(data)) for kind, data in output]}
+        data = json.dumps(message).encode() + b"\n" + b"".join(d for _, d in output)
         try:
-            socket.send_fds(self.sock, [json.dumps(message).encode()], list(fds))
+            socket.send_fds(self.sock, [data], fds)
         except OSError:
             self.broken = True
             self.sock.close()
@@ -122,8 +186,8 @@ def _node_id() -> str:
 
 def _spawn(
     argv: Sequence[str], env: Mapping[str, str], cwd: str, stdin: bytes | None, user: str
-) -> tuple[subprocess.Popen[bytes], list[int]]:
-    """Popen the job in its own session; the read ends of its stdout and stderr pipes."""
+) -> tuple[subprocess.Popen[bytes], dict[int, str]]:
+    """Popen the job in its own session; the read ends of its pipes, by fd: "o" or "e"."""
     command, popen_env, popen_cwd = _command(argv, env, cwd, user)
     stdin_fd = _stdin_fd(stdin)
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
@@ -150,7 +214,7 @@ def _spawn(
     finally:
         for fd in (out_w, err_w, stdin_fd):
             os.close(fd)
-    return proc, [out_r, err_r]
+    return proc, {out_r: "o", err_r: "e"}
 
 
 def _spawn_message(exc: Exception, argv0: str, cwd: str) -> str:
