@@ -16,7 +16,7 @@ owned, and each node's agent kills their process trees.
 Commands: start (id, argv, env, cwd, stdin, user, out, err, cpus, memory), signal (id, sig),
 cancel (id), reap (id, node, pid, pid_start). Events: ready, fatal (message), started (id,
 pid, pid_start, node), failed (id, message), ended (id, exit_code, signal, user_cpu,
-system_cpu, max_rss, lost), reaped (id, found).
+system_cpu, max_rss, lost), reaped (id, found), gone (message: why it exits now).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ NAMESPACE = "jobworker"  # ray_agent.NAMESPACE (the bridge imports Ray's modules
 CONNECT_TIMEOUT = 5.0  # the TCP check before ray.init
 NODES_TTL = 2.0  # seconds the bridge trusts its view of the cluster's nodes (and new ones wait)
 PULL_WAIT = 10.0  # seconds an agent holds a pull that has nothing to return
+GCS_LOST = 20.0  # seconds without an answer from the cluster's GCS: the cluster is gone
 END_WAIT = 12.0  # seconds past its task a job's end may take to come from its agent
 
 
@@ -154,9 +155,19 @@ class Bridge:
                 self.pullers[node["NodeID"]] = task
 
     async def watch_nodes(self) -> None:
-        """Keep pulling every alive node's agent, new nodes' too."""
+        """Keep pulling every alive node's agent, new nodes' too. A GCS that stops answering
+        ends the bridge (and its jobs, LOST) after GCS_LOST seconds, not Ray's minute."""
+        answered = time.monotonic()
         while True:
-            await self.nodes()
+            try:
+                await asyncio.wait_for(asyncio.shield(self.nodes(fresh=True)), NODES_TTL * 2)
+                answered = time.monotonic()
+            except Exception as exc:  # noqa: BLE001  # timeout or any Ray error alike
+                if time.monotonic() - answered > GCS_LOST:
+                    why = f"its GCS did not answer for {GCS_LOST:g}s ({_short(exc)})"
+                    self.emit({"ev": "gone", "message": why})
+                    self.flush()
+                    os._exit(3)
             await asyncio.sleep(NODES_TTL)
 
     async def _pull(self, node_id: str) -> None:

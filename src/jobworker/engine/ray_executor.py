@@ -96,6 +96,7 @@ class _Link:
         self.jobs: dict[str, RayHandle] = {}
         self.reaps: dict[str, asyncio.Future[bool]] = {}
         self.ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.why = ""  # the bridge's own word on why it is about to exit
         self.reader = asyncio.get_running_loop().create_task(
             self._read(), name=f"jobworker-ray-bridge-{process.pid}"
         )
@@ -118,7 +119,7 @@ class _Link:
                 self._event(json.loads(line))
         finally:
             code = await self.process.wait()
-            self._gone(f"its Ray driver process (the bridge) exited with status {code}")
+            self._gone(self.why or f"its Ray driver process (the bridge) exited with status {code}")
 
     def _event(self, event: Mapping[str, Any]) -> None:
         kind = event["ev"]
@@ -126,6 +127,8 @@ class _Link:
             self.ready.set_result("")
         elif kind == "fatal":
             self.ready.set_result(str(event["message"]))
+        elif kind == "gone":
+            self.why = str(event["message"])
         elif kind == "reaped":
             future = self.reaps.pop(event["id"], None)
             if future is not None and not future.done():
