@@ -16,7 +16,8 @@ owned, and each node's agent kills their process trees.
 Commands: start (id, argv, env, cwd, stdin, user, out, err, cpus, memory), signal (id, sig),
 cancel (id), reap (id, node, pid, pid_start). Events: ready, fatal (message), started (id,
 pid, pid_start, node), failed (id, message), ended (id, exit_code, signal, user_cpu,
-system_cpu, max_rss, lost), reaped (id, found), gone (message: why it exits now).
+system_cpu, max_rss, lost), ran (id, started: the started event's fields, and the ended
+event's: a job that ended at once), reaped (id, found), gone (message: why it exits now).
 """
 
 from __future__ import annotations
@@ -207,14 +208,16 @@ class Bridge:
                 self.emit({"ev": "failed", "id": cmd["id"], "message": result["failed"]})
                 return
             if "info" in result:  # it ended at once: all of it came in the task's answer
-                self._started(job, result["info"])
+                job.info = result["info"]
                 for kind, data in result["output"]:
                     job.write(kind, data)
-            else:
-                # Its end comes from its agent once its output is read (a few ms later, or
-                # DRAIN_SECONDS): the task's own word only if that never comes.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(job.done.wait(), END_WAIT)
+                job.done.set()
+                self.emit({"ev": "ran", "id": cmd["id"], "started": job.info, **result["exit"]})
+                return
+            # Its end comes from its agent once its output is read (a few ms later, or
+            # DRAIN_SECONDS): the task's own word only if that never comes.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(job.done.wait(), END_WAIT)
             self._event(job, "ended", result["exit"])
         except Exception as exc:  # noqa: BLE001  # any Ray error: reported, the job ends
             if not job.info:

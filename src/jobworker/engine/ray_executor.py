@@ -154,14 +154,18 @@ class _Link:
 
 def _job_event(jobs: dict[str, RayHandle], job: RayHandle, event: Mapping[str, Any]) -> None:
     kind = event["ev"]
-    if kind == "started":
-        job.pid, job.pid_start = int(event["pid"]), int(event["pid_start"])
-        job.node, job.start_time = str(event["node"]), time.time()
+    if kind in ("started", "ran"):
+        started = event["started"] if kind == "ran" else event
+        job.pid, job.pid_start = int(started["pid"]), int(started["pid_start"])
+        # The node's clock when it started the job (its news comes later: a job's first
+        # 50 ms on the node), never later than now here.
+        job.node = str(started["node"])
+        job.start_time = min(float(started.get("time", 0.0)) or time.time(), time.time())
         job.started.set_result(None)
-    elif kind == "failed":
+    if kind == "failed":
         jobs.pop(job.job_id, None)
         job.started.set_exception(SpawnError(str(event["message"])))
-    elif kind == "ended":
+    elif kind in ("ended", "ran"):
         jobs.pop(job.job_id, None)
         usage = Usage(
             float(event.get("user_cpu", 0.0)),

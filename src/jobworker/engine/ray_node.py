@@ -55,6 +55,7 @@ def run_job(bridge: str, job: Mapping[str, Any]) -> dict[str, Any]:
     proc.returncode = 0  # reaped by _reap: keep Popen from waiting for it again
     pid, pid_start = proc.pid, start_ticks(proc.pid)
     info = {"pid": pid, "pid_start": pid_start, "node": _node(), "node_id": _node_id()}
+    info["time"] = time.time()
     output: list[tuple[str, bytes]] = []
     ended: dict[str, Any] | None = None
     try:
