@@ -2,15 +2,16 @@
 
 The server never imports Ray. It starts a bridge process (engine/ray_bridge.py, the Ray
 driver) at the first job and talks to it in JSON lines: the bridge submits each job as a
-streaming task (engine/ray_node.py) and appends what the job writes to its stdout and
-stderr files under data_dir as it comes, so followers, GetBatch and tails work as for
-local jobs. A Handle's `node` is the IP address of the node the job runs on (Ray's
-NodeManagerAddress); its pid is the job's pid there. Stop and kill go through the node's
-agent actor, which signals the job's process group and every descendant of its leader.
+plain task (engine/ray_node.py), whose node's agent (engine/ray_agent.py) reads its
+output, and appends what the job writes to its stdout and stderr files under data_dir as
+it comes, so followers, GetBatch and tails work as for local jobs. A Handle's `node` is
+the IP address of the node the job runs on (Ray's NodeManagerAddress); its pid is the
+job's pid there. Stop and kill go through the node's agent, which signals the job's
+process group and every descendant of its leader.
 
 When the bridge cannot connect, start() raises ExecutorUnavailable naming the address;
-when the bridge dies (the cluster's GCS went away, the bridge was killed), every running
-job ends LOST with a message, and the next start() starts a new bridge.
+when the bridge dies (the cluster's GCS stopped answering, the bridge was killed), every
+running job ends LOST with a message, and the next start() starts a new bridge.
 """
 
 from __future__ import annotations
