@@ -40,7 +40,7 @@ QUEUE_MAX = 32 << 20  # bytes queued for a bridge before the agent stops reading
 GATHER_SECONDS = 0.01  # an event waits this long for others to go with it...
 GATHER_BYTES = 1 << 20  # ...unless this much output is queued
 DRAIN_SECONDS = 2.0  # after the job's leader ended, for what is still in its pipes
-MESSAGE_MAX = 1 << 20  # a task's message: JSON and what its job wrote before (ray_node)
+MESSAGE_MAX = 128 << 10  # a task's message: JSON and under 2 * ray_node.FIRST_BYTES of output
 QUEUE_TTL = 300.0  # seconds a bridge's queue is kept while nobody pulls it
 
 Event = tuple[str, str, Any]
