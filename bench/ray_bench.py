@@ -179,6 +179,7 @@ def ray(ctx: Context) -> list[Result]:
 
 
 if __name__ == "__main__":
-    from bench.__main__ import main
+    from bench.__main__ import RESULTS, main
 
-    sys.exit(main(["--only", "ray", *sys.argv[1:]]))
+    # Its own results file: a full run's latest.json stays as it was.
+    sys.exit(main(["--only", "ray", "--out", str(RESULTS / "ray.json"), *sys.argv[1:]]))
