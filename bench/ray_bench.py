@@ -1,32 +1,42 @@
-"""The Ray executor's figures: `python -m bench.ray_bench [--jobs N] [--mib M]`.
+"""The Ray executor's figures (issue 15): `python -m bench --only ray` (or this module).
 
-On a two-node Ray cluster made here (tests/integration/ray_cluster.py: the head on a veth,
-the second node in a network namespace, one CPU each; needs root):
+On a two-node Ray cluster made here and stopped afterwards (tests/integration/ray_cluster.py:
+the head on a veth, the second node in a network namespace, one CPU each; needs root):
 
-- throughput of N `true` jobs through RayExecutor against N plain Ray tasks that run the
-  same `true` with subprocess.run, same cluster, same run (the issue asks >= 0.5x);
-- following one job that writes M MiB: through RayExecutor (bytes cross Ray's object
-  store and the bridge into the job's file) against a local process writing its file
-  directly (the local executor's way), each read by a follower as the file grows.
+- ray_throughput: N `true` jobs through RayExecutor against N plain Ray tasks that run the
+  same `true` with subprocess.run, same cluster, each repetition paired (aim >= 0.5x);
+- ray_follow_throughput: a follower (StreamBatchLogs, as `logs -f`) of one job writing M
+  MiB on the Ray executor, against the same job on the local executor of the same server.
+
+Without Ray (or root, or ip(8)) the section prints why and measures nothing.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from bench.context import Context
+from bench.harness import MiB, ServerProcess, aio_channel, send_batch, stub
+from bench.result import Result
+from bench.streams import Received, consume, follow_call, writer_job
 from jobworker.engine.executor import Launch
 from jobworker.engine.ray_executor import RayExecutor
 from jobworker.model import JobSpec, Limits
-from tests.integration.ray_cluster import RayCluster, start_cluster, why_not
+from jobworker.v1 import jobworker_pb2 as pb
 
+if TYPE_CHECKING:
+    from tests.integration.ray_cluster import RayCluster
+
+JOBS = 1000  # the issue's figure (fewer with --quick: the throughput batch's size)
+FOLLOW_BYTES = 256 * MiB
 PLAIN = """
 import json, subprocess, sys, time, ray
 ray.init(address=sys.argv[1], _node_ip_address=sys.argv[2], log_to_driver=False)
@@ -49,14 +59,17 @@ def _launch(tmp: Path, key: str, *argv: str) -> Launch:
 
 
 async def _ray_jobs(executor: RayExecutor, tmp: Path, n: int) -> float:
-    async def one(i: int) -> None:
-        handle = await executor.start(_launch(tmp, f"t{i}", "true"))
+    """Seconds for `n` `true` jobs started at once through the executor, to their ends."""
+
+    async def one(i: int, *argv: str) -> None:
+        handle = await executor.start(_launch(tmp, f"t{i}", *argv))
         end = await handle.wait()
         assert end.exit_code == 0, end
 
-    await asyncio.gather(*(one(i) for i in range(-3, 0)))  # warm, as the plain run
+    # Warm, as the plain run; jobs long enough to go through (and start) each node's agent.
+    await asyncio.gather(*(one(-i, "sleep", "0.2") for i in range(1, 5)))
     began = time.perf_counter()
-    await asyncio.gather(*(one(i) for i in range(n)))
+    await asyncio.gather(*(one(i, "true") for i in range(n)))
     return time.perf_counter() - began
 
 
@@ -71,96 +84,102 @@ def _plain_tasks(cluster: RayCluster, n: int) -> float:
     return float(json.loads(out.splitlines()[-1])["seconds"])
 
 
-async def _follow(path: Path, size: int, done: asyncio.Future[object]) -> float:
-    """Read `path` as it grows until `size` bytes are read: seconds from now."""
-    began = time.perf_counter()
-    seen = 0
-    with path.open("rb") as file:
-        while seen < size:
-            data = file.read(1 << 20)
-            if data:
-                seen += len(data)
-            elif done.done() and os.fstat(file.fileno()).st_size == seen:
-                raise RuntimeError(f"the job ended after {seen} of {size} bytes")
-            else:
-                await asyncio.sleep(0.001)
-    return time.perf_counter() - began
+def _throughput(ctx: Context, cluster: RayCluster, tmp: Path) -> Result:
+    jobs = min(JOBS, ctx.sizes.schedule_jobs)
+    runs: list[float] = []
+    plain: list[float] = []
 
-
-async def _follow_ray(executor: RayExecutor, tmp: Path, mib: int) -> float:
-    launch = _launch(tmp, "big", "head", "-c", f"{mib}M", "/dev/zero")
-    began = time.perf_counter()
-    handle = await executor.start(launch)
-    done = asyncio.ensure_future(handle.wait())
-    await _follow(launch.job_dir / "stdout", mib << 20, done)
-    await done
-    return time.perf_counter() - began
-
-
-async def _follow_local(tmp: Path, mib: int) -> float:
-    out = tmp / "local-stdout"
-    began = time.perf_counter()
-    with out.open("ab") as file:
-        proc = await asyncio.create_subprocess_exec(
-            "head", "-c", f"{mib}M", "/dev/zero", stdout=file, start_new_session=True
-        )
-    done = asyncio.ensure_future(proc.wait())
-    await _follow(out, mib << 20, done)
-    await done
-    return time.perf_counter() - began
-
-
-async def _measure(cluster: RayCluster, tmp: Path, jobs: int, mib: int) -> dict[str, float]:
-    executor = RayExecutor("bench", cluster.address, 1, token_file=cluster.token_file)
-    try:
-        ray_seconds = await _ray_jobs(executor, tmp, jobs)
-        plain_seconds = await asyncio.to_thread(_plain_tasks, cluster, jobs)
-        follow_ray = await _follow_ray(executor, tmp, mib)
-    finally:
-        await executor.close(stop_jobs=True)
-    follow_local = await _follow_local(tmp, mib)
-    return {
-        "jobs": jobs,
-        "ray_executor_jobs_per_s": jobs / ray_seconds,
-        "plain_ray_tasks_per_s": jobs / plain_seconds,
-        "ratio": plain_seconds / ray_seconds,
-        "mib": mib,
-        "follow_ray_mib_per_s": mib / follow_ray,
-        "follow_local_mib_per_s": mib / follow_local,
-    }
-
-
-def main() -> int:
-    """Run both figures and print them (and as JSON with --json)."""
-    parser = argparse.ArgumentParser(prog="python -m bench.ray_bench", description=__doc__)
-    parser.add_argument("--jobs", type=int, default=1000)
-    parser.add_argument("--mib", type=int, default=256)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
-    if why_not():
-        print(f"ray bench skipped: {why_not()}", file=sys.stderr)
-        return 0
-    with tempfile.TemporaryDirectory(prefix="jwrb-") as folder:
-        tmp = Path(folder)
-        cluster = start_cluster(tmp / "c", cpus=1)  # short: Ray's socket paths
+    async def measure() -> None:
+        executor = RayExecutor("bench", cluster.address, 1, token_file=cluster.token_file)
         try:
-            figures = asyncio.run(_measure(cluster, tmp, args.jobs, args.mib))
+            for rep in range(ctx.sizes.reps):
+                folder = tmp / f"jobs-{rep}"
+                folder.mkdir()
+                plain.append(jobs / await asyncio.to_thread(_plain_tasks, cluster, jobs))
+                runs.append(jobs / await _ray_jobs(executor, folder, jobs))
+                ctx.log(f"RayExecutor {runs[-1]:.0f} jobs/s | plain Ray tasks {plain[-1]:.0f}/s")
+                shutil.rmtree(folder)
+        finally:
+            await executor.close(stop_jobs=True)
+
+    asyncio.run(measure())
+    result = Result(
+        name="ray_throughput",
+        metric=f"jobs/s, {jobs} `true` jobs through the Ray executor (two-node local cluster)",
+        runs=runs,
+        baseline_metric=f"{jobs} plain Ray tasks running `true` with subprocess.run, same cluster",
+        baseline_runs=plain,
+        aim="ratio >= 0.5",
+        paired=True,
+    )
+    result.met = (result.ratio or 0) >= 0.5
+    return result
+
+
+async def _follow_once(server: ServerProcess, ctx: Context, nbytes: int, executor: str) -> float:
+    """MB/s of a follower of one job writing `nbytes`, first to last byte."""
+    requests = [
+        pb.ScheduleBatchRequest(options=pb.BatchOptions(executor=executor)),
+        pb.ScheduleBatchRequest(job=writer_job(nbytes)),
+    ]
+    async with aio_channel(server.address, ctx.pki) as channel:
+        await channel.channel_ready()
+        cid = await send_batch(stub(channel), requests)
+        got = await consume(follow_call(channel, cid), Received())
+    if got.nbytes != nbytes:
+        raise RuntimeError(f"the {executor} follower got {got.nbytes} bytes of {nbytes}")
+    shutil.rmtree(server.data_dir / "batches" / cid, ignore_errors=True)
+    return got.rate
+
+
+def _follow(ctx: Context, cluster: RayCluster) -> Result:
+    nbytes = min(FOLLOW_BYTES, ctx.sizes.follow_bytes)
+    table = {"kind": "ray", "address": cluster.address, "token_file": str(cluster.token_file)}
+    server = ctx.server("ray", **{"executors.cluster": table}).start()
+    runs: list[float] = []
+    local: list[float] = []
+    try:
+        asyncio.run(_follow_once(server, ctx, 1, "cluster"))  # the bridge and agents started
+        for _ in range(ctx.sizes.reps):
+            local.append(asyncio.run(_follow_once(server, ctx, nbytes, "local")))
+            runs.append(asyncio.run(_follow_once(server, ctx, nbytes, "cluster")))
+            ctx.log(f"follow: Ray job {runs[-1]:.0f} MB/s | local job {local[-1]:.0f} MB/s")
+    finally:
+        server.stop()
+    return Result(
+        name="ray_follow_throughput",
+        metric=f"MB/s, one follower of a Ray job writing {nbytes // MiB} MiB (first to last byte)",
+        runs=runs,
+        baseline_metric="MB/s, the same job on the local executor of the same server",
+        baseline_runs=local,
+        aim="a figure (no aim)",
+        paired=True,
+    )
+
+
+def ray(ctx: Context) -> list[Result]:
+    """Both figures (module doc), or none with the reason printed."""
+    try:  # the cluster the tests make (imported here: the rest of the bench needs no tests)
+        from tests.integration.ray_cluster import start_cluster, why_not
+    except ImportError as exc:
+        print(f"  ray skipped: {exc}", flush=True)
+        return []
+    if why := why_not():
+        print(f"  ray skipped: {why}", flush=True)
+        return []
+    tmp = Path(tempfile.mkdtemp(prefix="jwrb-"))  # short: Ray's socket paths live under it
+    try:
+        cluster = start_cluster(tmp / "c", cpus=1)
+        try:
+            return [_throughput(ctx, cluster, tmp), _follow(ctx, cluster)]
         finally:
             cluster.stop()
-    if args.json:
-        print(json.dumps(figures))
-    else:
-        print(
-            f"{args.jobs} true jobs: RayExecutor {figures['ray_executor_jobs_per_s']:.0f}/s, "
-            f"plain Ray tasks {figures['plain_ray_tasks_per_s']:.0f}/s "
-            f"(ratio {figures['ratio']:.2f}x)"
-        )
-        print(
-            f"follow {args.mib} MiB: Ray job {figures['follow_ray_mib_per_s']:.0f} MiB/s, "
-            f"local job {figures['follow_local_mib_per_s']:.0f} MiB/s"
-        )
-    return 0
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from bench.__main__ import RESULTS, main
+
+    # Its own results file: a full run's latest.json stays as it was.
+    sys.exit(main(["--only", "ray", "--out", str(RESULTS / "ray.json"), *sys.argv[1:]]))

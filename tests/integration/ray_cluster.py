@@ -155,10 +155,12 @@ class RayCluster:
         subprocess.run(["ip", "netns", "del", self.ns], check=False, capture_output=True)
 
 
-def start_cluster(tmp: Path, cpus: int = 1) -> RayCluster:
-    """Namespace, veth pair, head and second node; stop() undoes it all."""
-    n = os.getpid() % 200 + 20
-    ns, outside, inside = f"jwray{os.getpid()}", f"jwr{os.getpid()}a", f"jwr{os.getpid()}b"
+def start_cluster(tmp: Path, cpus: int = 1, index: int = 0) -> RayCluster:
+    """Namespace, veth pair, head and second node; stop() undoes it all. `index`: a
+    cluster of its own beside the others this process made (names and subnet)."""
+    n = (os.getpid() + index) % 200 + 20
+    tag = f"{os.getpid()}{index or ''}"
+    ns, outside, inside = f"jwray{tag}", f"jwr{tag}a", f"jwr{tag}b"
     head_ip, node_ip = f"10.231.{n}.1", f"10.231.{n}.2"
     tmp.mkdir(parents=True, exist_ok=True)
     token = tmp / "auth_token"

@@ -234,7 +234,9 @@ async def test_a_restarted_server_reports_lost_and_kills_leftovers(
     attempt, info = recovered[known.key]
     assert attempt == 1 and not isinstance(info, RayHandle)
     assert info.lost.startswith(f"server restarted while it ran on node {handle.node}")  # type: ignore[union-attr]
-    assert info.lost.endswith("what was left of it was killed"), info.lost  # type: ignore[union-attr]
+    # Its node's agent kills it once Ray kills its task's worker: before the restarted
+    # server's reap gets there, or the reap does.
+    assert "a Ray job is not taken back after a restart" in info.lost  # type: ignore[union-attr]
     deadline = time.monotonic() + 10
     while processes_with(marker):
         assert time.monotonic() < deadline, "the job outlived its server and bridge"

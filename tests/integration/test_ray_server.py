@@ -1,18 +1,26 @@
 """Batches on a Ray cluster through the real server: BatchOptions.executor picks it, logs
 land in the contract's files, GetBatch and the follower name the node, cancel ends the
 tree there, an unreachable cluster is UNAVAILABLE. The cluster: tests/integration/
-ray_cluster.py (a real `ray start --head` and a second node in a network namespace)."""
+ray_cluster.py (a real `ray start --head` and a second node in a network namespace); one
+test makes a cluster of its own and kills its head under a followed job."""
 
 from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
 
 import grpc
 import pytest
 
 from jobworker.v1 import jobworker_pb2 as pb
+from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
 from tests.integration.conftest import (
     Server,
     ServerFactory,
     data_dir_of,
+    get_job,
     job,
     options,
     rpc_error,
@@ -21,7 +29,7 @@ from tests.integration.conftest import (
     wait_job,
     wait_until,
 )
-from tests.integration.ray_cluster import RayCluster, why_not
+from tests.integration.ray_cluster import RayCluster, start_cluster, why_not
 from tests.integration.test_ray_executor import processes_with
 
 pytestmark = [
@@ -105,3 +113,51 @@ def test_a_cluster_timeout_is_timed_out_while_a_local_batch_runs_beside_it(
     assert timed_out.state == pb.JOB_STATE_TIMED_OUT
     assert timed_out.message == "timed out after 2s"
     assert timed_out.node in (cluster.head_ip, cluster.node_ip)
+
+
+def test_a_cluster_whose_head_goes_away_leaves_its_job_lost_and_its_follower_ended(
+    make_server: ServerFactory, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # A cluster of its own: its head is killed (GCS, raylet and the Ray processes there).
+    doomed = start_cluster(tmp_path_factory.mktemp("rayhead"), cpus=1, index=1)
+    marker = "jobworker-ray-headless-5521"
+    try:
+        srv = _server(make_server, doomed)
+        stub = srv.stub("alice")
+        script = f"echo started; exec sleep 302 # {marker}"
+        cid = schedule(stub, options(executor="cluster"), job("sh", "-c", script, name="j"))
+        cid = cid.correlation_id
+        wait_job(stub, cid, "j", pb.JOB_STATE_RUNNING, 120)
+        follower = _Follower(stub, cid)
+        wait_until(lambda: follower.data == b"started\n", 30, "the follower's first line")
+        doomed.kill_node("head")
+        follower.thread.join(120)
+        assert not follower.thread.is_alive(), "the follower's stream did not end"
+        lost = get_job(stub, cid, "j")
+        assert lost.state == pb.JOB_STATE_LOST
+        assert f"Ray cluster at {doomed.address} lost" in lost.message, lost.message
+        assert follower.states[-1] == pb.JOB_STATE_LOST
+    finally:
+        doomed.stop()
+        for pid in processes_with(marker):  # on a real cluster its machine went with it
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+class _Follower:
+    """StreamBatchLogs(follow) in a thread: the bytes and the state changes it got."""
+
+    def __init__(self, stub: pb_grpc.JobWorkerServiceStub, cid: str) -> None:
+        self.data = b""
+        self.states: list[int] = []
+        request = pb.StreamBatchLogsRequest(correlation_id=cid, follow=True)
+        self._stream = stub.StreamBatchLogs(request, timeout=200)
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        for message in self._stream:
+            if message.HasField("chunk"):
+                self.data += message.chunk.data
+            elif message.HasField("state_change"):
+                self.states.append(message.state_change.state)

@@ -5,20 +5,25 @@ its stdin, events on its stdout. It is a process apart because a Ray driver is a
 Ray may end: a driver that loses the cluster's GCS for `gcs_rpc_server_reconnect_timeout_s`
 exits, and Ray's import, threads and logging stay out of the server.
 
-Per job it submits ray_node.run_job as a streaming task and appends what it yields to the
-job's stdout and stderr files on this host as it comes, so followers read them as they
-grow, exactly as for local jobs. It exits when its stdin closes (the server went away);
-Ray then kills the job tasks it owned, and each node's agent kills their process trees.
+Per job it submits ray_node.run_job as a plain task. A job that ends at once comes back
+whole in the task's answer; any other's output, start and end come from its node's agent
+(ray_agent.py): the bridge pulls each alive node's agent for the events of its jobs there,
+all jobs of a node in one call, and appends output to the job's stdout and stderr files on
+this host as it comes, so followers read them as they grow, exactly as for local jobs.
+It exits when its stdin closes (the server went away); Ray then kills the job tasks it
+owned, and each node's agent kills their process trees.
 
 Commands: start (id, argv, env, cwd, stdin, user, out, err, cpus, memory), signal (id, sig),
 cancel (id), reap (id, node, pid, pid_start). Events: ready, fatal (message), started (id,
 pid, pid_start, node), failed (id, message), ended (id, exit_code, signal, user_cpu,
-system_cpu, max_rss, lost), reaped (id, found).
+system_cpu, max_rss, lost), ran (id, started: the started event's fields, and the ended
+event's: a job that ended at once), reaped (id, found), gone (message: why it exits now).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import logging
@@ -27,16 +32,17 @@ import signal
 import socket
 import sys
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-AGENT_NAME = "jobworker-agent-v1-{node_id}"  # one detached actor per node
-NAMESPACE = "jobworker"
-BACKPRESSURE = 32  # chunks a job's task may yield ahead of the bridge
+NAMESPACE = "jobworker"  # ray_agent.NAMESPACE (the bridge imports Ray's modules late)
 CONNECT_TIMEOUT = 5.0  # the TCP check before ray.init
-WATCH_AFTER = 1.0  # seconds a job runs before its node's agent watches it (_watch)
-NODES_TTL = 2.0  # seconds the bridge trusts its view of the cluster's nodes
+NODES_TTL = 2.0  # seconds the bridge trusts its view of the cluster's nodes (and new ones wait)
+PULL_WAIT = 10.0  # seconds an agent holds a pull that has nothing to return
+GCS_LOST = 20.0  # seconds without an answer from the cluster's GCS: the cluster is gone
+END_WAIT = 12.0  # seconds past its task a job's end may take to come from its agent
 
 
 def local_address(host: str) -> str:
@@ -59,34 +65,60 @@ def check_reachable(address: str) -> None:
 @dataclass
 class _Job:
     cmd: Mapping[str, Any]
-    gen: Any = None  # the task's ObjectRefGenerator
+    ref: Any = None  # the task's ObjectRef
     info: dict[str, Any] = field(default_factory=dict)  # its "started" event
     signals: list[int] = field(default_factory=list)  # asked before it started
     cancelled: bool = False
+    fds: dict[str, int] = field(default_factory=dict)  # its stdout and stderr files, opened
+    done: asyncio.Event = field(default_factory=asyncio.Event)  # its "ended" event is sent
+
+    def write(self, kind: str, data: bytes) -> None:
+        fd = self.fds.get(kind)
+        if fd is None:
+            path = self.cmd["out" if kind == "o" else "err"]
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+            fd = self.fds[kind] = os.open(path, flags, 0o644)
+        _write_all(fd, data)
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
 
 
 class Bridge:
-    """The driver's state: jobs by id, nodes, agents."""
+    """The driver's state: jobs by id, and a pull of each node's agent."""
 
     def __init__(self, ray: Any, out_fd: int) -> None:
         self.ray = ray
         self.out_fd = out_fd
+        self.token = uuid.uuid4().hex  # names this bridge's queue in every agent
         self.jobs: dict[str, _Job] = {}
         self.agents: dict[str, Any] = {}  # by node id
+        self.pullers: dict[str, asyncio.Task[None]] = {}  # by node id
         self.tasks: set[asyncio.Task[None]] = set()
         self._nodes: list[dict[str, Any]] = []
         self._nodes_at = 0.0
-        from jobworker.engine import ray_node
+        self._asking: asyncio.Future[None] | None = None
+        self._out: list[bytes] = []
+        from jobworker.engine import ray_agent, ray_node
 
-        self.run_job = ray.remote(num_returns="streaming", max_retries=0)(ray_node.run_job)
-        self.agent_class = ray.remote(ray_node.NodeAgent)
+        self.run_job = ray.remote(max_retries=0)(ray_node.run_job)
+        self.agent_handle = ray_agent.agent_handle
+        self._tasks: dict[tuple[float, int], Any] = {}  # run_job by its resources
 
     def emit(self, event: Mapping[str, Any]) -> None:
-        """One event line to the server."""
-        data = (json.dumps(event, separators=(",", ":")) + "\n").encode()
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.out_fd, view) :]
+        """One event line to the server; the lines of one turn of the loop go together."""
+        self._out.append((json.dumps(event, separators=(",", ":")) + "\n").encode())
+        if len(self._out) == 1:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:  # no loop yet: the "ready" line
+                self.flush()
+
+    def flush(self) -> None:
+        data, self._out = b"".join(self._out), []
+        _write_all(self.out_fd, data)
 
     def command(self, cmd: Mapping[str, Any]) -> None:
         """Act on one command line."""
@@ -107,42 +139,119 @@ class Bridge:
     async def nodes(self, fresh: bool = False) -> list[dict[str, Any]]:
         """Ray's node table (alive and dead), at most NODES_TTL old unless `fresh`."""
         if fresh or time.monotonic() - self._nodes_at > NODES_TTL:
+            if self._asking is None:  # one question to the GCS for every job that waits
+                self._asking = asyncio.ensure_future(self._ask_nodes())
+            await asyncio.shield(self._asking)
+        return self._nodes
+
+    async def _ask_nodes(self) -> None:
+        try:
             self._nodes = await asyncio.to_thread(self.ray.nodes)
             self._nodes_at = time.monotonic()
-        return self._nodes
+        finally:
+            self._asking = None
+        for node in self._nodes:
+            if node["Alive"] and node["NodeID"] not in self.pullers:
+                task = asyncio.get_running_loop().create_task(self._pull(node["NodeID"]))
+                self.pullers[node["NodeID"]] = task
+
+    async def watch_nodes(self) -> None:
+        """Keep pulling every alive node's agent, new nodes' too. A GCS that stops answering
+        ends the bridge (and its jobs, LOST) after GCS_LOST seconds, not Ray's minute."""
+        answered = time.monotonic()
+        while True:
+            try:
+                await asyncio.wait_for(asyncio.shield(self.nodes(fresh=True)), NODES_TTL * 2)
+                answered = time.monotonic()
+            except Exception as exc:  # noqa: BLE001  # timeout or any Ray error alike
+                if time.monotonic() - answered > GCS_LOST:
+                    why = f"its GCS did not answer for {GCS_LOST:g}s ({_short(exc)})"
+                    self.emit({"ev": "gone", "message": why})
+                    self.flush()
+                    os._exit(3)
+            await asyncio.sleep(NODES_TTL)
+
+    async def _pull(self, node_id: str) -> None:
+        """The events of this bridge's jobs on the node, until its agent cannot be reached
+        (the node is gone, or its agent: watch_nodes starts another puller)."""
+        try:
+            agent = self.agent(node_id)
+            pull = agent.pull.remote(self.token, PULL_WAIT)
+            while True:
+                events = await pull
+                pull = agent.pull.remote(self.token, PULL_WAIT)  # the next, while these are written
+                for kind, job_id, value in events:
+                    if (job := self.jobs.get(job_id)) is not None:
+                        self._event(job, kind, value)
+        except Exception as exc:  # noqa: BLE001  # any Ray error: logged, pulled again later
+            print(f"node {node_id[:12]}: its agent: {_short(exc)}", file=sys.stderr)
+            self.agents.pop(node_id, None)
+            await asyncio.sleep(1.0)
+        finally:
+            self.pullers.pop(node_id, None)
+
+    def _event(self, job: _Job, kind: str, value: Any) -> None:
+        if kind in ("o", "e"):
+            job.write(kind, value)
+        elif kind == "started":
+            self._started(job, value)
+        elif kind == "ended" and not job.done.is_set():
+            job.done.set()
+            job.close()
+            self.emit({"ev": "ended", "id": job.cmd["id"], **value})
 
     async def _run(self, job: _Job) -> None:
         cmd = job.cmd
         try:
-            await self._submit(job)
-            await self._follow(job)
+            result = await self._submit(job)
+            if "failed" in result:
+                self.emit({"ev": "failed", "id": cmd["id"], "message": result["failed"]})
+                return
+            if "info" in result:  # it ended at once: all of it came in the task's answer
+                job.info = result["info"]
+                for kind, data in result["output"]:
+                    job.write(kind, data)
+                job.done.set()
+                self.emit({"ev": "ran", "id": cmd["id"], "started": job.info, **result["exit"]})
+                return
+            # Its end comes from its agent once its output is read (a few ms later, or
+            # DRAIN_SECONDS): the task's own word only if that never comes.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(job.done.wait(), END_WAIT)
+            self._event(job, "ended", result["exit"])
         except Exception as exc:  # noqa: BLE001  # any Ray error: reported, the job ends
             if not job.info:
                 self.emit({"ev": "failed", "id": cmd["id"], "message": _short(exc)})
-            else:
+            elif not job.done.is_set():
                 lost = await self._lost(job, exc)
                 self.emit({"ev": "ended", "id": cmd["id"], "exit_code": None, "lost": lost})
         finally:
             self.jobs.pop(cmd["id"], None)
+            job.close()
 
-    async def _submit(self, job: _Job) -> None:
+    async def _submit(self, job: _Job) -> dict[str, Any]:
         cmd = job.cmd
         cpus, memory = float(cmd["cpus"]), int(cmd["memory"])
         await self._check_feasible(cpus, memory)
         stdin = None
         if cmd.get("stdin"):
             stdin = await asyncio.to_thread(_read_file, cmd["stdin"])
-        options: dict[str, Any] = {
-            "num_cpus": cpus,
-            "_generator_backpressure_num_objects": BACKPRESSURE,
-        }
-        if memory:
-            options["memory"] = memory
-        job.gen = self.run_job.options(**options).remote(
-            cmd["argv"], cmd["env"], cmd["cwd"], stdin, cmd["user"]
-        )
+        what = {k: cmd[k] for k in ("id", "argv", "env", "cwd", "user")} | {"stdin": stdin}
+        job.ref = self._task(cpus, memory).remote(self.token, what)
         if job.cancelled:
-            self.ray.cancel(job.gen)
+            self.ray.cancel(job.ref)
+        result: dict[str, Any] = await job.ref
+        return result
+
+    def _task(self, cpus: float, memory: int) -> Any:
+        """run_job with these resources (Ray's options() is too slow to call per job)."""
+        task = self._tasks.get((cpus, memory))
+        if task is None:
+            options: dict[str, Any] = {"num_cpus": cpus}
+            if memory:
+                options["memory"] = memory
+            task = self._tasks[(cpus, memory)] = self.run_job.options(**options)
+        return task
 
     async def _check_feasible(self, cpus: float, memory: int) -> None:
         alive = [n for n in await self.nodes() if n.get("Alive")]
@@ -158,62 +267,17 @@ class Bridge:
                 f"memory ({len(alive)} nodes alive; the most CPUs a node has: {largest:g})"
             )
 
-    async def _follow(self, job: _Job) -> None:
-        cmd = job.cmd
-        fds = {
-            "o": os.open(cmd["out"], os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644),
-            "e": os.open(cmd["err"], os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644),
-        }
-        try:
-            async for ref in job.gen:
-                kind, value = await ref
-                if kind in fds:
-                    _write_all(fds[kind], value)
-                elif kind == "started":
-                    self._started(job, value)
-                elif kind == "failed":
-                    self.emit({"ev": "failed", "id": cmd["id"], "message": value})
-                    return
-                elif kind == "ended":
-                    self.emit({"ev": "ended", "id": cmd["id"], **value})
-                    return
-        finally:
-            for fd in fds.values():
-                os.close(fd)
-        raise RuntimeError("the job's task ended without its exit status")
-
     def _started(self, job: _Job, info: dict[str, Any]) -> None:
         job.info = info
         self.emit({"ev": "started", "id": job.cmd["id"], **info})
-        # Most jobs of a busy cluster end within a second: only longer ones cost the agent a
-        # call (a job whose bridge dies within its first second can outlive it).
-        asyncio.get_running_loop().call_later(WATCH_AFTER, self._watch, job)
         for sig in job.signals:
             self.agent(info["node_id"]).signal.remote(info["pid"], info["pid_start"], sig)
-
-    def _watch(self, job: _Job) -> None:
-        if job.cmd["id"] in self.jobs:
-            info = job.info
-            agent = self.agent(info["node_id"])
-            agent.watch.remote(
-                info["pid"], info["pid_start"], info["worker_pid"], info["worker_start"]
-            )
 
     def agent(self, node_id: str) -> Any:
         """The node's agent (made at its first use, or found by name)."""
         found = self.agents.get(node_id)
         if found is None:
-            strategy = self.ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(
-                node_id=node_id, soft=False
-            )
-            found = self.agents[node_id] = self.agent_class.options(
-                name=AGENT_NAME.format(node_id=node_id),
-                namespace=NAMESPACE,
-                lifetime="detached",
-                get_if_exists=True,
-                num_cpus=0,
-                scheduling_strategy=strategy,
-            ).remote()
+            found = self.agents[node_id] = self.agent_handle(node_id)
         return found
 
     def _signal(self, job_id: str, sig: int, cancel: bool) -> None:
@@ -226,8 +290,8 @@ class Bridge:
             )
         elif cancel:
             job.cancelled = True
-            if job.gen is not None:
-                self.ray.cancel(job.gen)  # not started: never runs
+            if job.ref is not None:
+                self.ray.cancel(job.ref)  # not started: never runs
         else:
             job.signals.append(sig)
 
@@ -285,8 +349,11 @@ async def _serve(bridge: Bridge) -> None:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=64 << 20)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    watcher = loop.create_task(bridge.watch_nodes())
     while line := await reader.readline():
         bridge.command(json.loads(line))
+    watcher.cancel()
+    bridge.flush()
 
 
 def main(argv: list[str]) -> int:
@@ -303,9 +370,10 @@ def main(argv: list[str]) -> int:
         import ray
         import ray.cloudpickle
 
-        from jobworker.engine import ray_node
+        from jobworker.engine import ray_agent, ray_node
 
-        ray.cloudpickle.register_pickle_by_value(ray_node)  # type: ignore[no-untyped-call]
+        for module in (ray_agent, ray_node):
+            ray.cloudpickle.register_pickle_by_value(module)  # type: ignore[no-untyped-call]
         ray.init(
             address=address,
             _node_ip_address=node_ip,

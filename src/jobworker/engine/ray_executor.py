@@ -2,15 +2,16 @@
 
 The server never imports Ray. It starts a bridge process (engine/ray_bridge.py, the Ray
 driver) at the first job and talks to it in JSON lines: the bridge submits each job as a
-streaming task (engine/ray_node.py) and appends what the job writes to its stdout and
-stderr files under data_dir as it comes, so followers, GetBatch and tails work as for
-local jobs. A Handle's `node` is the IP address of the node the job runs on (Ray's
-NodeManagerAddress); its pid is the job's pid there. Stop and kill go through the node's
-agent actor, which signals the job's process group and every descendant of its leader.
+plain task (engine/ray_node.py), whose node's agent (engine/ray_agent.py) reads its
+output, and appends what the job writes to its stdout and stderr files under data_dir as
+it comes, so followers, GetBatch and tails work as for local jobs. A Handle's `node` is
+the IP address of the node the job runs on (Ray's NodeManagerAddress); its pid is the
+job's pid there. Stop and kill go through the node's agent, which signals the job's
+process group and every descendant of its leader.
 
 When the bridge cannot connect, start() raises ExecutorUnavailable naming the address;
-when the bridge dies (the cluster's GCS went away, the bridge was killed), every running
-job ends LOST with a message, and the next start() starts a new bridge.
+when the bridge dies (the cluster's GCS stopped answering, the bridge was killed), every
+running job ends LOST with a message, and the next start() starts a new bridge.
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ class _Link:
         self.jobs: dict[str, RayHandle] = {}
         self.reaps: dict[str, asyncio.Future[bool]] = {}
         self.ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.why = ""  # the bridge's own word on why it is about to exit
         self.reader = asyncio.get_running_loop().create_task(
             self._read(), name=f"jobworker-ray-bridge-{process.pid}"
         )
@@ -118,7 +120,7 @@ class _Link:
                 self._event(json.loads(line))
         finally:
             code = await self.process.wait()
-            self._gone(f"its Ray driver process (the bridge) exited with status {code}")
+            self._gone(self.why or f"its Ray driver process (the bridge) exited with status {code}")
 
     def _event(self, event: Mapping[str, Any]) -> None:
         kind = event["ev"]
@@ -126,6 +128,8 @@ class _Link:
             self.ready.set_result("")
         elif kind == "fatal":
             self.ready.set_result(str(event["message"]))
+        elif kind == "gone":
+            self.why = str(event["message"])
         elif kind == "reaped":
             future = self.reaps.pop(event["id"], None)
             if future is not None and not future.done():
@@ -151,14 +155,18 @@ class _Link:
 
 def _job_event(jobs: dict[str, RayHandle], job: RayHandle, event: Mapping[str, Any]) -> None:
     kind = event["ev"]
-    if kind == "started":
-        job.pid, job.pid_start = int(event["pid"]), int(event["pid_start"])
-        job.node, job.start_time = str(event["node"]), time.time()
+    if kind in ("started", "ran"):
+        started = event["started"] if kind == "ran" else event
+        job.pid, job.pid_start = int(started["pid"]), int(started["pid_start"])
+        # The node's clock when it started the job (its news comes later: a job's first
+        # 50 ms on the node), never later than now here.
+        job.node = str(started["node"])
+        job.start_time = min(float(started.get("time", 0.0)) or time.time(), time.time())
         job.started.set_result(None)
-    elif kind == "failed":
+    if kind == "failed":
         jobs.pop(job.job_id, None)
         job.started.set_exception(SpawnError(str(event["message"])))
-    elif kind == "ended":
+    elif kind in ("ended", "ran"):
         jobs.pop(job.job_id, None)
         usage = Usage(
             float(event.get("user_cpu", 0.0)),

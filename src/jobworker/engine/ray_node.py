@@ -1,85 +1,194 @@
-"""What runs on a Ray cluster's nodes: a job's task and each node's agent.
+"""What runs on a Ray cluster's node for one job: its task (ray_agent.py: the node's agent).
 
-Only the standard library and ray: the bridge pickles this module by value
+Only the standard library and ray: the bridge pickles this module and ray_agent by value
 (cloudpickle.register_pickle_by_value), so a node needs Ray, not jobworker.
 
-A job's task starts the job's argv in its own session with pipes as stdout and stderr and
-yields, in order: ("started", info) or ("failed", message); then ("o" | "e", bytes) as the
-job writes them; then ("ended", info). Each node's agent (a detached actor, one per node)
-signals a job's process tree (stop, kill) and kills the tree of a job whose task's worker
-died under it (its owner, the bridge, went away): Ray kills the worker, not the job's
-session.
+A job's task is a plain Ray task, holding the job's CPUs and memory while the job runs. It
+starts the job's argv in its own session with pipes as stdout and stderr. A job that ends
+within FIRST_SECONDS having written little comes back whole in the task's answer: its
+start, its output and its end, {"info", "output", "exit"}. Any other is handed to its
+node's agent (ray_agent.py), which reads its pipes from then on and queues its events for
+the bridge; the task waits for the job's leader to exit, kills what is left of its process
+group, reaps it, tells the agent how it ended, and answers {"exit"}. {"failed": message}:
+the job could not start.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fcntl
-import functools
+import json
 import os
 import pwd
-import select
 import selectors
 import signal
+import socket
 import subprocess
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ray
 
-BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-READ_MAX = 8 << 20  # bytes read from a pipe before yielding them
-BIG_READ = 256 << 10  # a read this large means a fast writer: wait for more (_read)
-COALESCE_SECONDS = 0.002
-PIPE_SIZE = 1 << 20  # asked of the kernel for each pipe (F_SETPIPE_SZ)
-DRAIN_SECONDS = 2.0  # after the job's end, for what is still in its pipes
-WATCH_SECONDS = 1.0  # the agent's sweep for jobs whose worker died
+from jobworker.engine.ray_agent import agent_handle, signal_tree, start_ticks
 
-Event = tuple[str, Any]
+BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+PIPE_SIZE = 1 << 20  # asked of the kernel for each pipe (F_SETPIPE_SZ)
+AGENT_TIMEOUT = 60.0  # seconds to wait for the node's agent to be up (it may be new)
+# A job that ends this soon comes back whole in its task's answer (no agent, no pull)...
+FIRST_SECONDS = 0.05
+FIRST_BYTES = 32 << 10  # ...unless it writes more first: its agent then reads it live
 
 
 class _Failed(Exception):
     """The job could not start; the message says why, for a person."""
 
 
-def run_job(
-    argv: Sequence[str], env: Mapping[str, str], cwd: str, stdin: bytes | None, user: str
-) -> Iterator[Event]:
-    """The job's events (module doc); a Ray streaming generator task."""
+def run_job(bridge: str, job: Mapping[str, Any]) -> dict[str, Any]:
+    """The job's task (module doc). `job`: id, argv, env, cwd, stdin (bytes or None), user
+    (one argument: Ray pays per argument)."""
     try:
-        proc, pipes = _spawn(argv, env, cwd, stdin, user)
+        agent = _agent()
+        proc, pipes = _spawn(job["argv"], job["env"], job["cwd"], job["stdin"], job["user"])
     except _Failed as exc:
-        yield ("failed", str(exc))
-        return
-    info = {
-        "pid": proc.pid,
-        "pid_start": start_ticks(proc.pid),
-        "node": _node(),
-        "node_id": _node_id(),
-        "worker_pid": os.getpid(),
-        "worker_start": start_ticks(os.getpid()),
-    }
-    yield ("started", info)
-    yield from _pump(proc, pipes)
+        return {"failed": str(exc)}
+    proc.returncode = 0  # reaped by _reap: keep Popen from waiting for it again
+    pid, pid_start = proc.pid, start_ticks(proc.pid)
+    info = {"pid": pid, "pid_start": pid_start, "node": _node(), "node_id": _node_id()}
+    info["time"] = time.time()
+    output: list[tuple[str, bytes]] = []
+    ended: dict[str, Any] | None = None
+    try:
+        output, ended = _first(pid, pipes)
+        if ended is not None and not pipes:
+            return {"info": info, "output": output, "exit": ended}  # all of it in one answer
+        message = {"op": "job", "bridge": bridge, "id": job["id"], "info": info, "exit": ended}
+        try:
+            agent.send(message, pipes, output)
+        finally:
+            for fd in pipes:
+                os.close(fd)
+        if ended is None:
+            os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+    except BaseException as exc:  # the agent gone, or ray.cancel: the job goes too
+        if ended is None:
+            signal_tree(pid, pid_start, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):  # reaped in _first already
+                ended = _reap(pid)
+        if not isinstance(exc, OSError):
+            raise
+        if ended is not None:  # what it wrote after its first FIRST_BYTES is lost
+            return {"info": info, "output": output, "exit": ended}
+        return {"failed": f"the node's jobworker agent went away (on node {_node()}): {exc}"}
+    if ended is None:
+        ended = _reap(pid)
+        with contextlib.suppress(OSError):  # the agent's loss is the bridge's to notice
+            agent.send({"op": "exit", "bridge": bridge, "id": job["id"], "exit": ended})
+    return {"exit": ended}
 
 
-@functools.cache
+def _first(pid: int, pipes: dict[int, str]) -> tuple[list[tuple[str, bytes]], Any]:
+    """What the job writes in its first FIRST_SECONDS (until FIRST_BYTES), and how it ended
+    if it did meanwhile (else None). Pipes found at their end are closed and leave `pipes`."""
+    output: list[tuple[str, bytes]] = []
+    size, ended = 0, None
+    deadline = time.monotonic() + FIRST_SECONDS
+    pidfd = os.pidfd_open(pid)
+    sel = selectors.DefaultSelector()
+    try:
+        for fd in [*pipes, pidfd]:
+            sel.register(fd, selectors.EVENT_READ)
+        while (pipes or ended is None) and size < FIRST_BYTES:
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                break
+            for key, _ in sel.select(timeout):
+                if key.fd == pidfd:
+                    sel.unregister(pidfd)
+                    ended = _reap(pid)
+                    continue
+                try:
+                    data = os.read(key.fd, FIRST_BYTES)
+                except BlockingIOError:
+                    continue
+                if data:
+                    output.append((pipes[key.fd], data))
+                    size += len(data)
+                else:  # end of file
+                    sel.unregister(key.fd)
+                    os.close(key.fd)
+                    del pipes[key.fd]
+    finally:
+        sel.close()
+        os.close(pidfd)
+    return output, ended
+
+
+class _Channel:
+    """This worker's connection to its node's agent (one per worker process)."""
+
+    def __init__(self, name: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        self.sock.connect(name)
+        self.broken = False
+
+    def send(
+        self,
+        message: dict[str, Any],
+        pipes: Mapping[int, str] | None = None,
+        output: Sequence[tuple[str, bytes]] = (),
+    ) -> None:
+        """One message: JSON, a newline, the output it lists; the pipes' fds with it."""
+        fds = list(pipes or {})
+        message |= {"pipes": list((pipes or {}).values())}
+        message |= {"output": [(kind, len(data)) for kind, data in output]}
+        data = json.dumps(message).encode() + b"\n" + b"".join(d for _, d in output)
+        try:
+            socket.send_fds(self.sock, [data], fds)
+        except OSError:
+            self.broken = True
+            self.sock.close()
+            raise
+
+
+_channels: dict[str, _Channel] = {}  # by node id: this worker's, kept for its next tasks
+
+
+def _agent() -> _Channel:
+    """The node's agent, connected (made first if the node has none)."""
+    channel = _channels.get(_node_id())
+    if channel is None or channel.broken:
+        try:
+            handle = agent_handle(_node_id())
+            channel = _Channel(ray.get(handle.address.remote(), timeout=AGENT_TIMEOUT))
+        except Exception as exc:  # noqa: BLE001  # any Ray or socket error: said to a person
+            raise _Failed(f"the node's jobworker agent cannot be reached ({exc})") from None
+        _channels[_node_id()] = channel
+    return channel
+
+
+# Not functools.cache: a cache wrapper pickles by reference, which a node without
+# jobworker cannot import.
+_here: dict[str, str] = {}  # a worker stays on its node: asked of Ray once per worker
+
+
 def _node() -> str:
-    """This node's IP (a worker stays on its node: asked of Ray once per worker)."""
-    return str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
+    """This node's IP."""
+    if "ip" not in _here:
+        _here["ip"] = str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
+    return _here["ip"]
 
 
-@functools.cache
 def _node_id() -> str:
-    return str(ray.get_runtime_context().get_node_id())
+    if "id" not in _here:
+        _here["id"] = str(ray.get_runtime_context().get_node_id())
+    return _here["id"]
 
 
 def _spawn(
     argv: Sequence[str], env: Mapping[str, str], cwd: str, stdin: bytes | None, user: str
 ) -> tuple[subprocess.Popen[bytes], dict[int, str]]:
-    """Popen the job in its own session; its pipes' read ends, by fd, with their stream."""
+    """Popen the job in its own session; the read ends of its pipes, by fd: "o" or "e"."""
     command, popen_env, popen_cwd = _command(argv, env, cwd, user)
     stdin_fd = _stdin_fd(stdin)
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
@@ -87,7 +196,7 @@ def _spawn(
     for fd in (out_r, err_r):
         with contextlib.suppress(OSError):  # a smaller pipe only costs speed
             fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-        os.set_blocking(fd, False)
+        os.set_blocking(fd, False)  # the agent's reads
     try:
         proc = subprocess.Popen(
             command,
@@ -163,64 +272,6 @@ def _stdin_fd(stdin: bytes | None) -> int:
     return fd
 
 
-def _pump(proc: subprocess.Popen[bytes], pipes: dict[int, str]) -> Iterator[Event]:
-    """Yield the job's output as it comes, then its end (what is left of its group killed)."""
-    pidfd = os.pidfd_open(proc.pid)
-    sel = selectors.DefaultSelector()
-    for fd in pipes:
-        sel.register(fd, selectors.EVENT_READ)
-    sel.register(pidfd, selectors.EVENT_READ)
-    ended: dict[str, Any] | None = None
-    deadline = 0.0
-    try:
-        # Until the leader exits (a job may close its stdout and stderr long before), then
-        # until its pipes end or DRAIN_SECONDS pass.
-        while pipes or ended is None:
-            timeout = None if ended is None else deadline - time.monotonic()
-            if timeout is not None and timeout <= 0:
-                break  # a process that left the session holds a pipe: stop reading it
-            for key, _ in sel.select(timeout):
-                if key.fd == pidfd:
-                    sel.unregister(pidfd)
-                    ended = _reap(proc.pid)
-                    deadline = time.monotonic() + DRAIN_SECONDS
-                    continue
-                data = _read(key.fd)
-                if data:
-                    yield (pipes[key.fd], data)
-                else:  # end of file
-                    sel.unregister(key.fd)
-                    os.close(key.fd)
-                    del pipes[key.fd]
-    finally:
-        sel.close()
-        os.close(pidfd)
-        for fd in pipes:
-            os.close(fd)
-    proc.returncode = 0  # reaped by _reap: keep Popen from waiting again
-    assert ended is not None
-    yield ("ended", ended)
-
-
-def _read(fd: int) -> bytes:
-    """What the pipe holds now, up to READ_MAX; b"" at end of file. A fast writer (a full
-    pipe's worth read) gets a few ms more to fill the chunk: fewer, larger objects."""
-    parts: list[bytes] = []
-    size = 0
-    while size < READ_MAX:
-        try:
-            data = os.read(fd, READ_MAX - size)
-        except BlockingIOError:
-            if size < BIG_READ or not select.select([fd], [], [], COALESCE_SECONDS)[0]:
-                break
-            continue
-        if not data:
-            break
-        parts.append(data)
-        size += len(data)
-    return b"".join(parts)
-
-
 def _reap(pid: int) -> dict[str, Any]:
     """Kill what is left of the job's group (its leader is a zombie: the group id cannot be
     reused yet), then reap the leader with its usage."""
@@ -237,75 +288,3 @@ def _reap(pid: int) -> dict[str, Any]:
         # from (~100 MB); without a cgroup on the node, peak memory is not measured.
         "max_rss": 0,
     }
-
-
-def start_ticks(pid: int) -> int:
-    """Field 22 of /proc/<pid>/stat (start time in clock ticks); 0 when gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as file:
-            stat = file.read()
-    except OSError:
-        return 0
-    return int(stat[stat.rindex(b")") + 2 :].split()[19])
-
-
-def _parents() -> dict[int, int]:
-    """Every process's parent, by pid."""
-    parents: dict[int, int] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat", "rb") as file:
-                    stat = file.read()
-            except OSError:
-                continue
-            parents[int(name)] = int(stat[stat.rindex(b")") + 2 :].split()[1])
-    return parents
-
-
-def signal_tree(pid: int, pid_start: int, sig: int) -> bool:
-    """Send `sig` to the job's process group and to every descendant of its leader (those
-    that left its session too); False when the leader is gone (or its pid reused)."""
-    if start_ticks(pid) != pid_start:
-        return False
-    parents = _parents()
-    tree, frontier = set(), [pid]
-    while frontier:  # a worklist, never recursion
-        parent = frontier.pop()
-        children = [p for p, pp in parents.items() if pp == parent and p not in tree]
-        tree.update(children)
-        frontier.extend(children)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig)
-    for child in tree:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(child, sig)
-    return True
-
-
-class NodeAgent:
-    """One per node (a detached actor, no CPU): signals jobs; kills a job whose worker died."""
-
-    def __init__(self) -> None:
-        self._watched: dict[int, tuple[int, int, int]] = {}  # pid: (start, worker, its start)
-        self._sweeper: asyncio.Task[None] | None = None
-
-    async def signal(self, pid: int, pid_start: int, sig: int) -> bool:
-        """signal_tree() on this node."""
-        return signal_tree(pid, pid_start, sig)
-
-    async def watch(self, pid: int, pid_start: int, worker: int, worker_start: int) -> None:
-        """Kill the job's tree if its worker dies before it ends."""
-        self._watched[pid] = (pid_start, worker, worker_start)
-        if self._sweeper is None:
-            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
-
-    async def _sweep(self) -> None:
-        while True:
-            await asyncio.sleep(WATCH_SECONDS)
-            for pid, (start, worker, worker_start) in list(self._watched.items()):
-                if start_ticks(pid) != start:
-                    del self._watched[pid]  # ended (its task reaped it)
-                elif start_ticks(worker) != worker_start:
-                    signal_tree(pid, start, signal.SIGKILL)
-                    del self._watched[pid]
