@@ -66,7 +66,9 @@ class LocalJob:
         return self._done.done()
 
     async def wait(self) -> ExitInfo:
-        return await asyncio.shield(self._done)
+        # Not shielded (a future and two callbacks more a running job): only the job's
+        # task waits here, cancelled only by a shutdown that leaves the job running.
+        return await self._done
 
     async def stop(self, grace: float) -> ExitInfo:
         kill_at = time.monotonic() + grace
