@@ -179,7 +179,7 @@ def _job_event(jobs: dict[str, RayHandle], job: RayHandle, event: Mapping[str, A
             int(event.get("signal", 0)),
             usage,
             time.time(),
-            False,
+            bool(event.get("oom_killed", False)),
             lost=str(event.get("lost", "")),
         )
         if not job.started.done():  # cannot happen in order; never leave start() waiting
@@ -222,6 +222,12 @@ class RayExecutor:
             cpus = float(math.ceil(cpus))
         return cpus, launch.limits.memory_bytes
 
+    def enforceable(self) -> frozenset[str]:
+        """The limits a job's node enforces where it allows (root, a writable cgroup
+        hierarchy: ray_limits.py); elsewhere memory only, as an address-space rlimit, and
+        the node logs what it does not enforce. This side cannot see each node."""
+        return frozenset({"cpu", "memory", "pids"})
+
     async def start(self, launch: Launch) -> Handle:
         """Start the job on some node; returns once it runs there (it may wait in Ray's
         queue for resources first). SpawnError when it cannot start there,
@@ -252,6 +258,11 @@ class RayExecutor:
             "err": str(job_dir / "stderr"),
             "cpus": cpus,
             "memory": memory,
+            "limits": {
+                "cpu_millis": launch.limits.cpu_millis,
+                "memory_bytes": launch.limits.memory_bytes,
+                "pids_max": launch.limits.pids_max,
+            },
         }
 
     async def ready(self) -> None:
