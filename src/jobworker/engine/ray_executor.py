@@ -7,7 +7,9 @@ output, and appends what the job writes to its stdout and stderr files under dat
 it comes, so followers, GetBatch and tails work as for local jobs. A Handle's `node` is
 the IP address of the node the job runs on (Ray's NodeManagerAddress); its pid is the
 job's pid there. Stop and kill go through the node's agent, which signals the job's
-process group and every descendant of its leader.
+process group and every descendant of its leader. A job's cpu and memory limits are Ray
+resource requests; they and pids_max go with it to its node, which enforces them where it
+allows (ray_limits.py).
 
 When the bridge cannot connect, start() raises ExecutorUnavailable naming the address;
 when the bridge dies (the cluster's GCS stopped answering, the bridge was killed), every

@@ -233,7 +233,7 @@ def limited(
     return command, group
 
 
-def without_group(group: NodeGroup | None, exit_info: dict[str, Any]) -> dict[str, Any]:
+def finish(group: NodeGroup | None, exit_info: dict[str, Any]) -> dict[str, Any]:
     """The job's end with what its group knows (OOM kill, peak memory); the group removed
     (its tree is killed first)."""
     if group is None:

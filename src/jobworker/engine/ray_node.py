@@ -1,10 +1,13 @@
 """What runs on a Ray cluster's node for one job: its task (ray_agent.py: the node's agent).
 
-Only the standard library and ray: the bridge pickles this module and ray_agent by value
-(cloudpickle.register_pickle_by_value), so a node needs Ray, not jobworker.
+Only the standard library and ray: the bridge pickles this module, ray_agent and
+ray_limits by value (cloudpickle.register_pickle_by_value), so a node needs Ray, not
+jobworker.
 
 A job's task is a plain Ray task, holding the job's CPUs and memory while the job runs. It
-starts the job's argv in its own session with pipes as stdout and stderr. A job that ends
+starts the job's argv in its own session with pipes as stdout and stderr, within its
+limits where the node allows (ray_limits.py: a cgroup of its own, removed once the job's
+leader is reaped, with what is left in it; its OOM kill in the job's end). A job that ends
 within FIRST_SECONDS having written little comes back whole in the task's answer: its
 start, its output and its end, {"info", "output", "exit"}. Any other is handed to its
 node's agent (ray_agent.py), which reads its pipes from then on and queues its events for
@@ -35,7 +38,7 @@ from jobworker.engine.ray_agent import agent_handle, signal_tree, start_ticks
 
 # Its names, not the module: a module pickles by reference, which a node without jobworker
 # cannot import (the functions pickle by value with it).
-from jobworker.engine.ray_limits import NodeGroup, limited, wanted, without_group
+from jobworker.engine.ray_limits import NodeGroup, finish, limited, wanted
 
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PIPE_SIZE = 1 << 20  # asked of the kernel for each pipe (F_SETPIPE_SZ)
@@ -342,4 +345,4 @@ def _reap(pid: int, group: NodeGroup | None) -> dict[str, Any]:
         # from (~100 MB); only a memory cgroup's peak is the job's own.
         "max_rss": 0,
     }
-    return without_group(group, ended)
+    return finish(group, ended)
