@@ -32,6 +32,7 @@ CFS_PERIOD_US = 100_000
 CFS_MIN_QUOTA_US = 1_000
 CFS_MAX_PERIOD_US = 1_000_000
 REMOVE_SECONDS = 5.0  # for the group's last processes to die before its folder goes
+STALE_SECONDS = 60.0  # an empty group this old was left by a task whose worker was killed
 
 # The join shell: its own pid into every cgroup.procs file named before "--", then the
 # job's chain with its stdin opened by path (the first argument). Until that exec its fd 0
@@ -177,6 +178,24 @@ def _v2_parent() -> str | None:
     return parent
 
 
+# Not functools.cache: a cache wrapper pickles by reference, which a node without
+# jobworker cannot import.
+_swept: set[str] = set()  # parent folders this worker has swept
+
+
+def _sweep(parent: str) -> None:
+    """Once per worker and parent: remove the empty groups that killed workers left (a
+    group in use is not empty, and a new one is not STALE_SECONDS old)."""
+    if parent in _swept:
+        return
+    _swept.add(parent)
+    with contextlib.suppress(OSError), os.scandir(parent) as entries:
+        for entry in entries:
+            with contextlib.suppress(OSError):
+                if entry.is_dir() and time.time() - entry.stat().st_mtime > STALE_SECONDS:
+                    os.rmdir(entry.path)  # EBUSY while processes are in it
+
+
 def make_group(job_id: str, limits: Mapping[str, int]) -> NodeGroup | None:
     """The job's group with its limits set, or None (not root, no hierarchy, nothing
     asked). A limit that cannot be set is logged and left out."""
@@ -196,6 +215,7 @@ def make_group(job_id: str, limits: Mapping[str, int]) -> NodeGroup | None:
                 continue
             folder = f"{hierarchy}/{PARENT}/{_name(job_id)}"
         try:
+            _sweep(os.path.dirname(folder))
             os.makedirs(folder, exist_ok=True)
             group.dirs[name] = folder
             for file, value in _writes(name, group.v2, limits):
