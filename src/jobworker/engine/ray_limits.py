@@ -109,7 +109,7 @@ class NodeGroup:
 
     def __init__(self, v2: bool) -> None:
         self.v2 = v2
-        self.dirs: dict[str, str] = {}  # limit name ("unified" for v2) -> folder
+        self.dirs: dict[str, str] = {}  # limit name -> its folder (one folder for all on v2)
         self.enforced: set[str] = set()
 
     def procs_files(self) -> list[str]:
