@@ -9,14 +9,17 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from jobworker.engine.executor import ExecutorUnavailable, Known, Launch, SpawnError
+from jobworker.engine.jobrun import outcome
+from jobworker.engine.queues import Run
 from jobworker.engine.ray_executor import RayExecutor, RayHandle
-from jobworker.model import JobSpec, Limits
+from jobworker.model import JobSpec, JobState, Limits
 from tests.integration.ray_cluster import RayCluster, why_not
 
 pytestmark = [
@@ -171,6 +174,89 @@ async def test_cpus_are_a_ray_resource(executor: RayExecutor, tmp_path: Path) ->
     )
     assert not any(h.ended for h in halves)
     await asyncio.gather(*(h.stop(1.0) for h in halves))
+
+
+def cgroup_dirs(job: Launch, controllers: tuple[str, ...]) -> list[Path]:
+    """The job's cgroup folders on the head (this host, outside the test's namespace: the
+    second node, inside it, sees no /sys/fs/cgroup and enforces memory by prlimit)."""
+    name = f"{job.key}_{job.attempt}"  # ray_limits names it after the job's id
+    if Path("/sys/fs/cgroup/cgroup.controllers").exists():
+        return [Path("/sys/fs/cgroup/jobworker-ray", name)]
+    return [Path("/sys/fs/cgroup", c, "jobworker-ray", name) for c in controllers]
+
+
+async def on_each_node(
+    cluster: RayCluster, executor: RayExecutor, jobs: list[Launch]
+) -> dict[str, tuple[Launch, RayHandle]]:
+    """Two jobs of one CPU each, started together: one per node, by node IP."""
+    handles = await asyncio.gather(*(executor.start(job) for job in jobs))
+    placed = {h.node: (job, h) for job, h in zip(jobs, handles, strict=True)}
+    assert set(placed) == {cluster.head_ip, cluster.node_ip}
+    return placed  # type: ignore[return-value]
+
+
+needs_cgroups = pytest.mark.skipif(
+    os.geteuid() != 0 or not Path("/sys/fs/cgroup").is_dir(), reason="needs root and cgroups"
+)
+
+
+@needs_cgroups
+async def test_memory_limit_oom_kills_on_the_node(
+    cluster: RayCluster, executor: RayExecutor, tmp_path: Path
+) -> None:
+    hog = f"sleep 1; exec {sys.executable} -c 'b = bytearray(300 << 20); print(len(b))'"
+    limits = Limits(cpu_millis=1000, memory_bytes=64 << 20)
+    jobs = [launch(tmp_path, "sh", "-c", hog, limits=limits) for _ in range(2)]
+    placed = await on_each_node(cluster, executor, jobs)
+    job, handle = placed[cluster.head_ip]
+    end = await handle.wait()
+    assert end.oom_killed and end.signal == signal.SIGKILL, end
+    state, message = outcome(Run(0), end, limits)
+    assert (state, message) == (JobState.FAILED, "killed: out of memory (limit 64 MiB)")
+    assert not any(d.exists() for d in cgroup_dirs(job, ("memory", "cpu")))
+    # The second node has no cgroups: prlimit --as fails the allocation instead.
+    job, handle = placed[cluster.node_ip]
+    end = await handle.wait()
+    assert end.exit_code == 1 and not end.oom_killed
+    assert b"MemoryError" in (job.job_dir / "stderr").read_bytes()
+
+
+@needs_cgroups
+async def test_pids_max_fails_a_fork_past_it(
+    cluster: RayCluster, executor: RayExecutor, tmp_path: Path
+) -> None:
+    forks = "sleep 1; for i in 1 2 3 4 5 6 7 8; do sleep 30 & done; wait"
+    limits = Limits(cpu_millis=1000, pids_max=4)
+    jobs = [launch(tmp_path, "sh", "-c", forks, limits=limits) for _ in range(2)]
+    placed = await on_each_node(cluster, executor, jobs)
+    job, handle = placed[cluster.head_ip]
+    end = await asyncio.wait_for(handle.wait(), 20)
+    assert end.exit_code not in (None, 0), end
+    assert b"fork" in (job.job_dir / "stderr").read_bytes().lower()
+    assert not any(d.exists() for d in cgroup_dirs(job, ("pids", "cpu")))
+    await placed[cluster.node_ip][1].stop(1.0)  # no pids limit there: its sleeps run on
+
+
+@needs_cgroups
+async def test_a_job_is_in_its_cgroup_while_it_runs(
+    cluster: RayCluster, executor: RayExecutor, tmp_path: Path
+) -> None:
+    limits = Limits(cpu_millis=1000, memory_bytes=256 << 20, pids_max=50)
+    jobs = [launch(tmp_path, "sleep", "3", limits=limits) for _ in range(2)]
+    placed = await on_each_node(cluster, executor, jobs)
+    job, handle = placed[cluster.head_ip]
+    dirs = cgroup_dirs(job, ("memory", "cpu", "pids"))
+    for folder in dirs:
+        assert str(handle.pid) in (folder / "cgroup.procs").read_text().split(), folder
+    limit_files = {"memory.limit_in_bytes": str(256 << 20), "pids.max": "50"}
+    limit_files |= {"cpu.cfs_quota_us": "100000", "memory.max": str(256 << 20)}
+    for folder in dirs:
+        for name, value in limit_files.items():
+            if (folder / name).exists():
+                assert (folder / name).read_text().strip() == value, (folder, name)
+    assert (await handle.wait()).exit_code == 0
+    assert not any(d.exists() for d in dirs)
+    assert (await placed[cluster.node_ip][1].wait()).exit_code == 0
 
 
 async def test_a_request_no_node_can_meet_fails_to_start(

@@ -13,10 +13,11 @@ this host as it comes, so followers read them as they grow, exactly as for local
 It exits when its stdin closes (the server went away); Ray then kills the job tasks it
 owned, and each node's agent kills their process trees.
 
-Commands: start (id, argv, env, cwd, stdin, user, out, err, cpus, memory), signal (id, sig),
+Commands: start (id, argv, env, cwd, stdin, user, out, err, cpus, memory, limits: the
+job's cpu_millis, memory_bytes and pids_max, enforced on its node), signal (id, sig),
 cancel (id), reap (id, node, pid, pid_start). Events: ready, fatal (message), started (id,
 pid, pid_start, node), failed (id, message), ended (id, exit_code, signal, user_cpu,
-system_cpu, max_rss, lost), ran (id, started: the started event's fields, and the ended
+system_cpu, max_rss, oom_killed, lost), ran (id, started: the started event's fields, and the ended
 event's: a job that ended at once), reaped (id, found), gone (message: why it exits now).
 """
 
@@ -236,7 +237,8 @@ class Bridge:
         stdin = None
         if cmd.get("stdin"):
             stdin = await asyncio.to_thread(_read_file, cmd["stdin"])
-        what = {k: cmd[k] for k in ("id", "argv", "env", "cwd", "user")} | {"stdin": stdin}
+        what = {k: cmd[k] for k in ("id", "argv", "env", "cwd", "user", "limits")}
+        what["stdin"] = stdin
         job.ref = self._task(cpus, memory).remote(self.token, what)
         if job.cancelled:
             self.ray.cancel(job.ref)
@@ -370,9 +372,9 @@ def main(argv: list[str]) -> int:
         import ray
         import ray.cloudpickle
 
-        from jobworker.engine import ray_agent, ray_node
+        from jobworker.engine import ray_agent, ray_limits, ray_node
 
-        for module in (ray_agent, ray_node):
+        for module in (ray_agent, ray_limits, ray_node):
             ray.cloudpickle.register_pickle_by_value(module)  # type: ignore[no-untyped-call]
         ray.init(
             address=address,

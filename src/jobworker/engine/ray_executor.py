@@ -7,7 +7,9 @@ output, and appends what the job writes to its stdout and stderr files under dat
 it comes, so followers, GetBatch and tails work as for local jobs. A Handle's `node` is
 the IP address of the node the job runs on (Ray's NodeManagerAddress); its pid is the
 job's pid there. Stop and kill go through the node's agent, which signals the job's
-process group and every descendant of its leader.
+process group and every descendant of its leader. A job's cpu and memory limits are Ray
+resource requests; they and pids_max go with it to its node, which enforces them where it
+allows (ray_limits.py).
 
 When the bridge cannot connect, start() raises ExecutorUnavailable naming the address;
 when the bridge dies (the cluster's GCS stopped answering, the bridge was killed), every
@@ -179,7 +181,7 @@ def _job_event(jobs: dict[str, RayHandle], job: RayHandle, event: Mapping[str, A
             int(event.get("signal", 0)),
             usage,
             time.time(),
-            False,
+            bool(event.get("oom_killed", False)),
             lost=str(event.get("lost", "")),
         )
         if not job.started.done():  # cannot happen in order; never leave start() waiting
@@ -222,6 +224,12 @@ class RayExecutor:
             cpus = float(math.ceil(cpus))
         return cpus, launch.limits.memory_bytes
 
+    def enforceable(self) -> frozenset[str]:
+        """The limits a job's node enforces where it allows (root, a writable cgroup
+        hierarchy: ray_limits.py); elsewhere memory only, as an address-space rlimit, and
+        the node logs what it does not enforce. This side cannot see each node."""
+        return frozenset({"cpu", "memory", "pids"})
+
     async def start(self, launch: Launch) -> Handle:
         """Start the job on some node; returns once it runs there (it may wait in Ray's
         queue for resources first). SpawnError when it cannot start there,
@@ -252,6 +260,11 @@ class RayExecutor:
             "err": str(job_dir / "stderr"),
             "cpus": cpus,
             "memory": memory,
+            "limits": {
+                "cpu_millis": launch.limits.cpu_millis,
+                "memory_bytes": launch.limits.memory_bytes,
+                "pids_max": launch.limits.pids_max,
+            },
         }
 
     async def ready(self) -> None:

@@ -1,10 +1,13 @@
 """What runs on a Ray cluster's node for one job: its task (ray_agent.py: the node's agent).
 
-Only the standard library and ray: the bridge pickles this module and ray_agent by value
-(cloudpickle.register_pickle_by_value), so a node needs Ray, not jobworker.
+Only the standard library and ray: the bridge pickles this module, ray_agent and
+ray_limits by value (cloudpickle.register_pickle_by_value), so a node needs Ray, not
+jobworker.
 
 A job's task is a plain Ray task, holding the job's CPUs and memory while the job runs. It
-starts the job's argv in its own session with pipes as stdout and stderr. A job that ends
+starts the job's argv in its own session with pipes as stdout and stderr, within its
+limits where the node allows (ray_limits.py: a cgroup of its own, removed once the job's
+leader is reaped, with what is left in it; its OOM kill in the job's end). A job that ends
 within FIRST_SECONDS having written little comes back whole in the task's answer: its
 start, its output and its end, {"info", "output", "exit"}. Any other is handed to its
 node's agent (ray_agent.py), which reads its pipes from then on and queues its events for
@@ -21,6 +24,7 @@ import json
 import os
 import pwd
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,6 +35,10 @@ from typing import Any
 import ray
 
 from jobworker.engine.ray_agent import agent_handle, signal_tree, start_ticks
+
+# Its names, not the module: a module pickles by reference, which a node without jobworker
+# cannot import (the functions pickle by value with it).
+from jobworker.engine.ray_limits import NodeGroup, finish, limited, wanted
 
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PIPE_SIZE = 1 << 20  # asked of the kernel for each pipe (F_SETPIPE_SZ)
@@ -45,11 +53,11 @@ class _Failed(Exception):
 
 
 def run_job(bridge: str, job: Mapping[str, Any]) -> dict[str, Any]:
-    """The job's task (module doc). `job`: id, argv, env, cwd, stdin (bytes or None), user
-    (one argument: Ray pays per argument)."""
+    """The job's task (module doc). `job`: id, argv, env, cwd, stdin (bytes or None), user,
+    limits (one argument: Ray pays per argument)."""
     try:
         agent = _agent()
-        proc, pipes = _spawn(job["argv"], job["env"], job["cwd"], job["stdin"], job["user"])
+        proc, pipes, group = _spawn(job)
     except _Failed as exc:
         return {"failed": str(exc)}
     proc.returncode = 0  # reaped by _reap: keep Popen from waiting for it again
@@ -59,7 +67,7 @@ def run_job(bridge: str, job: Mapping[str, Any]) -> dict[str, Any]:
     output: list[tuple[str, bytes]] = []
     ended: dict[str, Any] | None = None
     try:
-        output, ended = _first(pid, pipes)
+        output, ended = _first(pid, pipes, group)
         if ended is not None and not pipes:
             return {"info": info, "output": output, "exit": ended}  # all of it in one answer
         message = {"op": "job", "bridge": bridge, "id": job["id"], "info": info, "exit": ended}
@@ -74,20 +82,22 @@ def run_job(bridge: str, job: Mapping[str, Any]) -> dict[str, Any]:
         if ended is None:
             signal_tree(pid, pid_start, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):  # reaped in _first already
-                ended = _reap(pid)
+                ended = _reap(pid, group)
         if not isinstance(exc, OSError):
             raise
         if ended is not None:  # what it wrote after its first FIRST_BYTES is lost
             return {"info": info, "output": output, "exit": ended}
         return {"failed": f"the node's jobworker agent went away (on node {_node()}): {exc}"}
     if ended is None:
-        ended = _reap(pid)
+        ended = _reap(pid, group)
         with contextlib.suppress(OSError):  # the agent's loss is the bridge's to notice
             agent.send({"op": "exit", "bridge": bridge, "id": job["id"], "exit": ended})
     return {"exit": ended}
 
 
-def _first(pid: int, pipes: dict[int, str]) -> tuple[list[tuple[str, bytes]], Any]:
+def _first(
+    pid: int, pipes: dict[int, str], group: NodeGroup | None
+) -> tuple[list[tuple[str, bytes]], Any]:
     """What the job writes in its first FIRST_SECONDS (until FIRST_BYTES), and how it ended
     if it did meanwhile (else None). Pipes found at their end are closed and leave `pipes`."""
     output: list[tuple[str, bytes]] = []
@@ -105,7 +115,7 @@ def _first(pid: int, pipes: dict[int, str]) -> tuple[list[tuple[str, bytes]], An
             for key, _ in sel.select(timeout):
                 if key.fd == pidfd:
                     sel.unregister(pidfd)
-                    ended = _reap(pid)
+                    ended = _reap(pid, group)
                     continue
                 try:
                     data = os.read(key.fd, FIRST_BYTES)
@@ -186,11 +196,18 @@ def _node_id() -> str:
 
 
 def _spawn(
-    argv: Sequence[str], env: Mapping[str, str], cwd: str, stdin: bytes | None, user: str
-) -> tuple[subprocess.Popen[bytes], dict[int, str]]:
-    """Popen the job in its own session; the read ends of its pipes, by fd: "o" or "e"."""
-    command, popen_env, popen_cwd = _command(argv, env, cwd, user)
-    stdin_fd = _stdin_fd(stdin)
+    job: Mapping[str, Any],
+) -> tuple[subprocess.Popen[bytes], dict[int, str], NodeGroup | None]:
+    """Popen the job in its own session within its limits (ray_limits.py); the read ends of
+    its pipes, by fd: "o" or "e"; its cgroup (None: it has none)."""
+    argv, cwd, limits = job["argv"], job["cwd"], job.get("limits") or {}
+    command, popen_env, popen_cwd = _command(argv, job["env"], cwd, job["user"])
+    if wanted(limits) and command[0] != "setpriv":
+        _check_exec(argv[0], popen_env, cwd)  # a wrapper's exec would hide a start failure
+    stdin_fd = _stdin_fd(job["stdin"])
+    stdin_path = f"/proc/{os.getpid()}/fd/{stdin_fd}" if job["stdin"] else os.devnull
+    command, group = limited(job["id"], limits, command, stdin_path)
+    gate_r, gate_w = os.pipe2(os.O_CLOEXEC) if group is not None else (-1, stdin_fd)
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     for fd in (out_r, err_r):
@@ -200,7 +217,7 @@ def _spawn(
     try:
         proc = subprocess.Popen(
             command,
-            stdin=stdin_fd,
+            stdin=gate_w,
             stdout=out_w,
             stderr=err_w,
             cwd=popen_cwd,
@@ -209,13 +226,53 @@ def _spawn(
             start_new_session=True,
         )
     except (OSError, ValueError) as exc:
-        os.close(out_r)
-        os.close(err_r)
+        for fd in (out_r, err_r, *([gate_r, stdin_fd] if group is not None else [])):
+            os.close(fd)
+        if group is not None:
+            group.remove()
         raise _Failed(_spawn_message(exc, argv[0], cwd)) from None
     finally:
-        for fd in (out_w, err_w, stdin_fd):
+        for fd in (out_w, err_w, gate_w):  # gate_w: stdin_fd when there is no gate
             os.close(fd)
-    return proc, {out_r: "o", err_r: "e"}
+    if group is not None:
+        try:
+            _joined(proc, gate_r, group)
+        except _Failed:
+            os.close(out_r)
+            os.close(err_r)
+            raise
+        finally:
+            os.close(stdin_fd)  # the join shell has opened it by then
+    return proc, {out_r: "o", err_r: "e"}, group
+
+
+def _joined(proc: subprocess.Popen[bytes], gate: int, group: NodeGroup) -> None:
+    """Wait for the join shell's exec (its end of the gate closes); _Failed, the job
+    reaped and its group removed, when it could not join its cgroup."""
+    failed = b""
+    try:
+        while data := os.read(gate, 4096):
+            failed += data
+    finally:
+        os.close(gate)
+    if failed:
+        proc.wait()
+        group.remove()
+        where = failed.decode(errors="replace").strip()
+        raise _Failed(f"cannot put the job in its cgroup ({where}) on node {_node()}")
+
+
+def _check_exec(argv0: str, env: Mapping[str, str], cwd: str) -> None:
+    """_Failed when `argv0` cannot be executed in `cwd`, as Popen would fail the start."""
+    if not os.path.isdir(cwd):
+        raise _Failed(f"working directory {cwd}: no such directory (on node {_node()})")
+    if "/" in argv0:
+        path = os.path.join(cwd, argv0)
+        found = os.access(path, os.X_OK) and not os.path.isdir(path)
+    else:
+        found = shutil.which(argv0, path=env.get("PATH", BASE_PATH)) is not None
+    if not found:
+        raise _Failed(f"cannot execute {argv0}: No such file or directory (on node {_node()})")
 
 
 def _spawn_message(exc: Exception, argv0: str, cwd: str) -> str:
@@ -272,19 +329,20 @@ def _stdin_fd(stdin: bytes | None) -> int:
     return fd
 
 
-def _reap(pid: int) -> dict[str, Any]:
+def _reap(pid: int, group: NodeGroup | None) -> dict[str, Any]:
     """Kill what is left of the job's group (its leader is a zombie: the group id cannot be
-    reused yet), then reap the leader with its usage."""
+    reused yet), then reap the leader with its usage; its cgroup, if any, is removed."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
     _, status, usage = os.wait4(pid, 0)
     signaled = os.WIFSIGNALED(status)
-    return {
+    ended = {
         "exit_code": None if signaled else os.waitstatus_to_exitcode(status),
         "signal": os.WTERMSIG(status) if signaled else 0,
         "user_cpu": usage.ru_utime,
         "system_cpu": usage.ru_stime,
         # Not ru_maxrss: exec keeps the high-water mark of the Ray worker it was forked
-        # from (~100 MB); without a cgroup on the node, peak memory is not measured.
+        # from (~100 MB); only a memory cgroup's peak is the job's own.
         "max_rss": 0,
     }
+    return finish(group, ended)
