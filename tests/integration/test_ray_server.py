@@ -120,11 +120,12 @@ def test_a_cluster_whose_head_goes_away_leaves_its_job_lost_and_its_follower_end
 ) -> None:
     # A cluster of its own: its head is killed (GCS, raylet and the Ray processes there).
     doomed = start_cluster(tmp_path_factory.mktemp("rayhead"), cpus=1, index=1)
-    marker = "jobworker-ray-headless-5521"
+    seconds = f"302.{os.getpid()}"  # the job's sleep is found by it and killed after
+    marker = f"sleep\0{seconds}"
     try:
         srv = _server(make_server, doomed)
         stub = srv.stub("alice")
-        script = f"echo started; exec sleep 302 # {marker}"
+        script = f"echo started; exec sleep {seconds}"
         cid = schedule(stub, options(executor="cluster"), job("sh", "-c", script, name="j"))
         cid = cid.correlation_id
         wait_job(stub, cid, "j", pb.JOB_STATE_RUNNING, 120)
