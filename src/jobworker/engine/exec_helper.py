@@ -14,6 +14,7 @@ import shutil
 import stat
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("jobworker-exec.c")
@@ -54,8 +55,26 @@ def find() -> str | None:
     return None if unusable(path) else str(path)
 
 
-def build(target: Path | None = None) -> Path:
-    """Compile the helper (statically where the C library allows) to `target`."""
+# Each tried in turn until one builds and answers its usage check: without a C library
+# (x86-64 and arm64: no start-up cost, jobworker-exec.c), static, then plain.
+VARIANTS: tuple[list[str], ...] = (
+    [
+        "-DJW_NOLIBC",
+        "-static",
+        "-nostdlib",
+        "-ffreestanding",
+        "-fno-stack-protector",
+        "-fno-pie",
+        "-no-pie",
+    ],
+    ["-static"],  # no dynamic loader, no LD_* to heed
+    [],
+)
+
+
+def build(target: Path | None = None, variants: Sequence[list[str]] = VARIANTS) -> Path:
+    """Compile the helper (the first of `variants` this compiler and machine allow) to
+    `target`."""
     target = target or default_path()
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
@@ -63,15 +82,29 @@ def build(target: Path | None = None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{NAME}.partial")
     base = [compiler, "-O2", "-Wall", "-Werror", "-o", str(partial), str(SOURCE)]
-    for extra in (["-static"], []):  # static: no dynamic loader, no LD_* to heed, faster
+    errors = []
+    for extra in variants:
         done = subprocess.run([*base, *extra], capture_output=True, text=True, check=False)
-        if done.returncode == 0:
+        problem = done.stderr.strip() if done.returncode else _answers_usage(partial)
+        if not problem:
             break
+        errors.append(f"{' '.join(extra) or 'plain'}: {problem}")
     else:
-        raise RuntimeError(f"{compiler} failed:\n{done.stderr.strip()}")
+        raise RuntimeError(f"{compiler} failed:\n" + "\n".join(errors))
     os.chmod(partial, 0o700)  # only root runs it
     os.replace(partial, target)
     return target
+
+
+def _answers_usage(path: Path) -> str:
+    """ "" when the built program runs and says its usage, as it must; else what it did."""
+    try:
+        done = subprocess.run([str(path)], check=False, capture_output=True, timeout=10, text=True)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"the built program does not run: {exc}"
+    if done.returncode != 125 or "usage: jobworker-exec" not in done.stderr:
+        return f"the built program exits {done.returncode}: {done.stderr.strip()[:200]!r}"
+    return ""
 
 
 def main() -> None:
