@@ -298,6 +298,25 @@ async def test_unreachable_cluster_is_unavailable_naming_it(tmp_path: Path) -> N
     await ex.close(stop_jobs=True)
 
 
+async def test_a_worker_dying_as_its_job_starts_leaves_no_process(
+    executor: RayExecutor, tmp_path: Path
+) -> None:
+    # The job kills its task's worker (its parent) within the task's first 50 ms, before
+    # the task hands it to its node's agent: the agent, told at the start, kills it.
+    marker = f"300.{os.getpid()}4"
+    script = f"sleep 0.02; kill -9 $PPID; sleep {marker} & sleep {marker}"
+    handle = await executor.start(launch(tmp_path, "sh", "-c", script))
+    end = await asyncio.wait_for(handle.wait(), 60)
+    assert outcome(Run(0), end, Limits())[0] == JobState.LOST
+    assert end.lost == (
+        f"its Ray worker died as the job started (on node {handle.node}); its processes were killed"
+    )
+    deadline = time.monotonic() + 5
+    while processes_with(marker):
+        assert time.monotonic() < deadline, "a process of the job outlived its worker"
+        await asyncio.sleep(0.1)
+
+
 async def test_a_restarted_server_reports_lost_and_kills_leftovers(
     cluster: RayCluster, executor: RayExecutor, tmp_path: Path
 ) -> None:

@@ -13,8 +13,10 @@ the pipes and queues, per bridge, the job's events in order: ("started", id, inf
 jobs of a node in one call; the events of many jobs travel together.
 
 A task's connection closing before its job ended means Ray killed the task's worker (its
-owner, the bridge, went away): the agent kills the job's tree, since Ray kills only the
-worker, not the job's session.
+owner, the bridge, went away), or the worker died: the agent kills the job's tree, since
+Ray kills only the worker, not the job's session. A task tells the agent of its job as it
+starts ("begun"), so a worker that dies before the handover leaves no job unwatched
+either: the agent kills it and queues its start and a lost end for the bridge.
 """
 
 from __future__ import annotations
@@ -170,6 +172,9 @@ class NodeAgent:
         self._queues: dict[str, _Queue] = {}
         self._runs: dict[tuple[str, str], _Run] = {}
         self._by_conn: dict[socket.socket, set[_Run]] = {}
+        # The latest job each task's connection began and has not handed over ("begun"; a
+        # worker runs one task at a time). One that ended at once stays until replaced.
+        self._begun: dict[socket.socket, dict[str, Any]] = {}
 
     async def address(self) -> str:
         """The Unix socket (abstract, named afresh per agent) job tasks connect to."""
@@ -237,7 +242,10 @@ class NodeAgent:
                 return
             head, _, output = data.partition(b"\n")
             message = json.loads(head)
-            if message["op"] == "job":
+            if message["op"] == "begun":
+                self._begun[conn] = message
+            elif message["op"] == "job":
+                self._begun.pop(conn, None)
                 self._job(conn, message, fds, output)
             elif message["op"] == "exit":
                 self._exit(conn, message)
@@ -318,3 +326,13 @@ class NodeAgent:
             if run.exit is None:  # its task's worker died under it: its tree goes too
                 signal_tree(run.pid, run.pid_start, signal.SIGKILL)
                 self._end(run)  # no ended event: the bridge has the task's error
+        begun = self._begun.pop(conn, None)
+        if begun is None:
+            return
+        info = begun["info"]
+        if signal_tree(info["pid"], info["pid_start"], signal.SIGKILL):  # still running
+            why = f"its Ray worker died as the job started (on node {info['node']}); "
+            queue = self._queue(begun["bridge"])
+            queue.put("started", begun["id"], info)
+            lost = {"exit_code": None, "lost": why + "its processes were killed"}
+            queue.put("ended", begun["id"], lost)

@@ -44,6 +44,7 @@ NODES_TTL = 2.0  # seconds the bridge trusts its view of the cluster's nodes (an
 PULL_WAIT = 10.0  # seconds an agent holds a pull that has nothing to return
 GCS_LOST = 20.0  # seconds without an answer from the cluster's GCS: the cluster is gone
 END_WAIT = 12.0  # seconds past its task a job's end may take to come from its agent
+BEGUN_WAIT = 3.0  # for the agent's word on a job whose task's worker died as it started
 
 
 def local_address(host: str) -> str:
@@ -221,6 +222,10 @@ class Bridge:
                 await asyncio.wait_for(job.done.wait(), END_WAIT)
             self._event(job, "ended", result["exit"])
         except Exception as exc:  # noqa: BLE001  # any Ray error: reported, the job ends
+            if not job.info and type(exc).__name__ in ("WorkerCrashedError", "OutOfMemoryError"):
+                # It may have started: its agent then says so, with a lost end (ray_agent).
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(job.done.wait(), BEGUN_WAIT)
             if not job.info:
                 self.emit({"ev": "failed", "id": cmd["id"], "message": _short(exc)})
             elif not job.done.is_set():

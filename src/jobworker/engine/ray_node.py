@@ -66,6 +66,10 @@ def run_job(bridge: str, job: Mapping[str, Any]) -> dict[str, Any]:
     info["time"] = time.time()
     output: list[tuple[str, bytes]] = []
     ended: dict[str, Any] | None = None
+    # Told to the agent at once, so that a worker dying in the next FIRST_SECONDS leaves no
+    # job unwatched (the agent then kills it and says so). A lost agent shows below.
+    with contextlib.suppress(OSError):
+        agent.send({"op": "begun", "bridge": bridge, "id": job["id"], "info": info})
     try:
         output, ended = _first(pid, pipes, group)
         if ended is not None and not pipes:
