@@ -320,11 +320,14 @@ async def send_batch(
     return str(response.correlation_id)
 
 
-async def follow_to_end(client: pb_grpc.JobWorkerServiceStub, cid: str, timeout: float) -> int:
-    """Follow a batch's stream until it ends (every job ended); the messages received."""
+async def follow_to_end(
+    client: pb_grpc.JobWorkerServiceStub, cid: str, timeout: float, packed: bool = True
+) -> int:
+    """Follow a batch's stream until it ends (every job ended); the messages received.
+    `packed`: as jobworker's client library asks (several events a message)."""
     count = 0
     call = client.StreamBatchLogs(
-        pb.StreamBatchLogsRequest(correlation_id=cid, follow=True), timeout=timeout
+        pb.StreamBatchLogsRequest(correlation_id=cid, follow=True, packed=packed), timeout=timeout
     )
     async for _ in call:
         count += 1

@@ -87,7 +87,7 @@ def _machine_ticks() -> tuple[int, int]:
 
 
 async def schedule_once(
-    server: Server, ctx: Context, n: int, *, poll: bool = False, tag: str = ""
+    server: Server, ctx: Context, n: int, *, poll: bool = False, tag: str = "", packed: bool = True
 ) -> dict[str, float]:
     """One batch of `n` `true` jobs: jobs/s from ScheduleBatch to the batch's end.
 
@@ -117,7 +117,7 @@ async def schedule_once(
             assert summary.correlation_id == cid
             elapsed = summary.end_time.ToNanoseconds() / 1e9 - wall
         else:
-            await follow_to_end(client, cid, timeout=600)
+            await follow_to_end(client, cid, timeout=600, packed=packed)
             elapsed = time.perf_counter() - start
         cpu1, _ = cpu_seconds(server.pid)
         sup1, children1 = cpu_seconds(supervisor) if supervisor else (0.0, 0.0)
@@ -133,6 +133,8 @@ async def schedule_once(
         "machine_busy": (total - idle) / total if total else float("nan"),
     }
     label = f" ({tag})" if tag else "         " if poll else " (follow)"
+    if tag and not poll:
+        label = f" (follow, {tag})"
     ctx.log(
         f"jobworker{label:9}: {figures['jobs_per_s']:7.1f} jobs/s  "
         f"(CPU per job: server {figures['server_cpu_ms_per_job']:.2f} ms, supervisor "

@@ -147,9 +147,15 @@ def run_tsp(tsp: str, n: int, folder: Path) -> float:
 
 
 def run_jobworker(
-    server: ServerProcess, ctx: Context, n: int, *, follow: bool = False, tag: str = ""
+    server: ServerProcess,
+    ctx: Context,
+    n: int,
+    *,
+    follow: bool = False,
+    tag: str = "",
+    packed: bool = True,
 ) -> float:
-    figures = asyncio.run(schedule_once(server, ctx, n, poll=not follow, tag=tag))
+    figures = asyncio.run(schedule_once(server, ctx, n, poll=not follow, tag=tag, packed=packed))
     return figures["jobs_per_s"]
 
 
@@ -183,6 +189,9 @@ def throughput(ctx: Context) -> list[Result]:
         "popen": lambda d: run_popen(n, d),
         "jobworker": lambda d: run_jobworker(server, ctx, n),
         "jobworker_followed": lambda d: run_jobworker(server, ctx, n, follow=True),
+        "jobworker_followed_plain": lambda d: run_jobworker(
+            server, ctx, n, follow=True, tag="plain", packed=False
+        ),
         "jobworker_root": lambda d: run_jobworker(root, ctx, n, tag="root"),
         "xargs": lambda d: run_xargs(n, d),
     }
@@ -260,7 +269,10 @@ def _results(
         ),
         Result(
             name="throughput_followed",
-            metric=f"jobs/s, the same with one StreamBatchLogs follower, to its end; {what}",
+            metric=(
+                "jobs/s, the same with one StreamBatchLogs follower as jobworker's client "
+                f"follows (packed responses), to its end; {what}"
+            ),
             runs=runs["jobworker_followed"],
             baseline_metric=base_metric,
             baseline_runs=paired["jobworker_followed"],
@@ -272,6 +284,9 @@ def _results(
     extras = {
         "jobworker_root": 'jobworker, jobs as root (`jobs.run_as = "root"`, as the peers run)',
         "jobworker_tmpfs": "jobworker, default config, data_dir on tmpfs (the peers' data on disk)",
+        "jobworker_followed_plain": (
+            "jobworker with one follower asking one event a message (a plain gRPC client)"
+        ),
         "tsp": f"task-spooler, `tsp -S {WIDTH}`, jobs enqueued by a shell loop",
         "parallel": f"GNU `parallel -j{WIDTH}`",
         "xargs": f"`xargs -P{WIDTH} -n1`",

@@ -148,6 +148,52 @@ def _same_content(a: list[pb.StreamBatchLogsResponse], b: list[pb.StreamBatchLog
     return shape(a) == shape(b)
 
 
+def flat(responses: Iterator[pb.StreamBatchLogsResponse]) -> list[pb.StreamBatchLogsResponse]:
+    """Packed responses as the ones they hold, in order (what the client library does)."""
+    out = []
+    for r in responses:
+        more = list(r.more)
+        assert all(not m.more for m in more)
+        r.ClearField("more")
+        out += [r, *more]
+    return out
+
+
+def test_packed_responses_hold_what_one_by_one_responses_do(server: Server) -> None:
+    stub = server.stub()
+    jobs = [job("true", name=f"t{i}") for i in range(60)]
+    cid = schedule(stub, *jobs, job("python3", "-c", WRITER, name="w"))
+    wait_batch(stub, cid)
+    for follow in (False, True):
+        single = list(stream(stub, cid, follow=follow))
+        packed = list(stream(stub, cid, follow=follow, packed=True))
+        assert len(packed) * 10 < len(single)  # 61 jobs' 183 events and the writer's chunks
+        unpacked = flat(iter(packed))
+        assert [r.cursor for r in unpacked] == [r.cursor for r in single]
+        assert [r.SerializeToString() for r in unpacked] == [r.SerializeToString() for r in single]
+
+
+def test_resume_from_a_cursor_inside_a_pack_repeats_and_skips_nothing(server: Server) -> None:
+    stub = server.stub()
+    cid = schedule(stub, *(job("echo", f"job {i}", name=f"e{i}") for i in range(30)))
+    wait_batch(stub, cid)
+    whole = flat(stream(stub, cid, packed=True))
+    assert len(whole) == 30 * 4  # QUEUED, RUNNING, its line, SUCCEEDED
+    for k in (0, 7, 45, len(whole) - 2):
+        resumed = flat(stream(stub, cid, cursor=whole[k].cursor, packed=True))
+        assert _same_content(whole[: k + 1] + resumed, whole)
+
+
+def test_a_packed_live_follower_gets_every_event_once(server: Server) -> None:
+    stub = server.stub()
+    cid = schedule(stub, *(job("echo", str(i), name=f"e{i}") for i in range(200)))
+    live = flat(stream(stub, cid, follow=True, packed=True))
+    after = list(stream(stub, cid))
+    assert _same_content(live, after)
+    ended = [r for r in live if r.state_change.state == pb.JOB_STATE_SUCCEEDED]
+    assert sorted(r.state_change.job_index for r in ended) == list(range(200))
+
+
 def test_resume_during_a_live_job(server: Server) -> None:
     stub = server.stub()
     cid = schedule(stub, job("python3", "-c", WRITER, name="w"))

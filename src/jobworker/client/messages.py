@@ -58,9 +58,19 @@ def stream_request(
     cid: str, job_names: Sequence[str], cursor: str, follow: bool, tail_lines: int | None = None
 ) -> pb.StreamBatchLogsRequest:
     request = pb.StreamBatchLogsRequest(
-        correlation_id=cid, job_names=job_names, cursor=cursor, follow=follow
+        correlation_id=cid, job_names=job_names, cursor=cursor, follow=follow, packed=True
     )
     # A tail counts from where the call starts; a resumed stream goes on from its cursor.
     if tail_lines is not None and not cursor:
         request.tail_lines = tail_lines
     return request
+
+
+def unpacked(response: pb.StreamBatchLogsResponse) -> list[pb.StreamBatchLogsResponse]:
+    """A (packed) StreamBatchLogs response as the responses it holds, one event each, in
+    order, each with its own cursor: callers see no packing."""
+    if not response.more:
+        return [response]
+    more = list(response.more)
+    response.ClearField("more")
+    return [response, *more]

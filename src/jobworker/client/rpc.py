@@ -22,6 +22,7 @@ from jobworker.client.messages import (
     list_request,
     schedule_requests,
     stream_request,
+    unpacked,
 )
 from jobworker.client.retry import Backoff, OnReconnect, Retry
 from jobworker.v1 import jobworker_pb2 as pb
@@ -184,7 +185,8 @@ class RpcClient:
             stream_request(cid, job_names, cursor, follow, tail_lines)
         )
         try:
-            yield from call
+            for response in call:
+                yield from unpacked(response)
         finally:
             # Ends the server's side too when the caller stops early.
             call.cancel()
@@ -362,7 +364,8 @@ class AsyncRpcClient:
         )
         try:
             async for response in call:
-                yield response
+                for one in unpacked(response):
+                    yield one
         finally:
             call.cancel()
 

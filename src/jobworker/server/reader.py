@@ -17,7 +17,7 @@ from jobworker.server import convert
 from jobworker.server.identity import PerIdentity
 from jobworker.store.batches import BatchRecord, BatchView
 from jobworker.store.damage import STREAMS
-from jobworker.store.follow import Cursor, Follower
+from jobworker.store.follow import Chunk, Cursor, Follower
 from jobworker.store.inotify import Inotify
 from jobworker.store.logs import log_size, read_tail, tail_offsets
 from jobworker.v1 import jobworker_pb2 as pb
@@ -26,6 +26,10 @@ MESSAGE_LIMIT = 4 * 1024 * 1024  # gRPC's default for a message a client receive
 MESSAGE_MARGIN = 64 * 1024  # framing and what the size estimate does not see
 # A GetBatch answer about more jobs is built on a worker thread (ARCHITECTURE.md).
 BUILD_INLINE_JOBS = 500
+# A packed StreamBatchLogs response holds at most this many events, and is sent once its
+# chunks hold this many bytes (a chunk is at most follow.CHUNK): far under MESSAGE_LIMIT.
+PACK_EVENTS = 1000
+PACK_BYTES = 1024 * 1024
 
 
 class BatchReader:
@@ -92,9 +96,27 @@ class BatchReader:
             sample = functools.partial(self.core.scheduler.sample_logs, batch.cid)
             follower = Follower(batch, selected, cursor, self.inotify, self.closing, floors, sample)
             # aclosing: a client that goes away closes the follower at once, files and all.
-            async with contextlib.aclosing(follower.items(request.follow)) as items:
+            items = follower.items(request.follow, pauses=request.packed)
+            async with contextlib.aclosing(items):
+                if not request.packed:
+                    async for item in items:
+                        if item is not None:
+                            yield convert.item_to_pb(batch, item, cursor.encode())
+                    return
+                # Packed: what the follower has at once goes in one message (proto: more).
+                pack: list[pb.StreamBatchLogsResponse] = []
+                size = 0
                 async for item in items:
-                    yield convert.item_to_pb(batch, item, cursor.encode())
+                    if item is not None:
+                        pack.append(convert.item_to_pb(batch, item, cursor.encode()))
+                        size += len(item.data) if isinstance(item, Chunk) else 0
+                        if len(pack) < PACK_EVENTS and size < PACK_BYTES:
+                            continue
+                    if pack:
+                        yield _packed(pack)
+                        pack, size = [], 0
+                if pack:
+                    yield _packed(pack)
 
     @contextlib.contextmanager
     def _counted(self) -> Any:
@@ -105,6 +127,12 @@ class BatchReader:
         finally:
             self.streams -= 1
             self.on_stream(-1)
+
+
+def _packed(pack: list[pb.StreamBatchLogsResponse]) -> pb.StreamBatchLogsResponse:
+    first = pack[0]
+    first.more.extend(pack[1:])
+    return first
 
 
 def answer(

@@ -128,8 +128,9 @@ class Follower:
                 running.pop(event.index, None)
         cursor.offsets = running
 
-    async def items(self, follow: bool) -> AsyncGenerator[Item, None]:
-        """Every event and chunk from the cursor on; live until the selected jobs end."""
+    async def items(self, follow: bool, pauses: bool = False) -> AsyncGenerator[Item | None, None]:
+        """Every event and chunk from the cursor on; live until the selected jobs end.
+        With `pauses`, None before each wait: what came since is all there is for now."""
         if not follow:
             self._end_seq = len(self.batch.events)
             self._end_size = {}
@@ -151,10 +152,14 @@ class Follower:
                 if self._done():
                     return
                 if progressed:
+                    if pauses:
+                        yield None
                     await self._after_progress(coalesce=short and follow)
                 elif not follow:
                     return
                 elif not self._sync_watches():  # a watch added just now: look once more
+                    if pauses:
+                        yield None
                     await asyncio.wait([waiter])
         finally:
             self._release()

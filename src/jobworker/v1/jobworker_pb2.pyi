@@ -233,28 +233,32 @@ class ResourceUsage(_message.Message):
     def __init__(self, user_cpu: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., system_cpu: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_rss_bytes: _Optional[int] = ...) -> None: ...
 
 class StreamBatchLogsRequest(_message.Message):
-    __slots__ = ("correlation_id", "job_names", "cursor", "follow", "tail_lines")
+    __slots__ = ("correlation_id", "job_names", "cursor", "follow", "tail_lines", "packed")
     CORRELATION_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_NAMES_FIELD_NUMBER: _ClassVar[int]
     CURSOR_FIELD_NUMBER: _ClassVar[int]
     FOLLOW_FIELD_NUMBER: _ClassVar[int]
     TAIL_LINES_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
     correlation_id: str
     job_names: _containers.RepeatedScalarFieldContainer[str]
     cursor: str
     follow: bool
     tail_lines: int
-    def __init__(self, correlation_id: _Optional[str] = ..., job_names: _Optional[_Iterable[str]] = ..., cursor: _Optional[str] = ..., follow: _Optional[bool] = ..., tail_lines: _Optional[int] = ...) -> None: ...
+    packed: bool
+    def __init__(self, correlation_id: _Optional[str] = ..., job_names: _Optional[_Iterable[str]] = ..., cursor: _Optional[str] = ..., follow: _Optional[bool] = ..., tail_lines: _Optional[int] = ..., packed: _Optional[bool] = ...) -> None: ...
 
 class StreamBatchLogsResponse(_message.Message):
-    __slots__ = ("chunk", "state_change", "cursor")
+    __slots__ = ("chunk", "state_change", "cursor", "more")
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     STATE_CHANGE_FIELD_NUMBER: _ClassVar[int]
     CURSOR_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
     chunk: LogChunk
     state_change: JobStateChange
     cursor: str
-    def __init__(self, chunk: _Optional[_Union[LogChunk, _Mapping]] = ..., state_change: _Optional[_Union[JobStateChange, _Mapping]] = ..., cursor: _Optional[str] = ...) -> None: ...
+    more: _containers.RepeatedCompositeFieldContainer[StreamBatchLogsResponse]
+    def __init__(self, chunk: _Optional[_Union[LogChunk, _Mapping]] = ..., state_change: _Optional[_Union[JobStateChange, _Mapping]] = ..., cursor: _Optional[str] = ..., more: _Optional[_Iterable[_Union[StreamBatchLogsResponse, _Mapping]]] = ...) -> None: ...
 
 class LogChunk(_message.Message):
     __slots__ = ("job_index", "job_name", "stream", "data", "time", "attempt")
