@@ -37,6 +37,9 @@ class FakeService(pb_grpc.JobWorkerServiceServicer):
         # What a newly scheduled batch streams, and the state it then reports.
         self.next_events: list[pb.StreamBatchLogsResponse] = []
         self.next_state: int = pb.BATCH_STATE_RUNNING
+        # Events a message when the request asks for packed responses (as the server
+        # does: the first response, the others in `more`); 1: one a message regardless.
+        self.pack = 1
 
     def add(self, batch: pb.Batch, events: list[pb.StreamBatchLogsResponse] = ()) -> None:  # type: ignore[assignment]
         self.batches[batch.correlation_id] = batch
@@ -117,14 +120,24 @@ class FakeService(pb_grpc.JobWorkerServiceServicer):
         if events is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"batch {request.correlation_id} not found")
         start = int(request.cursor or 0)
-        for sent, event in enumerate(events[start:]):
+        size = self.pack if request.packed else 1
+        chosen = [
+            e
+            for e in events[start:]
+            if not (request.job_names and e.HasField("chunk"))
+            or e.chunk.job_name in request.job_names
+        ]
+        messages = []
+        for k in range(0, len(chosen), size):
+            message = pb.StreamBatchLogsResponse()
+            message.CopyFrom(chosen[k])
+            message.more.extend(chosen[k + 1 : k + size])
+            messages.append(message)
+        for sent, message in enumerate(messages):
             if limit is not None and sent >= limit:
                 context.abort(grpc.StatusCode.UNAVAILABLE, "connection reset by peer (fake)")
-            other_job = event.HasField("chunk") and event.chunk.job_name not in request.job_names
-            if request.job_names and other_job:
-                continue
-            yield event
-        if limit is not None and limit >= len(events) - start:
+            yield message
+        if limit is not None and limit >= len(messages):
             context.abort(grpc.StatusCode.UNAVAILABLE, "connection reset by peer (fake)")
 
 
@@ -222,6 +235,22 @@ def test_follow_resumes_from_the_last_cursor(
     assert str(reconnects[0][1]) == "UNAVAILABLE: connection reset by peer (fake)"
     # The delay doubles while failures follow each other, and starts again after a success.
     assert clock.sleeps == [0.2, 0.4, 0.2]
+
+
+def test_follow_unpacks_packed_responses_and_resumes_after_the_last_one(
+    client: Client, service: FakeService
+) -> None:
+    service.add(_batch(), EVENTS)
+    service.pack = 2
+    service.breaks = [1]  # one message (two events), then the connection breaks
+    reconnects: list[str] = []
+    got = list(client.follow("b-1", on_reconnect=lambda c, e: reconnects.append(c)))
+    assert _texts(got) == ["JOB_STATE_RUNNING", "one\n", "two\n", "three\n", "JOB_STATE_SUCCEEDED"]
+    assert [r.cursor for r in got] == ["1", "2", "3", "4", "5"]
+    assert not any(r.more for r in got)
+    assert all(r.packed for r in service.stream_requests)
+    assert [r.cursor for r in service.stream_requests] == ["", "2"]
+    assert reconnects == ["2"]
 
 
 def test_follow_starts_from_a_given_cursor(client: Client, service: FakeService) -> None:
