@@ -238,6 +238,32 @@ async def test_pids_max_fails_a_fork_past_it(
 
 
 @needs_cgroups
+async def test_a_pids_limit_alone_is_enforced_without_a_join_step(
+    cluster: RayCluster, executor: RayExecutor, tmp_path: Path
+) -> None:
+    # The default limits' case: the job is forked straight into its pids group (no `sh`
+    # link), and the Ray worker's thread that forked it goes back to its own groups.
+    forks = 'echo "$PPID"; sleep 1; for i in 1 2 3 4 5 6 7 8; do sleep 30 & done; wait'
+    limits = Limits(pids_max=4)
+    jobs = [launch(tmp_path, "sh", "-c", forks, limits=limits) for _ in range(2)]
+    placed = await on_each_node(cluster, executor, jobs)
+    job, handle = placed[cluster.head_ip]
+    (folder,) = cgroup_dirs(job, ("pids",))
+    assert str(handle.pid) in (folder / "cgroup.procs").read_text().split()
+    assert (folder / "pids.max").read_text().strip() == "4"
+    cmdline = Path(f"/proc/{handle.pid}/cmdline").read_bytes().split(b"\0")
+    assert cmdline[:2] == [b"sh", b"-c"]  # the job itself: no join shell before it
+    end = await asyncio.wait_for(handle.wait(), 20)
+    assert end.exit_code not in (None, 0), end
+    assert b"fork" in (job.job_dir / "stderr").read_bytes().lower()
+    assert not folder.exists()
+    worker = int((job.job_dir / "stdout").read_text().split()[0])
+    for task in Path(f"/proc/{worker}/task").iterdir():
+        assert "jobworker-ray" not in (task / "cgroup").read_text(), task
+    await placed[cluster.node_ip][1].stop(1.0)  # no cgroups there: its sleeps run on
+
+
+@needs_cgroups
 async def test_a_job_is_in_its_cgroup_while_it_runs(
     cluster: RayCluster, executor: RayExecutor, tmp_path: Path
 ) -> None:

@@ -7,7 +7,10 @@ Where the task's worker runs as root and the node has a cgroup hierarchy it can 
 the job gets a group of its own under PARENT in each hierarchy that enforces one of its
 limits: memory_bytes as the memory limit (no swap), cpu_millis as a CFS quota, pids_max
 as pids.max. The job joins it before its first instruction through a join shell (JOIN, as
-engine/chain.py does locally), and the group is removed once the job's tree is gone.
+engine/chain.py does locally), or, when its only group is a v1 pids group (the default
+pids_max), is born in it: the forking thread joins the group for the fork and goes back
+(NodeGroup.thread_joined, as engine/spawn.py forks in place), one exec less a job. The
+group is removed once the job's tree is gone.
 Elsewhere memory falls back to `prlimit --as` (an address-space rlimit, as locally), and
 what is not enforced is logged on the node; the job starts all the same.
 """
@@ -21,7 +24,7 @@ import re
 import shutil
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 ROOT = "/sys/fs/cgroup"
@@ -111,6 +114,31 @@ class NodeGroup:
         self.v2 = v2
         self.dirs: dict[str, str] = {}  # limit name -> its folder (one folder for all on v2)
         self.enforced: set[str] = set()
+        self.by_thread = False  # the job is forked in its group (thread_joined), no join shell
+
+    def forkable(self, limits: Mapping[str, int]) -> bool:
+        """True when the job can be forked in its group by a thread that joins it for the
+        fork: v1 (threads may sit in other groups than their process), a pids group only
+        (a memory or cpu group would charge or throttle the forking thread), and room for
+        the thread and the child."""
+        return not self.v2 and set(self.dirs) == {"pids"} and limits["pids_max"] >= 2
+
+    @contextlib.contextmanager
+    def thread_joined(self) -> Iterator[None]:
+        """The calling thread, and only it, in the job's pids group for the block; a child
+        forked meanwhile is born there. Back home afterwards (else to the root group)."""
+        home = _thread_home("pids")
+        _write(self.dirs["pids"] + "/tasks", "0")  # "0": the writing thread itself
+        try:
+            yield
+        finally:
+            try:
+                _write(home, "0")
+            except OSError:  # its own group went away meanwhile: the root takes it
+                try:
+                    _write(f"{ROOT}/{V1['pids']}/tasks", "0")
+                except OSError as exc:  # the job started all the same: never fail it now
+                    log.warning("a forking thread stays in %s: %s", self.dirs["pids"], exc)
 
     def procs_files(self) -> list[str]:
         return [f"{d}/cgroup.procs" for d in dict.fromkeys(self.dirs.values())]
@@ -139,6 +167,8 @@ class NodeGroup:
             while True:
                 pids = [int(p) for p in _read(f"{folder}/cgroup.procs").split()]
                 for pid in pids:
+                    if pid == os.getpid():  # a forking thread that did not get home
+                        continue
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
                 try:
@@ -151,6 +181,15 @@ class NodeGroup:
                         log.warning("cannot remove cgroup %s: %s", folder, exc)
                         break
                     time.sleep(0.01)  # its processes are still dying
+
+
+def _thread_home(controller: str) -> str:
+    """The `tasks` file of the calling thread's own group in the v1 `controller`."""
+    for line in _read("/proc/thread-self/cgroup").splitlines():
+        _, names, path = line.split(":", 2)
+        if controller in names.split(","):
+            return f"{ROOT}/{V1[controller]}{path.rstrip('/')}/tasks"
+    return f"{ROOT}/{V1[controller]}/tasks"
 
 
 def _name(job_id: str) -> str:
@@ -235,8 +274,9 @@ def limited(
     job_id: str, limits: Mapping[str, int], command: list[str], stdin: str
 ) -> tuple[list[str], NodeGroup | None]:
     """`command` wrapped so the job runs within its limits: through the join shell (which
-    opens `stdin`, a path, as the job's) when it has a group, with `prlimit --as` for
-    memory where no group holds it. The job's words only follow a "--", quoted."""
+    opens `stdin`, a path, as the job's) when it has a group it cannot be forked in
+    (group.by_thread), with `prlimit --as` for memory where no group holds it. The job's
+    words only follow a "--", quoted."""
     group = make_group(job_id, limits)
     enforced = group.enforced if group is not None else set()
     if "memory" in wanted(limits) and "memory" not in enforced:
@@ -247,7 +287,9 @@ def limited(
     missing = [name for name in wanted(limits) if name not in enforced]
     if missing:
         log.warning("job %s: limits not enforced on this node: %s", job_id, ", ".join(missing))
-    if group is not None:
+    if group is not None and group.forkable(limits):
+        group.by_thread = True
+    elif group is not None:
         join = ["/bin/sh", "-c", JOIN, "jobworker-join", stdin, *group.procs_files(), "--"]
         command = join + command
     return command, group

@@ -211,34 +211,42 @@ def _spawn(
     stdin_fd = _stdin_fd(job["stdin"])
     stdin_path = f"/proc/{os.getpid()}/fd/{stdin_fd}" if job["stdin"] else os.devnull
     command, group = limited(job["id"], limits, command, stdin_path)
-    gate_r, gate_w = os.pipe2(os.O_CLOEXEC) if group is not None else (-1, stdin_fd)
+    gated = group is not None and not group.by_thread  # through the join shell
+    gate_r, gate_w = os.pipe2(os.O_CLOEXEC) if gated else (-1, stdin_fd)
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     for fd in (out_r, err_r):
         with contextlib.suppress(OSError):  # a smaller pipe only costs speed
             fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         os.set_blocking(fd, False)  # the agent's reads
+    joined = group.thread_joined() if group is not None and group.by_thread else None
     try:
-        proc = subprocess.Popen(
-            command,
-            stdin=gate_w,
-            stdout=out_w,
-            stderr=err_w,
-            cwd=popen_cwd,
-            env=popen_env,
-            close_fds=True,
-            start_new_session=True,
-        )
-    except (OSError, ValueError) as exc:
-        for fd in (out_r, err_r, *([gate_r, stdin_fd] if group is not None else [])):
+        with joined or contextlib.nullcontext():
+            try:
+                proc = subprocess.Popen(
+                    command,
+                    stdin=gate_w,
+                    stdout=out_w,
+                    stderr=err_w,
+                    cwd=popen_cwd,
+                    env=popen_env,
+                    close_fds=True,
+                    start_new_session=True,
+                )
+            except (OSError, ValueError) as exc:
+                raise _Failed(_spawn_message(exc, argv[0], cwd)) from None
+    except (_Failed, OSError) as exc:  # OSError: the thread could not join the job's group
+        for fd in (out_r, err_r, *([gate_r, stdin_fd] if gated else [])):
             os.close(fd)
         if group is not None:
             group.remove()
-        raise _Failed(_spawn_message(exc, argv[0], cwd)) from None
+        if isinstance(exc, _Failed):
+            raise
+        raise _Failed(f"cannot put the job in its cgroup ({exc}) on node {_node()}") from None
     finally:
         for fd in (out_w, err_w, gate_w):  # gate_w: stdin_fd when there is no gate
             os.close(fd)
-    if group is not None:
+    if gated and group is not None:
         try:
             _joined(proc, gate_r, group)
         except _Failed:
