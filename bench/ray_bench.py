@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -167,7 +168,12 @@ def ray(ctx: Context) -> list[Result]:
     if why := why_not():
         print(f"  ray skipped: {why}", flush=True)
         return []
-    tmp = Path(tempfile.mkdtemp(prefix="jwrb-"))  # short: Ray's socket paths live under it
+    # Short: Ray's socket paths live under it. On tmpfs where there is one: the figure sets
+    # two executors side by side, and on this machine's disk a job folder made after a
+    # churn of deletes costs up to 1 ms of CPU (docs/benchmarks.md, "Where the data goes"):
+    # 0.36-0.50 there against 0.71-0.77 on tmpfs, in runs minutes apart.
+    shm = Path("/dev/shm")
+    tmp = Path(tempfile.mkdtemp(prefix="jwrb-", dir=shm if os.access(shm, os.W_OK) else None))
     try:
         cluster = start_cluster(tmp / "c", cpus=1)
         try:
