@@ -4,7 +4,7 @@
 says what is wrong with one, and `reload` says which keys take effect without a restart."""
 
 from jobworker.config.loading import load_config, parse_config
-from jobworker.config.reload import RELOADABLE, changed_keys, is_reloadable, restart_needed
+from jobworker.config.reloadable import RELOADABLE, changed_keys, is_reloadable, restart_needed
 from jobworker.config.sections import (
     AuthConfig,
     Config,
