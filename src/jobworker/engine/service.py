@@ -101,15 +101,15 @@ class BatchService:
         return batch
 
     def _by_prefix(self, caller: Caller, prefix: str) -> BatchRecord:
-        # A walk over the caller's batches: prefixes are typed by people, not sent in bulk.
-        owner = None if caller.can_see_all else caller.identity
+        if not prefix:
+            raise NotFound("batch  not found")
         matches = []
-        for batch in self.store.newest_first(owner):
-            if batch.cid.startswith(prefix) and caller.can_see(batch.owner):
+        for batch in self.store.with_prefix(prefix):
+            if caller.can_see(batch.owner):
                 matches.append(batch.cid)
                 if len(matches) > 1:
                     break
-        if not prefix or not matches:
+        if not matches:
             raise NotFound(f"batch {prefix} not found")
         if len(prefix) < MIN_PREFIX:
             raise InvalidArgument(

@@ -86,6 +86,9 @@ class BatchStore:
         # a page from its end without sorting. Batches arrive in creation order (appends).
         self._ordered: list[BatchRecord] = []
         self._by_owner: dict[str, list[BatchRecord]] = {}
+        # Every id, sorted: a prefix is found by bisection, not by a walk over all batches
+        # (with_prefix: ids a client made up cost it O(log n), not O(n)).
+        self._cids: list[str] = []
         self._idempotency: dict[tuple[str, str], str] = {}
         self._lock = threading.Lock()  # journal fds shared with the sync thread
         self._dirty: set[int] = set()
@@ -124,6 +127,14 @@ class BatchStore:
         end = len(ordered) if before is None else bisect.bisect_left(ordered, before, key=_order)
         for i in range(end - 1, -1, -1):
             yield ordered[i]
+
+    def with_prefix(self, prefix: str) -> Iterator[BatchRecord]:
+        """The batches whose id starts with `prefix`, in the order of their ids."""
+        cids = self._cids
+        i = bisect.bisect_left(cids, prefix)
+        while i < len(cids) and cids[i].startswith(prefix):
+            yield self._batches[cids[i]]
+            i += 1
 
     # -- writes
 
@@ -164,9 +175,12 @@ class BatchStore:
         )
         return batch
 
-    def register(self, batch: BatchRecord) -> None:
-        """Make a persisted (or loaded) batch known (event loop only)."""
+    def register(self, batch: BatchRecord, *, sort_id: bool = True) -> None:
+        """Make a persisted (or loaded) batch known (event loop only). `sort_id` False: the
+        caller sorts the ids once it has registered them all (load)."""
         self._batches[batch.cid] = batch
+        if sort_id:
+            bisect.insort(self._cids, batch.cid)
         _enlist(self._ordered, batch)
         _enlist(self._by_owner.setdefault(batch.owner, []), batch)
         if batch.options.idempotency_key:
@@ -261,6 +275,8 @@ class BatchStore:
         self._close_journal(batch)
         self._retry.discard(batch)
         if self._batches.pop(batch.cid, None) is not None:
+            i = bisect.bisect_left(self._cids, batch.cid)
+            del self._cids[i]  # there: registered with the batch
             _unlist(self._ordered, batch)
             mine = self._by_owner[batch.owner]
             _unlist(mine, batch)
@@ -316,7 +332,8 @@ class BatchStore:
         os.chmod(self.root, 0o700)
         loaded = load_batches(self.root)
         for batch in loaded:
-            self.register(batch)
+            self.register(batch, sort_id=False)
+        self._cids = sorted(self._batches)
         return loaded
 
     def record_lost(self, batch: BatchRecord, traced: dict[int, str]) -> None:

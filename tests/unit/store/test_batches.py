@@ -117,6 +117,31 @@ def test_a_deleted_batch_never_comes_back(tmp_path: Path) -> None:
     assert again.find_idempotent("alice", "k") is None
 
 
+def test_prefixes_find_batches_by_id_after_new_loaded_and_deleted_ones(tmp_path: Path) -> None:
+    store = BatchStore(tmp_path)
+    made = [new_batch(store, "alice", BatchOptions(), SPECS) for _ in range(40)]
+    for batch in made:
+        _run_all(store, batch)
+
+    def found(prefix: str) -> list[str]:
+        return [b.cid for b in store.with_prefix(prefix)]
+
+    ids = sorted(b.cid for b in made)
+    assert found("") == ids
+    assert all(found(cid[:8]) == [c for c in ids if c.startswith(cid[:8])] for cid in ids)
+    assert found("zz") == []  # past every id (they are hexadecimal)
+    store.delete(made[0])
+    assert found(made[0].cid) == []
+    store.close()
+    again = BatchStore(tmp_path)
+    again.load()  # the ids sorted once, after loading
+    assert [b.cid for b in again.with_prefix("")] == [c for c in ids if c != made[0].cid]
+    late = new_batch(again, "bob", BatchOptions(), SPECS)
+    assert [b.cid for b in again.with_prefix(late.cid[:12])] == [late.cid]
+    kept = [c for c in ids if c != made[0].cid]
+    assert [b.cid for b in again.with_prefix("")] == sorted([*kept, late.cid])
+
+
 def test_a_batch_whose_folder_cannot_be_moved_is_kept_and_one_removed_by_hand_forgotten(
     tmp_path: Path,
 ) -> None:
