@@ -276,7 +276,8 @@ class BatchStore:
         self._retry.discard(batch)
         if self._batches.pop(batch.cid, None) is not None:
             i = bisect.bisect_left(self._cids, batch.cid)
-            del self._cids[i]  # there: registered with the batch
+            if i < len(self._cids) and self._cids[i] == batch.cid:
+                del self._cids[i]
             _unlist(self._ordered, batch)
             mine = self._by_owner[batch.owner]
             _unlist(mine, batch)
