@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from jobworker.client.messages import unpacked
 from jobworker.v1 import jobworker_pb2 as pb
 from jobworker.v1 import jobworker_pb2_grpc as pb_grpc
 
@@ -149,13 +150,10 @@ def _same_content(a: list[pb.StreamBatchLogsResponse], b: list[pb.StreamBatchLog
 
 
 def flat(responses: Iterator[pb.StreamBatchLogsResponse]) -> list[pb.StreamBatchLogsResponse]:
-    """Packed responses as the ones they hold, in order (what the client library does)."""
-    out = []
-    for r in responses:
-        more = list(r.more)
-        assert all(not m.more for m in more)
-        r.ClearField("more")
-        out += [r, *more]
+    """Packed responses as the ones they hold, in order, as the client library reads them;
+    a response inside a pack holds no pack of its own."""
+    out = [one for r in responses for one in unpacked(r)]
+    assert not any(r.more for r in out)
     return out
 
 
